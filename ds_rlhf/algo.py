@@ -1,0 +1,331 @@
+"""PPO math for RLHF: pure torch functions, the contract of design/PPO_SPEC.md.
+
+Tensors in, tensors (and a small dict of python-float stats) out; hyper-parameters are
+arguments, never state. No deepspeed, torch.distributed or transformers import here, so the
+math is tested on CPU in milliseconds (tests/unit/test_algo.py).
+
+Shapes: every tensor is ``[B, R]`` (batch, response positions) unless said otherwise.
+``mask`` is the response mask: 1 for real response tokens including EOS, 0 for the padding
+after it. Position t of ``logprobs`` / ``values`` belongs to response token t.
+
+All math runs in float32, even when the models run in bf16: inputs are cast with
+``.float()`` on entry. Masked-out entries never leak into results, even when they hold
+garbage (masking uses ``torch.where``, not a multiply, so a non-finite pad value stays out).
+
+Stats dicts hold python floats (via ``_stat``), ready for logging; building them calls
+``.item()``, i.e. one device sync per stat.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _stat(x: Tensor) -> float:
+    """A detached 0-d tensor as a python float, for stats dicts (syncs the device)."""
+    return float(x.detach().item())
+
+
+def _check_num_tokens(num_tokens: float | Tensor | None, mask: Tensor) -> float | Tensor:
+    # Default: normalise by this piece's own valid tokens; clamp so an all-padding piece
+    # gives a zero loss instead of 0 / 0.
+    if num_tokens is None:
+        return mask.sum().clamp(min=1)
+    if not isinstance(num_tokens, Tensor) and num_tokens <= 0:
+        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+    return num_tokens
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over entries where ``mask`` is 1.
+
+    x, mask: same shape. dim=None reduces everything to a 0-d tensor; an int reduces that
+    dimension only. Where no entry is masked in, the mean is 0 (not NaN): an empty
+    response must not poison a logged average.
+    """
+    mask = mask.bool()
+    x = torch.where(mask, x.float(), 0.0)
+    if dim is None:
+        return x.sum() / mask.sum().clamp(min=1)
+    return x.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to mean 0 and variance 1 over the masked entries.
+
+    ``(x - mean) / sqrt(var + eps)`` with the Bessel-corrected (unbiased) variance;
+    ``shift_mean=False`` adds the mean back (only the scale changes, as TRL does for
+    rewards). Entries where mask == 0 come back as 0. With fewer than 2 masked entries the
+    variance is taken as 0 (no NaN).
+    """
+    mask = mask.bool()
+    x = x.float()
+    mean = masked_mean(x, mask)
+    centered = x - mean
+    num = mask.sum()
+    var = torch.where(mask, centered**2, 0.0).sum() / (num - 1).clamp(min=1)
+    whitened = centered * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0)
+
+
+def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy.
+
+    The estimators of J. Schulman, "Approximating KL divergence" (2020), with
+    ``log r = ref_logprobs - logprobs``:
+      k1 = -log r                    unbiased, high variance, can be negative
+      k2 = 0.5 * (log r) ** 2        biased, low variance, >= 0
+      k3 = (r - 1) - log r           unbiased, low variance, >= 0
+    logprobs, ref_logprobs: [B, R] -> [B, R] float32.
+    """
+    log_ratio = ref_logprobs.float() - logprobs.float()
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # expm1(x) = exp(x) - 1 without cancellation when the policies are close.
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown kl estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+
+
+def shaped_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards: a KL penalty on every token plus the sequence score on the last.
+
+    Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2:
+    ``R(x, y) = r(x, y) - beta * KL``, with the KL spread over tokens and the score given at
+    the end of the episode.
+      scores: [B], one per sequence; logprobs, ref_logprobs, mask: [B, R].
+    Returns ``(rewards, kl)``, both [B, R] float32 and 0 where mask == 0:
+      kl = kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask
+      rewards = -kl_coef * kl;  rewards[i, last_i] += scores[i]
+    where last_i is the index of the last 1 in mask[i] (the EOS, or the last position when
+    the response hit the length limit). Rows with an all-zero mask get no score.
+    """
+    mask = mask.bool()
+    kl = torch.where(mask, kl_per_token(logprobs, ref_logprobs, kl_estimator), 0.0)
+    rewards = -kl_coef * kl
+    # Last real position from the mask, never from token ids (pad may equal EOS):
+    # argmax of (t + 1) over masked-in positions is the largest such t.
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = (positions * mask).argmax(dim=1, keepdim=True)
+    score = torch.where(mask.any(dim=1), scores.float(), 0.0)
+    rewards = rewards.scatter_add(1, last, score.unsqueeze(1))
+    return rewards, kl
+
+
+@torch.no_grad()
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous
+    Control Using Generalized Advantage Estimation", eq. 16), per response token.
+
+    The episode ends at the last real token, so values after it count as 0:
+      delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+      A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}
+      returns = A + V   (the TD(lambda) target for the critic)
+    rewards, values, mask: [B, R]. Returns ``(advantages, returns)``, [B, R] float32, both 0
+    where mask == 0 and carrying no gradient (they are targets, not functions of the policy).
+    The loop runs backwards over the R positions, vectorised over the batch.
+    """
+    mask = mask.bool()
+    rewards, values = rewards.float(), values.float()
+    # m_{t+1} and V_{t+1} * m_{t+1}; position R has neither (zero-padded on the right).
+    next_mask = torch.nn.functional.pad(mask[:, 1:], (0, 1)).float()
+    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1)) * next_mask
+    deltas = rewards + gamma * next_values - values
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_advantage = deltas[:, t] + gamma * lam * next_mask[:, t] * next_advantage
+        advantages[:, t] = next_advantage
+    returns = advantages + values
+    return torch.where(mask, advantages, 0.0), torch.where(mask, returns, 0.0)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    num_tokens: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017, "Proximal Policy Optimization
+    Algorithms", eq. 7), negated to be minimised, summed over tokens:
+      ratio     = exp(logprobs - old_logprobs)
+      per_token = max(-A * ratio, -A * clamp(ratio, 1 - clip_eps, 1 + clip_eps))
+      loss      = sum(per_token * mask) / num_tokens
+    logprobs (with grad), old_logprobs, advantages, mask: [B, R]; loss: 0-d float32.
+
+    ``num_tokens`` defaults to mask.sum(). The trainer passes the valid-token count of the
+    whole optimizer mini-batch across ranks (scaled for DeepSpeed's gradient averaging), so
+    any split into ranks and micro-batches sums to the same gradient.
+
+    stats (python floats, over this piece's masked tokens):
+      clipfrac  share of tokens where the clipped branch is taken (strictly larger)
+      approx_kl masked mean of 0.5 * (logprobs - old_logprobs) ** 2 (k2 estimator)
+      ratio     masked mean of ratio
+    """
+    mask = mask.bool()
+    num_tokens = _check_num_tokens(num_tokens, mask)
+    advantages = advantages.detach().float()
+    # Mask the log-ratio before exp: a padding position with a huge log-ratio would give
+    # ratio = inf and inf * 0 = NaN in the loss or its gradient.
+    log_ratio = torch.where(mask, logprobs.float() - old_logprobs.detach().float(), 0.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = torch.where(mask, per_token, 0.0).sum() / num_tokens
+    stats = {
+        "clipfrac": _stat(masked_mean((clipped > unclipped).float(), mask)),
+        "approx_kl": _stat(masked_mean(0.5 * log_ratio**2, mask)),
+        "ratio": _stat(masked_mean(ratio, mask)),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    num_tokens: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped value loss (the PPO baselines' value clipping, Schulman et al. 2017 code;
+    "The 37 Implementation Details of PPO", detail 9):
+      v_clip = old_values + clamp(values - old_values, -clip_eps, clip_eps)
+      loss   = 0.5 * sum(max((values - R)^2, (v_clip - R)^2) * mask) / num_tokens
+    values (with grad), old_values, returns, mask: [B, R]; loss: 0-d float32.
+    ``num_tokens`` as in :func:`policy_loss`.
+
+    stats (python floats): clipfrac, the share of masked tokens where the clipped branch is
+    strictly larger.
+    """
+    mask = mask.bool()
+    num_tokens = _check_num_tokens(num_tokens, mask)
+    values = values.float()
+    old_values, returns = old_values.detach().float(), returns.detach().float()
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped = (values - returns) ** 2
+    clipped = (values_clipped - returns) ** 2
+    per_token = torch.maximum(unclipped, clipped)
+    loss = 0.5 * torch.where(mask, per_token, 0.0).sum() / num_tokens
+    stats = {"clipfrac": _stat(masked_mean((clipped > unclipped).float(), mask))}
+    return loss, stats
+
+
+class AdaptiveKLController:
+    """KL coefficient steered toward a target KL (Ziegler et al. 2019, section 2.2):
+      proportional_error = clip(current_kl / target - 1, -0.2, 0.2)
+      value *= 1 + proportional_error * n_steps / horizon
+    ``n_steps`` is the number of samples (sequences) seen since the last update, so
+    ``horizon`` is counted in samples, as in the paper (10k).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if init_kl_coef <= 0 or target <= 0 or horizon <= 0:
+            raise ValueError(
+                "AdaptiveKLController needs init_kl_coef, target (kl_target) and horizon > 0, "
+                f"got {init_kl_coef}, {target}, {horizon}"
+            )
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        # Only the learned coefficient; target and horizon come from the config.
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """A constant KL coefficient with the AdaptiveKLController interface."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        """No-op: the coefficient is fixed."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Keeps the configured value: for a fixed coefficient the config is the truth, so a
+        resumed run may change kl_coef."""
+
+
+class _LogprobsFromLogits(torch.autograd.Function):
+    """log softmax(logits / T) gathered at labels, one batch row at a time, forward and
+    backward, so neither pass holds more than one row of float32 [.., V] activations.
+
+    (A plain row loop would still keep every row's float32 copy alive for autograd.)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+        logprobs = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logprobs)
+        for i in range(logits.shape[0]):
+            row = logits[i].float() / temperature  # out of place: never touches logits
+            lse[i] = row.logsumexp(-1)
+            logprobs[i] = row.gather(-1, labels[i].unsqueeze(-1)).squeeze(-1) - lse[i]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return logprobs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs: Tensor) -> tuple[Tensor, None, None]:
+        logits, labels, lse = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad_logits = torch.empty_like(logits)
+        for i in range(logits.shape[0]):
+            # d logprob / d logit_v = (1[v == label] - softmax_v) / T
+            probs = (logits[i].float() / temperature - lse[i].unsqueeze(-1)).exp_()
+            g = grad_logprobs[i].float().unsqueeze(-1) / temperature
+            row_grad = probs.mul_(-g).scatter_add_(-1, labels[i].unsqueeze(-1), g)
+            grad_logits[i] = row_grad  # cast back to the logits dtype
+        return grad_logits, None, None
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log_softmax(logits / temperature).gather(-1, labels)`` in float32, without
+    materialising a float32 [B, T, V] tensor.
+
+    logits: [B, T, V] (any float dtype, e.g. bf16); labels: [B, T] -> [B, T] float32.
+    ``logprob = logit[label] / T - logsumexp(logits / T)``, computed row by row in float32.
+    Use the sampling temperature: the ratio must compare the distribution that sampled.
+    Differentiable in ``logits``; the gradient has the dtype of ``logits``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.dim() < 2 or labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"expected logits [B, T, V] and labels [B, T], got logits {tuple(logits.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    return _LogprobsFromLogits.apply(logits, labels.long(), float(temperature))

@@ -1,0 +1,57 @@
+"""The `ds-rlhf` command.
+
+    ds-rlhf ppo --config run.yaml [--section.key VALUE ...] [--print-config]
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module ds_rlhf ppo --config run.yaml
+    torchrun --nproc_per_node 2 -m ds_rlhf ppo --config run.yaml
+
+Any `--section.key VALUE` (or `--section.key=VALUE`) overrides the YAML; values are parsed as
+YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank` from the deepspeed launcher is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ds_rlhf.config import ConfigError, PPORunConfig, load_config, to_yaml
+
+COMMANDS = {"ppo": PPORunConfig}
+
+
+def _run_ppo(cfg: PPORunConfig) -> None:
+    from ds_rlhf.trainers import ppo  # imports deepspeed: only when a run starts
+
+    ppo.run(cfg)
+
+
+RUNNERS = {"ppo": _run_ppo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ds-rlhf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=sorted(COMMANDS), help="which step to run")
+    parser.add_argument("--config", help="YAML file; dotted flags override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides, cls=COMMANDS[args.command])
+    except ConfigError as e:
+        print(f"ds-rlhf {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        RUNNERS[args.command](cfg)
+    except ConfigError as e:  # checks that need data, tokenizers or the world size
+        print(f"ds-rlhf {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

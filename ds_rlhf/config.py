@@ -1,0 +1,435 @@
+"""Typed configuration: nested dataclasses, loaded from YAML, overridden by dotted CLI flags.
+
+    ds-rlhf ppo --config run.yaml --ppo.kl_coef 0.1 --actor.lr=2e-6
+
+Every field has a one-line doc (the comment after it). `load_config` turns YAML plus overrides
+into a `PPORunConfig` (or another root class), checking every key and type, and
+`validate` / `derive_sizes` check the batch arithmetic against the world size before any
+engine is built. `to_yaml` writes the resolved config; loading it back gives an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# The sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Where a role's weights and tokenizer come from."""
+
+    path: str | None = None  # HF hub name or local directory loaded with from_pretrained
+    init: dict[str, Any] | None = None  # HF config kwargs for random init when path is unset
+    tokenizer: str | None = None  # tokenizer name or directory; defaults to `path`
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed settings of one role's engine (frozen roles use only these)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # weights of this role
+    zero_stage: int = 3  # ZeRO stage 0-3 (frozen engines: 0 or 3)
+    offload_params: bool = False  # ZeRO-3 only: keep parameters in CPU memory
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # parameter / compute dtype
+    micro_batch_size: int = 4  # rows per forward (and backward) pass on one rank
+
+
+@dataclass
+class TrainEngineConfig(EngineConfig):
+    """A trained role: engine settings plus the optimizer."""
+
+    zero_stage: int = 2  # ZeRO stage 0-3
+    offload_optimizer: bool = False  # ZeRO 1-3: keep optimizer states in CPU memory
+    lr: float = 1e-6  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset: a hub name, a local json/jsonl/parquet/csv file, or a save_to_disk dir.
+
+    Formats (columns named by the *_column fields; see ds_rlhf/data/formats.py):
+      prompt             prompt text only (PPO)
+      prompt_completion  prompt + completion text (SFT; PPO uses the prompt)
+      text               plain text, every token trained (SFT only)
+      preference         prompt + chosen/rejected responses, e.g. Dahoas/rm-static
+      hh                 chosen/rejected full "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts
+                         (Anthropic/hh-rlhf); the prompt is their common prefix up to and
+                         including the last "\\n\\nAssistant:"
+      messages           [{role, content}, ...] rendered with the tokenizer's chat template
+    """
+
+    path: str = ""  # hub name (load_dataset), local .json/.jsonl/.parquet/.csv file, or a
+    # directory written by save_to_disk
+    split: str = "train"  # split to read (a local file or a saved Dataset has only "train")
+    eval_split: str | None = None  # split for evaluation; unset holds out data.eval_fraction
+    weight: float = 1.0  # mixing weight: this dataset's share of the training rows
+    format: Literal["prompt", "prompt_completion", "text", "preference", "hh", "messages"] = (
+        "prompt")  # layout of a row (see above)
+    prompt_column: str = "prompt"  # prompt text (prompt, prompt_completion, preference)
+    completion_column: str = "completion"  # completion text (Dahoas/rm-static: "response")
+    text_column: str = "text"  # plain text (text)
+    chosen_column: str = "chosen"  # preferred response or transcript (preference, hh)
+    rejected_column: str = "rejected"  # dispreferred response or transcript (preference, hh)
+    messages_column: str = "messages"  # list of {role, content} dicts (messages)
+
+
+@dataclass
+class DataConfig:
+    """Datasets of every step (SFT, reward model, PPO prompts): mixing, lengths, eval split."""
+
+    datasets: list[DatasetSpec] = field(default_factory=list)  # mixed by weight (see
+    # ds_rlhf/data/sources.py: shares proportional to weight, seeded)
+    max_prompt_len: int = 256  # prompt tokens at most (see overlong_prompts)
+    max_len: int = 512  # prompt + completion tokens at most (SFT: longer rows are cut at the
+    # end; reward model: longer pairs are dropped and counted, never cut)
+    overlong_prompts: Literal["error", "filter"] = "error"  # prompt over max_prompt_len:
+    # stop with an error naming the row, or drop and count it
+    eval_fraction: float = 0.0  # seeded share of rows held out for eval from each dataset
+    # without an eval_split (0: no eval rows from it)
+    seed: int = 0  # seed of the mixing and of the eval hold-out
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling of responses by the actor."""
+
+    max_new_tokens: int = 128  # response tokens at most
+    temperature: float = 1.0  # also scales the logits of the logprobs used in the ratio
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 keeps all
+    batch_size: int = 8  # prompts per generate call on one rank
+    gather_weights: bool = True  # HybridEngine: gather ZeRO-3 weights once into a plain copy;
+    # false generates through the ZeRO-3 module with synced ranks (models too big to gather)
+
+
+@dataclass
+class PPOConfig:
+    """The PPO algorithm (see ds_rlhf/algo.py for the formulas)."""
+
+    steps: int = 100  # PPO steps (rollout + update) to run
+    rollout_batch_size: int = 64  # prompts per step over all ranks
+    num_minibatches: int = 1  # optimizer steps per PPO epoch
+    ppo_epochs: int = 1  # passes over each rollout
+    kl_coef: float = 0.05  # KL penalty coefficient (initial value when kl_target is set)
+    kl_target: float | None = None  # target KL per sequence; set for the adaptive controller
+    kl_horizon: int = 10000  # adaptive controller horizon in samples (Ziegler et al. 2019)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL estimator in the reward
+    clip_eps: float = 0.2  # policy ratio clip
+    value_clip_eps: float = 0.2  # value clip around the rollout values
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # whiten advantages over the global rollout batch
+    score_clip: float | None = None  # clamp reward-model scores to [-c, c] when set
+    missing_eos_penalty: float | None = None  # subtract from scores of responses without EOS
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go."""
+
+    log_every: int = 1  # print a console line every N steps (metrics.jsonl gets every step)
+    sample_every: int = 10  # write (step, prompt, response, score) rows to samples.jsonl every
+    # N steps; 0 never
+
+
+@dataclass
+class PPORunConfig:
+    """Step 3: PPO with actor, critic, reference and reward engines."""
+
+    output_dir: str = "runs/ppo"  # metrics.jsonl, config.yaml and exports go here
+    seed: int = 42  # seed for model init, sampling and shuffles
+    actor: TrainEngineConfig = field(default_factory=TrainEngineConfig)  # the policy
+    critic: TrainEngineConfig = field(default_factory=TrainEngineConfig)  # the value model
+    ref: EngineConfig = field(default_factory=EngineConfig)  # frozen reference; its model
+    # defaults to the actor's
+    reward: EngineConfig = field(default_factory=EngineConfig)  # frozen reward model
+    # (AutoModelForSequenceClassification, num_labels=1)
+    data: DataConfig = field(default_factory=DataConfig)  # prompt data
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # the algorithm
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # logging
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> dataclasses, with type checks naming the field
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` and build dataclasses; `where` is the path."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{where}: expected {_type_name(tp)}, got {value!r}"
+        )
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {tp!r}")  # a bug in this module
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            path = f"{where}.{key}" if where else key
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name in values:
+            kwargs[name] = _convert(values[name], hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`['--ppo.kl_coef', '0.1', '--seed=3']` -> `{'ppo.kl_coef': 0.1, 'seed': 3}` (YAML values)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value, e.g. --{key}=VALUE")
+            raw = args[i + 1]
+            i += 1
+        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict | None = None,
+                cls: type = PPORunConfig) -> Any:
+    """Read YAML at `path` (or start from defaults), apply dotted overrides, check types."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass --config PATH to a YAML file")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    cfg = _build(cls, tree)
+    check_values(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: impossible values (world-size free), then batch arithmetic (needs world size)
+# --------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _check_engine(e: EngineConfig, name: str, trainable: bool) -> None:
+    _require(e.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", f"{e.zero_stage} is not a ZeRO "
+             "stage; use 0, 1, 2 or 3")
+    if not trainable:
+        _require(e.zero_stage in (0, 3), f"{name}.zero_stage", "a frozen model has no optimizer "
+                 "states or gradients to partition, so ZeRO-1/2 do nothing; use 0 or 3")
+    _require(not e.offload_params or e.zero_stage == 3, f"{name}.offload_params",
+             "parameter offload needs zero_stage 3")
+    _require(e.micro_batch_size >= 1, f"{name}.micro_batch_size", "must be at least 1")
+    _require(e.model.path is None or e.model.init is None, f"{name}.model",
+             "set either path (pretrained weights) or init (random weights), not both")
+    if isinstance(e, TrainEngineConfig):
+        _require(e.lr > 0, f"{name}.lr", f"must be positive, got {e.lr}")
+        _require(e.weight_decay >= 0, f"{name}.weight_decay", "must be >= 0")
+        _require(e.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
+        _require(e.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(not e.offload_optimizer or e.zero_stage >= 1, f"{name}.offload_optimizer",
+                 "optimizer offload needs zero_stage 1, 2 or 3")
+
+
+def check_values(cfg: Any) -> None:
+    """Checks that need no world size. Raises ConfigError naming the field and the fix."""
+    if not isinstance(cfg, PPORunConfig):
+        return
+    for role, trainable in (("actor", True), ("critic", True), ("ref", False), ("reward", False)):
+        _check_engine(getattr(cfg, role), role, trainable)
+    for role in ("actor", "critic", "reward"):
+        m = getattr(cfg, role).model
+        _require(m.path is not None or m.init is not None, f"{role}.model",
+                 "no weights given; set model.path (hub name or directory) or model.init")
+    g, p, d = cfg.generation, cfg.ppo, cfg.data
+    _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be at least 1")
+    _require(g.temperature > 0, "generation.temperature", "must be > 0 (it divides the logits)")
+    _require(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 keeps all tokens)")
+    _require(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
+    _require(g.batch_size >= 1, "generation.batch_size", "must be at least 1")
+    _require(p.steps >= 1, "ppo.steps", "must be at least 1")
+    _require(p.rollout_batch_size >= 1, "ppo.rollout_batch_size", "must be at least 1")
+    _require(p.num_minibatches >= 1, "ppo.num_minibatches", "must be at least 1")
+    _require(p.ppo_epochs >= 1, "ppo.ppo_epochs", "must be at least 1")
+    _require(p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+    _require(p.kl_target is None or p.kl_target > 0, "ppo.kl_target", "must be > 0 or null")
+    _require(p.kl_horizon >= 1, "ppo.kl_horizon", "must be at least 1")
+    _require(p.clip_eps > 0, "ppo.clip_eps", "must be > 0")
+    _require(p.value_clip_eps > 0, "ppo.value_clip_eps", "must be > 0")
+    _require(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
+    _require(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
+    _require(p.score_clip is None or p.score_clip > 0, "ppo.score_clip", "must be > 0 or null")
+    _require(len(d.datasets) > 0, "data.datasets", "no dataset; add at least one entry with a "
+             "path (hub name, local .json/.jsonl/.parquet/.csv file or save_to_disk directory)")
+    for i, spec in enumerate(d.datasets):
+        _require(spec.path != "", f"data.datasets[{i}].path", "is empty; set a hub name, a local "
+                 ".json/.jsonl/.parquet/.csv file or a save_to_disk directory")
+        _require(spec.weight > 0, f"data.datasets[{i}].weight", "must be > 0")
+        _require(spec.eval_split != spec.split, f"data.datasets[{i}].eval_split", f"is the "
+                 f"training split '{spec.split}' too; name another split or unset it to hold "
+                 "out data.eval_fraction of the rows")
+        _require(spec.format != "text", f"data.datasets[{i}].format", "'text' has no prompts "
+                 "for PPO; use prompt, prompt_completion, preference, hh or messages")
+    _require(d.max_prompt_len >= 1, "data.max_prompt_len", "must be at least 1")
+    _require(d.max_len > d.max_prompt_len, "data.max_len", f"{d.max_len} leaves no room for a "
+             f"completion after data.max_prompt_len={d.max_prompt_len}; make it larger")
+    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got "
+             f"{d.eval_fraction}")
+    _require(cfg.tracking.log_every >= 1, "tracking.log_every", "must be at least 1")
+    _require(cfg.tracking.sample_every >= 0, "tracking.sample_every", "must be >= 0 (0: never)")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Per-rank sizes derived from the config and the world size, computed only here."""
+
+    world_size: int
+    rollout_per_rank: int  # prompts each rank generates per step
+    minibatch_per_rank: int  # rows each rank feeds one optimizer step
+    actor_grad_accum: int  # micro-batches per optimizer step (actor)
+    critic_grad_accum: int  # micro-batches per optimizer step (critic)
+
+
+def exact_div(a: int, b: int, what: str, fix: str) -> int:
+    if b <= 0 or a % b != 0:
+        raise ConfigError(f"{what}: {a} is not divisible by {b}; {fix}")
+    return a // b
+
+
+def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
+    """Batch arithmetic: rollout -> ranks -> minibatches -> micro-batches, each exact."""
+    p = cfg.ppo
+    per_rank = exact_div(
+        p.rollout_batch_size, world_size, "ppo.rollout_batch_size",
+        f"every one of the {world_size} ranks must get the same number of prompts; use a multiple "
+        f"of {world_size}")
+    mini = exact_div(
+        per_rank, p.num_minibatches, "ppo.rollout_batch_size / world_size",
+        f"the {per_rank} prompts of each rank must split into ppo.num_minibatches="
+        f"{p.num_minibatches} equal minibatches; change ppo.num_minibatches or "
+        "ppo.rollout_batch_size")
+    accum = {}
+    for role in ("actor", "critic"):
+        mbs = getattr(cfg, role).micro_batch_size
+        accum[role] = exact_div(
+            mini, mbs, f"{role}.micro_batch_size",
+            f"each rank's minibatch of {mini} rows must split into micro-batches of {mbs}; "
+            f"use a micro_batch_size that divides {mini}")
+    return Sizes(world_size, per_rank, mini, accum["actor"], accum["critic"])

@@ -1,0 +1,126 @@
+"""Keeps the data-parallel ranks in step: prompt sharding, reductions, global statistics.
+
+Every rank runs the same program. Each PPO step the coordinator draws the next global batch
+of prompt indices from a seeded, epoch-aware, resumable sampler and hands rank r the r-th
+equal share, so every rank runs the same number of batches of each phase (no collective can
+wait on a rank that has nothing left to do).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed_env() -> None:
+    """Fill RANK/WORLD_SIZE/... for plain `python` runs and Slurm tasks (one task per GPU).
+
+    The deepspeed launcher and torchrun set these themselves; srun sets SLURM_* only.
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    if "RANK" not in os.environ:  # a single process started with plain python
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+@dataclass
+class PromptSampler:
+    """Seeded epoch-wise permutation of prompt indices, consumed `batch_size` at a time.
+
+    An epoch's leftover (fewer than `batch_size` prompts) is skipped so that every step sees
+    a full batch. The state is two integers, saved in checkpoints.
+    """
+
+    num_prompts: int
+    batch_size: int
+    seed: int
+    epoch: int = 0
+    offset: int = 0  # prompts of this epoch already handed out
+
+    def __post_init__(self):
+        if self.num_prompts < self.batch_size:
+            raise ValueError(f"ppo.rollout_batch_size={self.batch_size} is larger than the "
+                             f"{self.num_prompts} prompts of the dataset; lower it or add data")
+
+    def _order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_prompts, generator=g)
+
+    def next_batch(self) -> torch.Tensor:
+        if self.offset + self.batch_size > self.num_prompts:
+            self.epoch, self.offset = self.epoch + 1, 0
+        batch = self._order()[self.offset:self.offset + self.batch_size]
+        self.offset += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+class Coordinator:
+    """Rank bookkeeping and the few collectives the trainer needs (after init_process_group)."""
+
+    def __init__(self, device: torch.device):
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = device  # where collectives run (cpu for gloo, cuda for nccl)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, global_batch: torch.Tensor) -> torch.Tensor:
+        """This rank's equal, contiguous share of a global batch of indices."""
+        n = len(global_batch) // self.world_size
+        return global_batch[self.rank * n:(self.rank + 1) * n]
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (float64 so counts and sums stay exact)."""
+        t = values.detach().to(self.device, torch.float64).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu()
+
+    def sum_dict(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        total = self.sum(torch.tensor([float(values[k]) for k in keys]))
+        return dict(zip(keys, total.tolist(), strict=True))
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.sum(torch.tensor([float(flag)])).item() > 0)
+
+    def all(self, flag: bool) -> bool:
+        return not self.any(not flag)
+
+    def masked_whiten(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """algo.masked_whiten with the mean and (unbiased) variance of all ranks' entries."""
+        xm = x.double() * mask
+        count, total, total_sq = self.sum(
+            torch.stack([mask.sum().double(), xm.sum(), (xm * x.double()).sum()]).cpu())
+        mean = total / count
+        var = (total_sq - count * mean**2) / (count - 1).clamp(min=1)
+        return ((x.double() - mean) * torch.rsqrt(var + eps) * mask).to(x.dtype)
+
+    def gather_objects(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order (on every rank)."""
+        out: list[list] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(out, items)
+        return [x for part in out for x in part]
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -1,0 +1,214 @@
+"""The four PPO roles as DeepSpeed engines with batch-in / batch-out verbs.
+
+    actor.generate(prompts)  -> Rollout          (inside `with actor.generation_mode():`)
+    actor.logprobs(rollout), ref.logprobs(rollout), critic.values(rollout), reward.scores(rollout)
+    actor.train_step(minibatch, num_tokens), critic.train_step(minibatch, num_tokens) -> stats
+
+The PPO loop composes these verbs and never reaches into DeepSpeed. Forward passes run in
+micro-batches of the role's `micro_batch_size`; every rank runs the same number of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import deepspeed
+import torch
+from torch import nn
+
+from ds_rlhf import algo, generation
+from ds_rlhf.config import EngineConfig, GenerationConfig, PPOConfig, TrainEngineConfig
+from ds_rlhf.engines.ds_config import deepspeed_config
+from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine
+from ds_rlhf.models import sequence_inputs
+from ds_rlhf.rollout import Rollout
+
+
+def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, world_size: int):
+    """Wrap `model` in a DeepSpeed engine; frozen roles (plain EngineConfig) get no optimizer."""
+    trainable = isinstance(engine_cfg, TrainEngineConfig)
+    on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
+    ds_config = deepspeed_config(engine_cfg, engine_cfg.micro_batch_size, grad_accum,
+                                 world_size, on_cpu)
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    params = [p for p in model.parameters() if p.requires_grad] if trainable else None
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine
+
+
+def _micro_batches(rollout: Rollout, size: int) -> Iterator[Rollout]:
+    for start in range(0, len(rollout), size):
+        yield rollout.select(slice(start, start + size))
+
+
+def _inputs(engine, chunk: Rollout):
+    chunk = chunk.to(engine.device)
+    ids, attention_mask, position_ids = sequence_inputs(
+        chunk.prompt_ids, chunk.prompt_mask, chunk.response_ids, chunk.response_mask)
+    return chunk, dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def _token_logprobs(engine, chunk: Rollout, temperature: float) -> torch.Tensor:
+    """[b, R] log pi(response_t | prompt, response_<t) at the sampling temperature."""
+    chunk, inputs = _inputs(engine, chunk)
+    num_response = chunk.response_ids.shape[1]
+    # Keep only the logits that predict response tokens: positions P-1 .. P+R-2.
+    logits = engine(**inputs, use_cache=False, logits_to_keep=num_response + 1).logits[:, :-1]
+    return algo.logprobs_from_logits(logits, chunk.response_ids, temperature)
+
+
+def _token_values(engine, chunk: Rollout) -> torch.Tensor:
+    """[b, R] V(prompt + response_<t), read where the logprob of token t is read."""
+    chunk, inputs = _inputs(engine, chunk)
+    prompt_len, num_response = chunk.prompt_ids.shape[1], chunk.response_ids.shape[1]
+    return engine(**inputs)[:, prompt_len - 1:prompt_len - 1 + num_response]
+
+
+@torch.no_grad()
+def _forward_all(engine, rollout: Rollout, size: int, fn: Callable) -> torch.Tensor:
+    return torch.cat([fn(engine, chunk).cpu() for chunk in _micro_batches(rollout, size)])
+
+
+class _Trainable:
+    """Micro-batched backward + step with the loss normalised by the global token count."""
+
+    def __init__(self, engine, grad_accum: int, world_size: int):
+        self.engine = engine
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+
+    def _loss_denominator(self, num_tokens: float) -> float:
+        # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients over
+        # ranks. Dividing by num_tokens / (world_size * grad_accum) undoes both, so the step
+        # follows sum(per-token loss) / num_tokens over the whole global minibatch.
+        return num_tokens / (self.world_size * self.grad_accum)
+
+    def _run(self, minibatch: Rollout, num_tokens: float, loss_fn) -> dict[str, float]:
+        """Returns sums over this rank's micro-batches, token-weighted where they are means."""
+        denominator = self._loss_denominator(num_tokens)
+        totals: dict[str, float] = {}
+        micro = len(minibatch) // self.grad_accum
+        for chunk in _micro_batches(minibatch, micro):
+            loss, stats = loss_fn(chunk, denominator)
+            self.engine.backward(loss)
+            self.engine.step()
+            num_chunk_tokens = float(chunk.response_mask.sum())
+            totals["loss"] = totals.get("loss", 0.0) + loss.item() / (
+                self.world_size * self.grad_accum)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value * num_chunk_tokens
+        return totals
+
+
+class Actor(_Trainable):
+    def __init__(self, engine, grad_accum: int, world_size: int, gen_cfg: GenerationConfig,
+                 ppo: PPOConfig, micro_batch_size: int, tokenizer, seed: int,
+                 synced: Callable[[bool], bool]):
+        super().__init__(engine, grad_accum, world_size)
+        self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced)
+        self.gen_cfg = gen_cfg
+        self.clip_eps = ppo.clip_eps
+        self.micro_batch_size = micro_batch_size
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.seed = seed
+        self._gen: GenerationModel | None = None
+
+    @contextmanager
+    def generation_mode(self):
+        with self.hybrid.generation_mode() as gen:
+            self._gen = gen
+            try:
+                yield self
+            finally:
+                self._gen = None
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, prompt_mask, prompt_index, step: int,
+                 greedy: bool = False) -> Rollout:
+        """Sample responses for left-padded prompts ([B, P]); reproducible per prompt."""
+        if self._gen is None:
+            raise RuntimeError("Actor.generate must run inside `with actor.generation_mode():`")
+        g, device = self.gen_cfg, self.engine.device
+        pieces = []
+        for start in range(0, len(prompt_ids), g.batch_size):
+            rows = slice(start, start + g.batch_size)
+            pieces.append(generation.generate(
+                self._gen.model, prompt_ids[rows].to(device), prompt_mask[rows].to(device),
+                prompt_index[rows], step=step, seed=self.seed,
+                max_new_tokens=g.max_new_tokens, eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id, temperature=g.temperature, top_k=g.top_k,
+                top_p=g.top_p, greedy=greedy, synced=self._gen.synced))
+        response_ids, response_mask = generation.pad_responses(pieces, self.pad_token_id)
+        return Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
+                       response_ids=response_ids.cpu(), response_mask=response_mask.cpu(),
+                       prompt_index=prompt_index.cpu())
+
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        return _forward_all(self.engine, rollout, self.micro_batch_size,
+                            lambda e, c: _token_logprobs(e, c, self.gen_cfg.temperature))
+
+    def export(self, path, tokenizer, is_main: bool) -> None:
+        """HF format (save_pretrained + tokenizer), loadable by AutoModelForCausalLM."""
+        with self.hybrid.full_model() as model:  # every rank joins the ZeRO-3 gather
+            if is_main:
+                model.save_pretrained(path)
+                tokenizer.save_pretrained(path)
+
+    def train_step(self, minibatch: Rollout, num_tokens: float) -> dict[str, float]:
+        def loss_fn(chunk: Rollout, denominator: float):
+            logprobs = _token_logprobs(self.engine, chunk, self.gen_cfg.temperature)
+            chunk = chunk.to(logprobs.device)
+            return algo.policy_loss(logprobs, chunk.old_logprobs, chunk.advantages,
+                                    chunk.response_mask, self.clip_eps, num_tokens=denominator)
+        return self._run(minibatch, num_tokens, loss_fn)
+
+
+class Critic(_Trainable):
+    def __init__(self, engine, grad_accum: int, world_size: int, ppo: PPOConfig,
+                 micro_batch_size: int):
+        super().__init__(engine, grad_accum, world_size)
+        self.clip_eps = ppo.value_clip_eps
+        self.micro_batch_size = micro_batch_size
+
+    def values(self, rollout: Rollout) -> torch.Tensor:
+        return _forward_all(self.engine, rollout, self.micro_batch_size, _token_values)
+
+    def train_step(self, minibatch: Rollout, num_tokens: float) -> dict[str, float]:
+        def loss_fn(chunk: Rollout, denominator: float):
+            values = _token_values(self.engine, chunk)
+            chunk = chunk.to(values.device)
+            return algo.value_loss(values, chunk.values, chunk.returns, chunk.response_mask,
+                                   self.clip_eps, num_tokens=denominator)
+        return self._run(minibatch, num_tokens, loss_fn)
+
+
+class Reference:
+    def __init__(self, engine, micro_batch_size: int, temperature: float):
+        self.engine = engine
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature  # the actor's: both logprobs come from one distribution
+
+    def logprobs(self, rollout: Rollout) -> torch.Tensor:
+        return _forward_all(self.engine, rollout, self.micro_batch_size,
+                            lambda e, c: _token_logprobs(e, c, self.temperature))
+
+
+class RewardModel:
+    def __init__(self, engine, micro_batch_size: int):
+        self.engine = engine
+        self.micro_batch_size = micro_batch_size
+
+    @staticmethod
+    def _score(engine, chunk: Rollout) -> torch.Tensor:
+        # The score is read at the last real token, found from lengths (never from pad ids):
+        # the prompt is left padded, so it is at P - 1 + response length.
+        chunk, inputs = _inputs(engine, chunk)
+        last = chunk.prompt_ids.shape[1] - 1 + chunk.response_lengths
+        return engine(**inputs).gather(1, last[:, None]).squeeze(1)
+
+    def scores(self, rollout: Rollout) -> torch.Tensor:
+        return _forward_all(self.engine, rollout, self.micro_batch_size, self._score)

@@ -1,0 +1,91 @@
+"""The Rollout: one batch of PPO experience, one field per tensor.
+
+Per-token tensors are aligned to response tokens (``[B, R]``, position t = the t-th
+generated token), see design/PPO_SPEC.md. Fields filled later in the pipeline
+(logprobs, values, scores, rewards, advantages, returns) are None until computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    prompt_ids: Tensor  # [B, P] long, left padded
+    prompt_mask: Tensor  # [B, P] 1 for real prompt tokens, 0 for left padding
+    response_ids: Tensor  # [B, R] long, padded after EOS
+    response_mask: Tensor  # [B, R] 1 for real response tokens including EOS, 0 after it
+    prompt_index: Tensor  # [B] long, global index of the prompt in the dataset (sampling seed)
+    old_logprobs: Tensor | None = None  # [B, R] float32, actor at sampling time
+    ref_logprobs: Tensor | None = None  # [B, R] float32, frozen reference model
+    values: Tensor | None = None  # [B, R] float32, critic at sampling time (old values)
+    scores: Tensor | None = None  # [B] float32, reward model, one per sequence
+    rewards: Tensor | None = None  # [B, R] float32, KL-shaped per-token rewards
+    advantages: Tensor | None = None  # [B, R] float32, GAE (whitened when configured)
+    returns: Tensor | None = None  # [B, R] float32, critic targets
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def sequence_ids(self) -> Tensor:
+        """[B, P + R] prompt then response, the input of every model forward."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def sequence_mask(self) -> Tensor:
+        """[B, P + R] attention mask matching ``sequence_ids``."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def response_lengths(self) -> Tensor:
+        """[B] long, number of real response tokens (EOS included)."""
+        return self.response_mask.sum(dim=1).long()
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Rollout:
+        # Apply fn to every set field; unset (None) fields stay None.
+        return Rollout(
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def select(self, idx: Tensor | Sequence[int] | slice) -> Rollout:
+        """The rows ``idx`` (index tensor, list of ints, or slice) of every field."""
+        if not isinstance(idx, (Tensor, slice)):
+            idx = torch.as_tensor(idx, dtype=torch.long)
+        return self._map(lambda t: t[idx])
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return self._map(lambda t: t.to(device))
+
+    @classmethod
+    def cat(cls, rollouts: Sequence[Rollout]) -> Rollout:
+        """Concatenate along the batch. All rollouts need the same prompt width P and
+        response width R, and the same fields set."""
+        if not rollouts:
+            raise ValueError("Rollout.cat needs at least one rollout")
+        widths = {(r.prompt_ids.shape[1], r.response_ids.shape[1]) for r in rollouts}
+        if len(widths) > 1:
+            raise ValueError(
+                f"Rollout.cat needs equal (prompt, response) widths, got {sorted(widths)}; "
+                "pad the rollouts to a common P and R before concatenating"
+            )
+        fields = {}
+        for f in dataclasses.fields(cls):
+            tensors = [getattr(r, f.name) for r in rollouts]
+            num_set = sum(t is not None for t in tensors)
+            if num_set not in (0, len(tensors)):
+                raise ValueError(
+                    f"Rollout.cat: field {f.name!r} is set in {num_set} of {len(tensors)} "
+                    "rollouts; compute it for all of them or for none"
+                )
+            fields[f.name] = torch.cat(tensors, dim=0) if num_set else None
+        return cls(**fields)

@@ -1,0 +1,242 @@
+"""Step 3: PPO with actor, critic, reference and reward as four DeepSpeed engines.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 -m ds_rlhf.cli ppo --config run.yaml
+    ds-rlhf ppo --config run.yaml --ppo.kl_coef 0.1          # one process
+
+Each step: generate -> score -> shape rewards -> GAE -> ppo_epochs x num_minibatches updates
+(Ouyang et al. 2022, step 3; PPO details follow Huang et al. 2024, "The N+ implementation
+details of RLHF with PPO").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from ds_rlhf import algo, models
+from ds_rlhf.config import ConfigError, PPORunConfig, Sizes, derive_sizes, save_yaml
+from ds_rlhf.coordinator import Coordinator, PromptSampler, setup_distributed_env
+from ds_rlhf.data import PromptSet, collate_left, load_prompts
+from ds_rlhf.engines.roles import Actor, Critic, Reference, RewardModel, init_engine
+from ds_rlhf.rollout import Rollout
+from ds_rlhf.tracking import Timer, Tracker
+
+
+@dataclass
+class PPOTrainer:
+    cfg: PPORunConfig
+    sizes: Sizes
+    coord: Coordinator
+    tokenizer: object
+    prompts: PromptSet
+    sampler: PromptSampler
+    actor: Actor
+    critic: Critic
+    ref: Reference
+    reward: RewardModel
+    kl_ctl: algo.AdaptiveKLController | algo.FixedKLController
+    tracker: Tracker
+    step: int = 0  # PPO steps completed
+
+    def train(self) -> None:
+        while self.step < self.cfg.ppo.steps:
+            self.step += 1
+            self.tracker.log(self.step, self.ppo_step(self.step))
+
+    def ppo_step(self, step: int) -> dict[str, float]:
+        cfg, timer, start = self.cfg, Timer(), time.perf_counter()
+
+        # 1. This rank's equal share of the next global batch of prompts.
+        prompt_index = self.coord.shard(self.sampler.next_batch())
+        prompt_ids, prompt_mask = collate_left(
+            [self.prompts.input_ids[i] for i in prompt_index], self.tokenizer.pad_token_id)
+
+        # 2. Rollout: sample responses, then score them with all four models.
+        with timer("generate"), self.actor.generation_mode():
+            rollout = self.actor.generate(prompt_ids, prompt_mask, prompt_index, step)
+        with timer("score"):
+            rollout.old_logprobs = self.actor.logprobs(rollout)
+            rollout.ref_logprobs = self.ref.logprobs(rollout)
+            rollout.values = self.critic.values(rollout)
+            rollout.scores = self.adjust_scores(self.reward.scores(rollout), rollout)
+
+        # 3. Per-token rewards (score at the last token, KL penalty everywhere), GAE.
+        rollout.rewards, kl = algo.shaped_rewards(
+            rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, rollout.response_mask,
+            self.kl_ctl.value, cfg.ppo.kl_estimator)
+        rollout.advantages, rollout.returns = algo.gae(
+            rollout.rewards, rollout.values, rollout.response_mask, cfg.ppo.gamma, cfg.ppo.lam)
+        if cfg.ppo.whiten_advantages:
+            rollout.advantages = self.coord.masked_whiten(rollout.advantages,
+                                                          rollout.response_mask)
+
+        # 4. PPO updates of actor and critic.
+        with timer("train"):
+            train_stats = self.update(rollout, step)
+
+        # 5. KL controller, metrics, samples.
+        metrics = self.rollout_metrics(rollout, kl)
+        every = cfg.tracking.sample_every
+        if every and step % every == 0:
+            self.tracker.log_samples(self.coord.gather_objects(self.samples(rollout, step)))
+        self.kl_ctl.update(metrics["objective/kl"], cfg.ppo.rollout_batch_size)
+        metrics.update(train_stats)
+        timer.seconds["step"] = time.perf_counter() - start
+        metrics.update({f"timing/{k}": v for k, v in timer.seconds.items()})
+        metrics["perf/samples_per_s"] = cfg.ppo.rollout_batch_size / timer.seconds["step"]
+        metrics["perf/tokens_per_s"] = metrics["response_length/mean"] * \
+            metrics["perf/samples_per_s"]
+        return metrics
+
+    def samples(self, rollout: Rollout, step: int) -> list[dict]:
+        rows = []
+        for i in range(len(rollout)):
+            response = rollout.response_ids[i, :int(rollout.response_lengths[i])].tolist()
+            rows.append({"step": step, "prompt_index": int(rollout.prompt_index[i]),
+                         "prompt": self.prompts.texts[int(rollout.prompt_index[i])],
+                         "response": self.tokenizer.decode(response), "response_ids": response,
+                         "score": float(rollout.scores[i])})
+        return rows
+
+    def adjust_scores(self, scores: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        p = self.cfg.ppo
+        if p.missing_eos_penalty is not None:
+            scores = scores - p.missing_eos_penalty * (~self.ends_with_eos(rollout)).float()
+        if p.score_clip is not None:
+            scores = scores.clamp(-p.score_clip, p.score_clip)
+        return scores
+
+    def ends_with_eos(self, rollout: Rollout) -> torch.Tensor:  # [B] bool
+        last = (rollout.response_lengths - 1).clamp(min=0)
+        last_token = rollout.response_ids.gather(1, last[:, None]).squeeze(1)
+        return (last_token == self.tokenizer.eos_token_id) & (rollout.response_lengths > 0)
+
+    def update(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle."""
+        p, size = self.cfg.ppo, self.sizes.minibatch_per_rank
+        shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        totals: dict[str, float] = {}
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(len(rollout), generator=shuffle)
+            for k in range(p.num_minibatches):
+                minibatch = rollout.select(order[k * size:(k + 1) * size])
+                num_tokens = self.coord.sum(minibatch.response_mask.sum()).item()
+                for prefix, stats in (("actor", self.actor.train_step(minibatch, num_tokens)),
+                                      ("critic", self.critic.train_step(minibatch, num_tokens))):
+                    for key, value in stats.items():
+                        totals[f"{prefix}/{key}"] = totals.get(f"{prefix}/{key}", 0.0) + value
+                totals["tokens"] = totals.get("tokens", 0.0) + float(minibatch.response_mask.sum())
+        g = self.coord.sum_dict(totals)
+        num_updates, tokens = p.ppo_epochs * p.num_minibatches, g["tokens"]
+        return {
+            "loss/policy_avg": g["actor/loss"] / num_updates,
+            "loss/value_avg": g["critic/loss"] / num_updates,
+            "policy/approxkl_avg": g["actor/approx_kl"] / tokens,
+            "policy/clipfrac_avg": g["actor/clipfrac"] / tokens,
+            "val/ratio": g["actor/ratio"] / tokens,
+            "val/clipfrac_avg": g["critic/clipfrac"] / tokens,
+        }
+
+    def rollout_metrics(self, rollout: Rollout, kl: torch.Tensor) -> dict[str, float]:
+        lengths = rollout.response_lengths.double()
+        kl_seq = kl.sum(1).double()  # kl is already zero on padding
+        has_eos = self.ends_with_eos(rollout)
+        max_new = self.cfg.generation.max_new_tokens
+        local = torch.stack([
+            torch.tensor(float(len(rollout)), dtype=torch.float64), rollout.scores.double().sum(),
+            kl_seq.sum(), (rollout.scores.double() - self.kl_ctl.value * kl_seq).sum(),
+            lengths.sum(), has_eos.double().sum(), ((lengths >= max_new) & ~has_eos).double().sum(),
+        ])
+        n, scores, kl_sum, rlhf, length, eos, clipped = self.coord.sum(local).tolist()
+        return {
+            "objective/scores": scores / n, "objective/kl": kl_sum / n,
+            "objective/rlhf_reward": rlhf / n, "objective/kl_coef": self.kl_ctl.value,
+            "response_length/mean": length / n, "response_length/clip_ratio": clipped / n,
+            "val/num_eos_tokens": eos,
+        }
+
+
+def _tokenizers(cfg: PPORunConfig):
+    """The actor's tokenizer; the critic's and reward's must have the same vocabulary."""
+    tokenizer = models.load_tokenizer(cfg.actor.model, "actor")
+    actor_source = cfg.actor.model.tokenizer or cfg.actor.model.path
+    for role in ("critic", "reward"):
+        m = getattr(cfg, role).model
+        source = m.tokenizer or m.path
+        if source is not None and source != actor_source:
+            models.check_same_tokenizer(tokenizer, models.load_tokenizer(m, role), role)
+    return tokenizer
+
+
+def _check_lengths(cfg: PPORunConfig) -> None:
+    actor_config = models.hf_config(cfg.actor.model, "actor")
+    limit = getattr(actor_config, "max_position_embeddings", None)
+    needed = cfg.data.max_prompt_len + cfg.generation.max_new_tokens
+    if limit is not None and needed > limit:
+        raise ConfigError(
+            f"data.max_prompt_len + generation.max_new_tokens = {needed} exceeds the actor's "
+            f"max_position_embeddings ({limit}); lower one of them")
+
+
+def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
+    """Check everything cheap first (sizes, tokenizers, prompts), then build the engines."""
+    setup_distributed_env()
+    world_size = int(os.environ["WORLD_SIZE"])
+    sizes = derive_sizes(cfg, world_size)
+    _check_lengths(cfg)
+    tokenizer = _tokenizers(cfg)
+    prompts = load_prompts(cfg.data, tokenizer, split="train")
+    sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
+
+    deepspeed.init_distributed()
+    accelerator = deepspeed.get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    coord = Coordinator(torch.device(accelerator.current_device_name()))
+    if coord.is_main:
+        save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
+        if prompts.num_filtered:
+            print(f"data: dropped {prompts.num_filtered} prompts longer than "
+                  f"{cfg.data.max_prompt_len} tokens", flush=True)
+
+    pad = tokenizer.pad_token_id
+    actor_engine = init_engine(
+        models.build_causal_lm(cfg.actor.model, "actor", cfg.actor.dtype, cfg.seed),
+        cfg.actor, sizes.actor_grad_accum, world_size)
+    critic_engine = init_engine(
+        models.build_scalar_model(cfg.critic.model, "critic", cfg.critic.dtype, cfg.seed, pad),
+        cfg.critic, sizes.critic_grad_accum, world_size)
+    ref_model = cfg.ref.model if (cfg.ref.model.path or cfg.ref.model.init) else cfg.actor.model
+    ref_engine = init_engine(
+        models.build_causal_lm(ref_model, "ref", cfg.ref.dtype, cfg.seed), cfg.ref, 1, world_size)
+    reward_engine = init_engine(
+        models.build_scalar_model(cfg.reward.model, "reward", cfg.reward.dtype, cfg.seed, pad),
+        cfg.reward, 1, world_size)
+
+    p = cfg.ppo
+    kl_ctl = (algo.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
+              if p.kl_target is not None else algo.FixedKLController(p.kl_coef))
+    return PPOTrainer(
+        cfg=cfg, sizes=sizes, coord=coord, tokenizer=tokenizer, prompts=prompts, sampler=sampler,
+        actor=Actor(actor_engine, sizes.actor_grad_accum, world_size, cfg.generation, p,
+                    cfg.actor.micro_batch_size, tokenizer, cfg.seed, synced=coord.all),
+        critic=Critic(critic_engine, sizes.critic_grad_accum, world_size, p,
+                      cfg.critic.micro_batch_size),
+        ref=Reference(ref_engine, cfg.ref.micro_batch_size, cfg.generation.temperature),
+        reward=RewardModel(reward_engine, cfg.reward.micro_batch_size),
+        kl_ctl=kl_ctl,
+        tracker=Tracker(cfg.output_dir, coord.is_main, cfg.tracking.log_every, p.steps),
+    )
+
+
+def run(cfg: PPORunConfig) -> PPOTrainer:
+    trainer = build_ppo(cfg)
+    trainer.train()
+    trainer.actor.export(Path(cfg.output_dir) / "actor", trainer.tokenizer, trainer.coord.is_main)
+    trainer.coord.barrier()
+    return trainer

@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny tokenizer (pad == EOS), prompt files and PPO configs, and a helper
+that runs the real `deepspeed` launcher on CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """Tokenizer dir and a prompt file from the demo task (word-level, pad == EOS)."""
+    from ds_rlhf.demo.task import all_prompts, build_tokenizer
+
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    with (root / "prompts.jsonl").open("w") as f:
+        for prompt, _ in all_prompts()[:64]:
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+    return {"root": root, "tokenizer": str(root / "tokenizer"), "vocab_size": len(tokenizer),
+            "prompts": str(root / "prompts.jsonl")}
+
+
+def tiny_init(vocab_size: int, layers: int = 2, hidden: int = 32) -> dict:
+    return {"model_type": "llama", "vocab_size": vocab_size, "hidden_size": hidden,
+            "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+def ppo_config(assets: dict, out: Path, **sections) -> dict:
+    """A small PPO run config as a dict; `sections` update it one section at a time."""
+    model = {"init": tiny_init(assets["vocab_size"]), "tokenizer": assets["tokenizer"]}
+    cfg = {
+        "output_dir": str(out),
+        "seed": 7,
+        "actor": {"model": model, "zero_stage": 2, "micro_batch_size": 2, "lr": 1e-3},
+        "critic": {"model": model, "zero_stage": 2, "micro_batch_size": 2, "lr": 1e-3},
+        "ref": {"zero_stage": 3, "micro_batch_size": 4},
+        "reward": {"model": model, "zero_stage": 3, "micro_batch_size": 4},
+        "data": {"datasets": [{"path": assets["prompts"], "format": "prompt"}],
+                 "max_prompt_len": 16},
+        "generation": {"max_new_tokens": 8, "batch_size": 4},
+        "ppo": {"steps": 2, "rollout_batch_size": 8, "num_minibatches": 1},
+        "tracking": {"sample_every": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            cfg[section] = {**cfg[section], **values}
+        else:
+            cfg[section] = values
+    return cfg
+
+
+def write_yaml(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    env.update(extra)
+    return env
+
+
+def run_deepspeed(nproc: int, args: list[str], timeout: float = 600, module: bool = True,
+                  **env) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N [--module] ARGS` on CPU ranks; output captured."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(free_port())]
+    cmd += (["--module"] if module else []) + args
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
+                          timeout=timeout)

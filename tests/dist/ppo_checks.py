@@ -1,0 +1,76 @@
+"""Run by tests/dist/test_ppo_dist.py under `deepspeed --num_gpus 2` on CPU ranks.
+
+    python tests/dist/ppo_checks.py CONFIG.yaml RESULT.json
+
+Builds the real PPO trainer, then on real engines (actor/critic ZeRO-3, frozen ZeRO-3):
+1. reward position: the score is read at the last real token, found from lengths, for a
+   response that ends in EOS (followed by pads == EOS) and one that hits the length limit;
+2. uneven lengths: rank 0's rows stop at once, rank 1's run to the limit; generation (gathered
+   copy and ZeRO-3 fallback) and a whole PPO step complete without hanging.
+Rank 0 writes what it saw to RESULT.json; the test asserts on it.
+"""
+
+import json
+import sys
+
+import torch
+
+from ds_rlhf.config import load_config
+from ds_rlhf.models import sequence_inputs
+from ds_rlhf.rollout import Rollout
+from ds_rlhf.trainers.ppo import build_ppo
+
+
+def reward_position(trainer) -> dict:
+    eos = trainer.tokenizer.eos_token_id
+    assert trainer.tokenizer.pad_token_id == eos
+    prompt_ids = torch.tensor([[eos, 5, 6, 7], [8, 9, 10, 11]])  # row 0 left padded
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    # Row 0 ends in EOS at t=2, then pads (== EOS). Row 1 fills the whole length (no EOS).
+    response_ids = torch.tensor([[12, 13, eos, eos, eos], [14, 15, 16, 17, 18]])
+    response_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.arange(2))
+    scores = trainer.reward.scores(rollout)
+    engine = trainer.reward.engine
+    with torch.no_grad():
+        ids, attn, pos = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+        per_token = engine(input_ids=ids.to(engine.device), attention_mask=attn.to(engine.device),
+                           position_ids=pos.to(engine.device)).cpu()
+    return {"scores": scores.tolist(), "per_token": per_token.tolist()}
+
+
+def uneven(trainer, vocab_size: int) -> dict:
+    rank = trainer.coord.rank
+    actor = trainer.actor
+    # Rank 0: every token is an EOS, so its rows stop after one token. Rank 1: no EOS can be
+    # sampled (an id outside the vocabulary), so its rows run to max_new_tokens.
+    actor.eos_token_id = list(range(vocab_size)) if rank == 0 else [vocab_size + 7]
+    lengths = {}
+    for gather in (True, False):
+        actor.hybrid.gather_weights = gather
+        idx = torch.arange(4) + 4 * rank
+        prompt_ids, prompt_mask = torch.full((4, 3), 5), torch.ones(4, 3, dtype=torch.long)
+        with actor.generation_mode():
+            rollout = actor.generate(prompt_ids, prompt_mask, idx, step=1)
+        lengths[f"gather={gather}"] = rollout.response_lengths.tolist()
+    actor.hybrid.gather_weights = True
+    trainer.step += 1
+    metrics = trainer.ppo_step(trainer.step)
+    return {"lengths": lengths, "metrics": metrics}
+
+
+def main() -> None:
+    cfg = load_config(sys.argv[1])
+    trainer = build_ppo(cfg)
+    vocab_size = len(trainer.tokenizer)
+    result = {"reward_position": reward_position(trainer),
+              "uneven": uneven(trainer, vocab_size)}
+    lengths = trainer.coord.gather_objects([result["uneven"]["lengths"]])
+    if trainer.coord.is_main:
+        result["uneven"]["lengths_by_rank"] = lengths
+        with open(sys.argv[2], "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

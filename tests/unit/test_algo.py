@@ -1,0 +1,517 @@
+"""ds_rlhf.algo against hand-computed numbers (arithmetic in comments) and loop references."""
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_rlhf import algo
+from ds_rlhf.algo import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_per_token,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    shaped_rewards,
+    value_loss,
+)
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def assert_close(actual, expected, atol=1e-6):
+    torch.testing.assert_close(
+        actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0
+    )
+
+
+def ragged_mask(lengths, width):
+    """Prefix masks: row i has lengths[i] real tokens."""
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()
+
+
+# ---------------------------------------------------------------- module hygiene
+
+
+def test_algo_imports_no_deepspeed_dist_or_transformers():
+    tree = ast.parse(Path(algo.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    for name in imported:
+        assert not name.startswith(("deepspeed", "torch.distributed", "transformers")), name
+
+
+# ---------------------------------------------------------------- masked_mean / masked_whiten
+
+
+def test_masked_mean_by_hand():
+    x = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = t([[1, 1, 0], [1, 0, 0]])
+    # all: (1 + 2 + 4) / 3 = 7/3
+    assert_close(masked_mean(x, mask), 7 / 3)
+    # per row: (1 + 2) / 2 = 1.5 ; 4 / 1 = 4
+    assert_close(masked_mean(x, mask, dim=1), [1.5, 4.0])
+    # per column: (1 + 4) / 2 = 2.5 ; 2 / 1 = 2 ; nothing -> 0
+    assert_close(masked_mean(x, mask, dim=0), [2.5, 2.0, 0.0])
+
+
+def test_masked_mean_ignores_garbage_and_empty_mask_is_zero():
+    x = t([[1.0, float("nan")], [float("inf"), 3.0]])
+    mask = t([[1, 0], [0, 1]])
+    assert_close(masked_mean(x, mask), 2.0)  # (1 + 3) / 2
+    assert_close(masked_mean(x, torch.zeros(2, 2)), 0.0)
+
+
+def test_masked_whiten_by_hand():
+    x = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    # masked entries 1, 2, 3, 4: mean 2.5, deviations -1.5 -0.5 0.5 1.5,
+    # squares sum 2.25 + 0.25 + 0.25 + 2.25 = 5, unbiased var = 5 / 3, std = sqrt(5/3)
+    std = math.sqrt(5 / 3)
+    expected = [[-1.5 / std, -0.5 / std, 0.5 / std], [1.5 / std, 0.0, 0.0]]
+    assert_close(masked_whiten(x, mask), expected)
+    # shift_mean=False adds the mean (2.5) back on masked entries; padding stays 0
+    expected_shifted = [
+        [2.5 - 1.5 / std, 2.5 - 0.5 / std, 2.5 + 0.5 / std],
+        [2.5 + 1.5 / std, 0.0, 0.0],
+    ]
+    assert_close(masked_whiten(x, mask, shift_mean=False), expected_shifted)
+
+
+def test_masked_whiten_statistics_on_random_data():
+    gen = torch.Generator().manual_seed(0)
+    x = 3.0 + 5.0 * torch.randn(6, 9, generator=gen)
+    mask = ragged_mask([9, 0, 4, 1, 7, 3], 9)
+    out = masked_whiten(x, mask)
+    real = out[mask.bool()]
+    assert abs(real.mean().item()) < 1e-5
+    assert abs(real.var(unbiased=True).item() - 1.0) < 1e-5
+    assert torch.all(out[~mask.bool()] == 0)
+    shifted = masked_whiten(x, mask, shift_mean=False)
+    assert abs(shifted[mask.bool()].mean().item() - x[mask.bool()].mean().item()) < 1e-4
+    assert torch.all(shifted[~mask.bool()] == 0)
+
+
+def test_masked_whiten_degenerate_masks_give_no_nan():
+    x = t([[5.0, 7.0]])
+    assert_close(masked_whiten(x, t([[0, 0]])), [[0.0, 0.0]])
+    assert_close(masked_whiten(x, t([[1, 0]])), [[0.0, 0.0]])  # one entry: var taken as 0
+
+
+# ---------------------------------------------------------------- KL estimators
+
+LOGPROBS = t([[-1.0, -2.0, -0.5], [-0.1, -3.0, -1.0]])
+REF_LOGPROBS = t([[-1.5, -1.0, -0.5], [-0.1, -2.0, -2.0]])
+
+
+def test_kl_k1_by_hand():
+    # logprobs - ref_logprobs
+    assert_close(kl_per_token(LOGPROBS, REF_LOGPROBS, "k1"), [[0.5, -1.0, 0.0], [0.0, -1.0, 1.0]])
+    assert_close(kl_per_token(LOGPROBS, REF_LOGPROBS), [[0.5, -1.0, 0.0], [0.0, -1.0, 1.0]])
+
+
+def test_kl_k2_by_hand():
+    # 0.5 * k1 ** 2: 0.5 * 0.25 = 0.125, 0.5 * 1 = 0.5
+    assert_close(kl_per_token(LOGPROBS, REF_LOGPROBS, "k2"), [[0.125, 0.5, 0.0], [0.0, 0.5, 0.5]])
+
+
+def test_kl_k3_by_hand():
+    # log r = ref - logprobs = [[-0.5, 1, 0], [0, 1, -1]]; k3 = exp(log r) - log r - 1
+    # exp(-0.5) + 0.5 - 1 = 0.6065307 - 0.5 = 0.1065307
+    # exp(1) - 1 - 1 = 0.7182818 ; exp(-1) + 1 - 1 = 0.3678794 ; exp(0) - 0 - 1 = 0
+    expected = [[0.1065307, 0.7182818, 0.0], [0.0, 0.7182818, 0.3678794]]
+    assert_close(kl_per_token(LOGPROBS, REF_LOGPROBS, "k3"), expected)
+
+
+def test_kl_unknown_estimator_names_valid_ones():
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_per_token(LOGPROBS, REF_LOGPROBS, "k4")
+
+
+def test_kl_computes_in_float32_from_bf16():
+    out = kl_per_token(LOGPROBS.bfloat16(), REF_LOGPROBS.bfloat16(), "k3")
+    assert out.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- shaped_rewards
+
+
+def test_shaped_rewards_by_hand():
+    scores = t([2.0, -1.0])
+    mask = t([[1, 1, 0], [1, 1, 1]])  # row 0 ends with EOS at t=1; row 1 fills the length
+    rewards, kl = shaped_rewards(scores, LOGPROBS, REF_LOGPROBS, mask, kl_coef=0.1)
+    # kl = k1 * mask = [[0.5, -1, 0 (pad)], [0, -1, 1]]
+    assert_close(kl, [[0.5, -1.0, 0.0], [0.0, -1.0, 1.0]])
+    # -0.1 * kl = [[-0.05, 0.1, 0], [0, 0.1, -0.1]]
+    # score on the last real token: row 0 t=1: 0.1 + 2 = 2.1 ; row 1 t=2: -0.1 - 1 = -1.1
+    assert_close(rewards, [[-0.05, 2.1, 0.0], [0.0, 0.1, -1.1]])
+
+
+def test_shaped_rewards_k2_estimator_by_hand():
+    scores = t([0.0, 0.0])
+    mask = t([[1, 1, 1], [1, 1, 1]])
+    rewards, kl = shaped_rewards(scores, LOGPROBS, REF_LOGPROBS, mask, 0.5, kl_estimator="k2")
+    # k2 = [[0.125, 0.5, 0], [0, 0.5, 0.5]] ; rewards = -0.5 * k2
+    assert_close(kl, [[0.125, 0.5, 0.0], [0.0, 0.5, 0.5]])
+    assert_close(rewards, [[-0.0625, -0.25, 0.0], [0.0, -0.25, -0.25]])
+
+
+def test_shaped_rewards_score_position_on_ragged_masks():
+    gen = torch.Generator().manual_seed(1)
+    lengths = [4, 0, 1, 6, 3]  # 6 = full row (hit the length limit), 0 = empty response
+    width = 6
+    mask = ragged_mask(lengths, width)
+    scores = torch.randn(5, generator=gen) + 10.0
+    zeros = torch.zeros(5, width)
+    # kl_coef = 0 isolates the score
+    rewards, _ = shaped_rewards(scores, zeros, zeros, mask, kl_coef=0.0)
+    for i, length in enumerate(lengths):
+        expected = torch.zeros(width)
+        if length > 0:
+            expected[length - 1] = scores[i]
+        assert_close(rewards[i], expected)
+
+
+def test_shaped_rewards_nothing_lands_on_padding():
+    mask = t([[1, 0, 0], [0, 0, 0]])
+    # padding holds garbage: ref - logprobs = 100 at the pads overflows k3's exp
+    logprobs = t([[-1.0, -100.0, -100.0], [-100.0, -100.0, -100.0]])
+    ref_logprobs = t([[-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    rewards, kl = shaped_rewards(t([3.0, 5.0]), logprobs, ref_logprobs, mask, 0.1, "k3")
+    # row 0: only t=0 is real, kl there is 0, score 3 lands there; row 1 (all pad) gets nothing
+    assert_close(kl, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert_close(rewards, [[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+# ---------------------------------------------------------------- gae
+
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    """Textbook GAE, one episode per row ending after lengths[i] tokens, in plain python."""
+    batch, width = len(rewards), len(rewards[0])
+    advantages = [[0.0] * width for _ in range(batch)]
+    returns = [[0.0] * width for _ in range(batch)]
+    for i in range(batch):
+        last = 0.0
+        for step in reversed(range(lengths[i])):
+            next_value = values[i][step + 1] if step + 1 < lengths[i] else 0.0
+            delta = rewards[i][step] + gamma * next_value - values[i][step]
+            last = delta + gamma * lam * last
+            advantages[i][step] = last
+            returns[i][step] = last + values[i][step]
+    return advantages, returns
+
+
+def test_gae_by_hand():
+    gamma, lam = 0.9, 0.8  # gamma * lam = 0.72
+    # row 1's t=2 is padding: its reward 7 and value 9 must not matter
+    rewards = t([[0.0, 0.0, 1.0], [0.1, 0.2, 7.0]])
+    values = t([[0.5, 0.4, 0.3], [1.0, 2.0, 9.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    # row 0: delta2 = 1 - 0.3 = 0.7 (episode ends, V3 = 0)     A2 = 0.7
+    #        delta1 = 0 + 0.9 * 0.3 - 0.4 = -0.13             A1 = -0.13 + 0.72 * 0.7 = 0.374
+    #        delta0 = 0 + 0.9 * 0.4 - 0.5 = -0.14             A0 = -0.14 + 0.72 * 0.374 = 0.12928
+    # row 1: delta1 = 0.2 + 0 - 2.0 = -1.8 (V2 is padding)    A1 = -1.8
+    #        delta0 = 0.1 + 0.9 * 2.0 - 1.0 = 0.9             A0 = 0.9 + 0.72 * -1.8 = -0.396
+    assert_close(advantages, [[0.12928, 0.374, 0.7], [-0.396, -1.8, 0.0]])
+    # returns = A + V: 0.62928, 0.774, 1.0 ; 0.604, 0.2, 0 (pad)
+    assert_close(returns, [[0.62928, 0.774, 1.0], [0.604, 0.2, 0.0]])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_gae_matches_python_loop_on_ragged_masks(seed):
+    gen = torch.Generator().manual_seed(seed)
+    width = 7
+    # always an empty row and a full row, the rest random
+    lengths = [0, width] + torch.randint(0, width + 1, (4,), generator=gen).tolist()
+    mask = ragged_mask(lengths, width)
+    rewards = torch.randn(6, width, generator=gen)
+    values = torch.randn(6, width, generator=gen)
+    gamma, lam = [(1.0, 0.95), (0.99, 0.9), (0.9, 1.0), (1.0, 0.0)][seed]
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    expected_adv, expected_ret = gae_reference(
+        rewards.tolist(), values.tolist(), lengths, gamma, lam
+    )
+    assert_close(advantages, expected_adv, atol=1e-5)
+    assert_close(returns, expected_ret, atol=1e-5)
+
+
+def test_gae_outputs_carry_no_gradient():
+    values = torch.randn(2, 3, requires_grad=True)
+    rewards = torch.randn(2, 3, requires_grad=True)
+    advantages, returns = gae(rewards, values, torch.ones(2, 3), 1.0, 0.95)
+    assert not advantages.requires_grad and not returns.requires_grad
+
+
+# ---------------------------------------------------------------- policy_loss
+
+
+def test_policy_loss_ratio_is_exactly_one_when_logprobs_equal_old():
+    gen = torch.Generator().manual_seed(0)
+    old_logprobs = -torch.rand(4, 5, generator=gen) * 5
+    logprobs = old_logprobs.clone().requires_grad_(True)
+    advantages = torch.randn(4, 5, generator=gen)
+    mask = ragged_mask([5, 2, 0, 4], 5)
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2)
+    assert stats["ratio"] == 1.0
+    assert stats["clipfrac"] == 0.0
+    assert stats["approx_kl"] == 0.0
+    # ratio 1: loss = -masked mean of advantages
+    assert_close(loss, -advantages[mask.bool()].mean())
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_policy_loss_clipping_by_hand():
+    ratios = t([[1.5, 0.5, 1.1], [0.7, 1.3, 2.0]])
+    old_logprobs = torch.zeros(2, 3)
+    logprobs = ratios.log().requires_grad_(True)
+    advantages = t([[1.0, 1.0, -1.0], [-1.0, -1.0, 2.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2)
+    # token   ratio  A   -A*ratio  -A*clamp(ratio, 0.8, 1.2)  max
+    # (0,0)   1.5    1   -1.5      -1.2                        -1.2  clipped  (A > 0, too high)
+    # (0,1)   0.5    1   -0.5      -0.8                        -0.5  unclipped
+    # (0,2)   1.1   -1    1.1       1.1                         1.1  in range
+    # (1,0)   0.7   -1    0.7       0.8                         0.8  clipped  (A < 0, too low)
+    # (1,1)   1.3   -1    1.3       1.2                         1.3  unclipped
+    # (1,2)   padding
+    # loss = (-1.2 - 0.5 + 1.1 + 0.8 + 1.3) / 5 = 1.5 / 5 = 0.3
+    assert_close(loss, 0.3)
+    assert stats["clipfrac"] == pytest.approx(2 / 5)
+    assert stats["ratio"] == pytest.approx((1.5 + 0.5 + 1.1 + 0.7 + 1.3) / 5)
+    logs = [math.log(r) for r in (1.5, 0.5, 1.1, 0.7, 1.3)]
+    assert stats["approx_kl"] == pytest.approx(sum(0.5 * x * x for x in logs) / 5)
+    # d loss / d logprob = -A * ratio / 5 on unclipped tokens, 0 where the clip is active:
+    # (0,1): -0.5 / 5 = -0.1 ; (0,2): 1.1 / 5 = 0.22 ; (1,1): 1.3 / 5 = 0.26
+    loss.backward()
+    assert_close(logprobs.grad, [[0.0, -0.1, 0.22], [0.0, 0.26, 0.0]])
+    # an explicit num_tokens replaces the count: 1.5 / 10
+    loss10, _ = policy_loss(logprobs, old_logprobs, advantages, mask, 0.2, num_tokens=10)
+    assert_close(loss10, 0.15)
+
+
+def test_policy_loss_padding_with_huge_log_ratio_gives_no_nan():
+    logprobs = t([[0.0, 500.0]]).requires_grad_(True)  # exp(500) = inf at the pad
+    loss, stats = policy_loss(logprobs, torch.zeros(1, 2), t([[1.0, 0.0]]), t([[1, 0]]), 0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
+    assert math.isfinite(stats["ratio"])
+
+
+def test_losses_reject_non_positive_num_tokens():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="num_tokens"):
+        policy_loss(x, x, x, torch.ones(1, 2), 0.2, num_tokens=0)
+    with pytest.raises(ValueError, match="num_tokens"):
+        value_loss(x, x, x, torch.ones(1, 2), 0.2, num_tokens=0)
+
+
+# ---------------------------------------------------------------- value_loss
+
+
+def test_value_loss_clipping_by_hand():
+    values = t([[1.5, 0.9, 1.5], [-0.5, 0.1, 5.0]]).requires_grad_(True)
+    old_values = t([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    returns = t([[2.0, 2.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    loss, stats = value_loss(values, old_values, returns, mask, clip_eps=0.2)
+    # token  v     old  v_clip  R    (v-R)^2  (v_clip-R)^2  max
+    # (0,0)  1.5   1    1.2     2    0.25     0.64          0.64  clipped larger
+    # (0,1)  0.9   1    0.9     2    1.21     1.21          1.21
+    # (0,2)  1.5   1    1.2     0    2.25     1.44          2.25  unclipped larger
+    # (1,0) -0.5   0   -0.2     0    0.25     0.04          0.25
+    # (1,1)  0.1   0    0.1     1    0.81     0.81          0.81
+    # (1,2)  padding
+    # loss = 0.5 * (0.64 + 1.21 + 2.25 + 0.25 + 0.81) / 5 = 0.5 * 5.16 / 5 = 0.516
+    assert_close(loss, 0.516)
+    assert stats["clipfrac"] == pytest.approx(1 / 5)
+    # d loss / d v = (v - R) / 5 on unclipped tokens, 0 through the active clamp:
+    # (0,1): -1.1 / 5 = -0.22 ; (0,2): 1.5 / 5 = 0.3 ; (1,0): -0.5 / 5 = -0.1 ;
+    # (1,1): -0.9 / 5 = -0.18
+    loss.backward()
+    assert_close(values.grad, [[0.0, -0.22, 0.3], [-0.1, -0.18, 0.0]])
+
+
+def test_value_loss_bf16_values_compute_in_float32():
+    values = t([[1.0, 2.0]]).bfloat16().requires_grad_(True)
+    loss, _ = value_loss(values, t([[1.0, 2.0]]), t([[0.0, 0.0]]), t([[1, 1]]), 0.2)
+    # 0.5 * (1 + 4) / 2 = 1.25
+    assert loss.dtype == torch.float32
+    assert_close(loss, 1.25)
+
+
+# ---------------------------------------------------------------- sharding invariance
+
+NUM_RANKS, NUM_MICRO = 2, 2
+
+
+def sharded_gradient(loss_fn, leaf, others, mask, scale_for_deepspeed):
+    """Accumulate the gradient of 8 rows split over 2 fake ranks x 2 micro-batches into leaf.
+
+    With scale_for_deepspeed, mimic DeepSpeed: each piece's loss uses
+    num_tokens / (ranks * micro-batches), and the accumulated gradient is averaged over
+    ranks and accumulation steps.
+    """
+    num_tokens = mask.sum()
+    pieces = NUM_RANKS * NUM_MICRO
+    if scale_for_deepspeed:
+        num_tokens = num_tokens / pieces
+    leaf.grad = None
+    for rows in torch.arange(8).chunk(pieces):  # rank r, micro-batch m -> 2 rows each
+        loss, _ = loss_fn(
+            leaf[rows], *[x[rows] for x in others], mask[rows], 0.2, num_tokens=num_tokens
+        )
+        loss.backward()
+    grad = leaf.grad.clone()
+    return grad / pieces if scale_for_deepspeed else grad
+
+
+def make_minibatch():
+    gen = torch.Generator().manual_seed(7)
+    mask = ragged_mask([6, 1, 0, 3, 6, 2, 5, 4], 6)
+    a, b, c = (torch.randn(8, 6, generator=gen) for _ in range(3))
+    return mask, a, b, c
+
+
+@pytest.mark.parametrize("scale_for_deepspeed", [False, True])
+def test_policy_loss_gradient_is_invariant_to_sharding(scale_for_deepspeed):
+    mask, old_logprobs, advantages, noise = make_minibatch()
+    logprobs = (old_logprobs + 0.3 * noise).requires_grad_(True)  # some tokens get clipped
+    full, _ = policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
+    full.backward()
+    expected = logprobs.grad.clone()
+    got = sharded_gradient(
+        policy_loss, logprobs, [old_logprobs, advantages], mask, scale_for_deepspeed
+    )
+    torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-6)
+    # the test can fail: per-piece normalisation (num_tokens=None) differs on ragged masks
+    logprobs.grad = None
+    for rows in torch.arange(8).chunk(4):
+        loss, _ = policy_loss(logprobs[rows], old_logprobs[rows], advantages[rows], mask[rows], 0.2)
+        (loss / 4).backward()
+    assert not torch.allclose(logprobs.grad, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale_for_deepspeed", [False, True])
+def test_value_loss_gradient_is_invariant_to_sharding(scale_for_deepspeed):
+    mask, old_values, returns, noise = make_minibatch()
+    values = (old_values + 0.3 * noise).requires_grad_(True)
+    full, _ = value_loss(values, old_values, returns, mask, 0.2)
+    full.backward()
+    expected = values.grad.clone()
+    got = sharded_gradient(value_loss, values, [old_values, returns], mask, scale_for_deepspeed)
+    torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- KL controllers
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10000)
+    assert ctl.value == 0.1
+    # KL too high: 9 / 6 - 1 = 0.5 -> clipped to 0.2; 0.1 * (1 + 0.2 * 1000 / 10000) = 0.102
+    ctl.update(9.0, n_steps=1000)
+    assert ctl.value == pytest.approx(0.102)
+    # KL too low: 3 / 6 - 1 = -0.5 -> clipped to -0.2; 0.102 * (1 - 0.02) = 0.09996
+    ctl.update(torch.tensor(3.0), n_steps=1000)
+    assert ctl.value == pytest.approx(0.09996)
+    # inside the clip: 6.6 / 6 - 1 = 0.1; 0.09996 * (1 + 0.1 * 500 / 10000) = 0.1004598
+    ctl.update(6.6, n_steps=500)
+    assert ctl.value == pytest.approx(0.09996 * 1.005)
+
+
+def test_adaptive_kl_controller_state_dict_round_trip():
+    ctl = AdaptiveKLController(0.1, 6.0, 10000)
+    ctl.update(9.0, 1000)
+    resumed = AdaptiveKLController(0.1, 6.0, 10000)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.value == ctl.value
+    ctl.update(2.0, 64)
+    resumed.update(2.0, 64)
+    assert resumed.value == ctl.value
+    assert isinstance(ctl.state_dict()["value"], float)
+
+
+def test_adaptive_kl_controller_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(0.1, 0.0, 10000)
+    with pytest.raises(ValueError, match="horizon"):
+        AdaptiveKLController(0.1, 6.0, 0)
+
+
+def test_fixed_kl_controller():
+    ctl = FixedKLController(0.05)
+    ctl.update(100.0, 1000)
+    assert ctl.value == 0.05
+    assert ctl.state_dict() == {"value": 0.05}
+    ctl.load_state_dict({"value": 0.3})  # the configured coefficient wins on resume
+    assert ctl.value == 0.05
+
+
+# ---------------------------------------------------------------- logprobs_from_logits
+
+
+def reference_logprobs(logits, labels, temperature):
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, labels[..., None])[..., 0]
+
+
+def test_logprobs_from_logits_by_hand():
+    logits = t([[[0.0, 0.0, math.log(2.0)]]])  # softmax = [1, 1, 2] / 4
+    assert_close(logprobs_from_logits(logits, torch.tensor([[2]])), [[math.log(0.5)]])
+    # T = 2: exp(logits / 2) = [1, 1, sqrt 2] -> p(0) = 1 / (2 + sqrt 2)
+    out = logprobs_from_logits(logits, torch.tensor([[0]]), temperature=2.0)
+    assert_close(out, [[-math.log(2.0 + math.sqrt(2.0))]])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_from_logits_matches_log_softmax_with_gradient(temperature):
+    gen = torch.Generator().manual_seed(0)
+    full = (3 * torch.randn(3, 5, 11, generator=gen)).requires_grad_(True)
+    logits = full[:, :-1]  # a non-contiguous slice, as a trainer passes it
+    labels = torch.randint(0, 11, (3, 4), generator=gen)
+    weights = torch.randn(3, 4, generator=gen)
+    out = logprobs_from_logits(logits, labels, temperature)
+    expected = reference_logprobs(logits, labels, temperature)
+    assert out.dtype == torch.float32
+    assert_close(out, expected.detach())
+    (grad,) = torch.autograd.grad((out * weights).sum(), full)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), full)
+    assert_close(grad, expected_grad)
+
+
+def test_logprobs_from_logits_bf16():
+    gen = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(2, 4, 13, generator=gen)).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 13, (2, 4), generator=gen)
+    out = logprobs_from_logits(logits, labels, 0.9)
+    assert out.dtype == torch.float32
+    assert_close(out, reference_logprobs(logits, labels, 0.9).detach())
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    ref_logits = logits.detach().float().requires_grad_(True)
+    reference_logprobs(ref_logits, labels, 0.9).sum().backward()
+    assert_close(logits.grad.float(), ref_logits.grad, atol=1e-2)  # bf16 has ~3 digits
+
+
+def test_logprobs_from_logits_leaves_input_alone_and_checks_shapes():
+    logits = torch.randn(2, 3, 5)
+    before = logits.clone()
+    with torch.no_grad():
+        logprobs_from_logits(logits, torch.zeros(2, 3, dtype=torch.long), temperature=0.5)
+    assert torch.equal(logits, before)
+    with pytest.raises(ValueError, match="labels"):
+        logprobs_from_logits(logits, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_from_logits(logits, torch.zeros(2, 3, dtype=torch.long), temperature=0.0)

@@ -1,0 +1,123 @@
+"""Config: YAML round-trip, dotted overrides, and one clear error per class of bad input."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ds_rlhf.config import (
+    ConfigError,
+    PPORunConfig,
+    derive_sizes,
+    load_config,
+    parse_overrides,
+    to_yaml,
+)
+from ds_rlhf.engines.ds_config import deepspeed_config
+
+BASE = {
+    "actor": {"model": {"path": "/models/sft"}, "micro_batch_size": 2},
+    "critic": {"model": {"path": "/models/rm"}, "micro_batch_size": 2},
+    "reward": {"model": {"path": "/models/rm"}},
+    "data": {"datasets": [{"path": "prompts.jsonl", "format": "prompt"}]},
+    "ppo": {"rollout_batch_size": 16, "num_minibatches": 2},
+}
+
+
+@pytest.fixture
+def base_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    return path
+
+
+def test_yaml_round_trip_is_identity(base_yaml, tmp_path):
+    cfg = load_config(base_yaml, ["--ppo.kl_coef", "0.1", "--generation.top_k=5"])
+    text = to_yaml(cfg)
+    again = tmp_path / "again.yaml"
+    again.write_text(text)
+    cfg2 = load_config(again)
+    assert cfg2 == cfg
+    assert to_yaml(cfg2) == text
+
+
+def test_overrides_parse_yaml_values(base_yaml):
+    cfg = load_config(base_yaml, ["--ppo.kl_target", "6", "--ppo.score_clip=null",
+                                  "--ppo.whiten_advantages", "false", "--actor.lr", "2e-6"])
+    assert cfg.ppo.kl_target == 6.0 and isinstance(cfg.ppo.kl_target, float)
+    assert cfg.ppo.score_clip is None and cfg.ppo.whiten_advantages is False
+    assert cfg.actor.lr == 2e-6
+    assert parse_overrides(["--a.b=[1, 2]"]) == {"a.b": [1, 2]}
+
+
+def test_defaults_follow_the_spec():
+    p = PPORunConfig().ppo
+    assert (p.kl_coef, p.kl_estimator, p.clip_eps, p.value_clip_eps) == (0.05, "k1", 0.2, 0.2)
+    assert (p.gamma, p.lam, p.whiten_advantages, p.ppo_epochs, p.num_minibatches) == (
+        1.0, 0.95, True, 1, 1)
+
+
+@pytest.mark.parametrize("override, field", [
+    (["--ppo.kl_cof", "0.1"], "ppo.kl_cof"),  # unknown key
+    (["--actor.zero_stage", "two"], "actor.zero_stage"),  # wrong type
+    (["--ppo.whiten_advantages", "1"], "ppo.whiten_advantages"),  # int is not a bool
+    (["--actor.dtype", "fp8"], "actor.dtype"),  # not one of the choices
+    (["--generation.temperature", "0"], "generation.temperature"),  # impossible value
+    (["--generation.top_p", "1.5"], "generation.top_p"),
+    (["--actor.zero_stage", "4"], "actor.zero_stage"),
+    (["--ref.zero_stage", "2"], "ref.zero_stage"),  # frozen: only 0 or 3 make sense
+    (["--critic.offload_params", "true"], "critic.offload_params"),  # needs ZeRO-3
+    (["--actor.lr", "-1"], "actor.lr"),
+    (["--data.datasets", "[]"], "data.datasets"),
+])
+def test_bad_input_names_the_field(base_yaml, override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(base_yaml, override)
+    assert field in str(e.value)
+
+
+def test_unknown_key_suggests_the_right_one(base_yaml):
+    with pytest.raises(ConfigError, match="did you mean 'kl_coef'"):
+        load_config(base_yaml, ["--ppo.kl_cof", "0.1"])
+
+
+def test_missing_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_derived_sizes(base_yaml):
+    cfg = load_config(base_yaml)
+    s = derive_sizes(cfg, world_size=2)
+    # 16 prompts / 2 ranks = 8 per rank; 2 minibatches of 4; micro-batches of 2 -> accum 2.
+    assert (s.rollout_per_rank, s.minibatch_per_rank, s.actor_grad_accum) == (8, 4, 2)
+
+
+@pytest.mark.parametrize("world_size, override, field", [
+    (3, [], "ppo.rollout_batch_size"),  # 16 prompts do not split over 3 ranks
+    (2, ["--ppo.num_minibatches", "3"], "ppo.num_minibatches"),  # 8 per rank, 3 minibatches
+    (2, ["--critic.micro_batch_size", "3"], "critic.micro_batch_size"),  # minibatch of 4
+])
+def test_batch_arithmetic_errors_name_the_field(base_yaml, world_size, override, field):
+    cfg = load_config(base_yaml, override)
+    with pytest.raises(ConfigError) as e:
+        derive_sizes(cfg, world_size)
+    assert field in str(e.value)
+
+
+def test_deepspeed_config_agrees_with_run_config(base_yaml):
+    cfg = load_config(base_yaml, ["--actor.zero_stage", "3", "--actor.dtype", "bf16",
+                                  "--actor.offload_optimizer", "true"])
+    s = derive_sizes(cfg, world_size=2)
+    ds = deepspeed_config(cfg.actor, cfg.actor.micro_batch_size, s.actor_grad_accum, 2,
+                          on_cpu=False)
+    assert ds["train_batch_size"] == 2 * 2 * 2  # micro 2 x accum 2 x 2 ranks
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in ds["zero_optimization"]
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["optimizer"]["params"]["lr"] == cfg.actor.lr
+    frozen = deepspeed_config(cfg.reward, 4, 1, 2, on_cpu=True)
+    assert "optimizer" not in frozen and frozen["zero_optimization"]["stage"] == 3
+    z2 = deepspeed_config(cfg.critic, 2, 2, 2, on_cpu=True)
+    assert not any(k.startswith("stage3_") for k in z2["zero_optimization"])

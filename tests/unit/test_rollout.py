@@ -1,0 +1,109 @@
+"""ds_rlhf.rollout.Rollout: slicing, moving, concatenating."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ds_rlhf.rollout import Rollout
+
+
+def make_rollout(batch=3, prompt_width=4, response_width=5, offset=0):
+    """A rollout with distinct values per row; values and later fields left unset."""
+    gen = torch.Generator().manual_seed(offset)
+    prompt_lengths = torch.randint(1, prompt_width + 1, (batch,), generator=gen)
+    response_lengths = torch.randint(0, response_width + 1, (batch,), generator=gen)
+    return Rollout(
+        prompt_ids=torch.randint(0, 100, (batch, prompt_width), generator=gen),
+        # left padded: the last prompt_lengths[i] positions are real
+        prompt_mask=(torch.arange(prompt_width) >= prompt_width - prompt_lengths[:, None]).long(),
+        response_ids=torch.randint(0, 100, (batch, response_width), generator=gen),
+        response_mask=(torch.arange(response_width) < response_lengths[:, None]).long(),
+        prompt_index=torch.arange(offset, offset + batch),
+        old_logprobs=-torch.rand(batch, response_width, generator=gen),
+        ref_logprobs=-torch.rand(batch, response_width, generator=gen),
+        scores=torch.randn(batch, generator=gen),
+    )
+
+
+def assert_rollouts_equal(a, b):
+    for f in dataclasses.fields(Rollout):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x is None or y is None:
+            assert x is None and y is None, f.name
+        else:
+            assert torch.equal(x, y), f.name
+
+
+def test_len_sequence_and_lengths():
+    r = Rollout(
+        prompt_ids=torch.tensor([[0, 7, 8], [5, 6, 7]]),
+        prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        response_ids=torch.tensor([[1, 2], [3, 0]]),
+        response_mask=torch.tensor([[1, 1], [1, 0]]),
+        prompt_index=torch.tensor([10, 11]),
+    )
+    assert len(r) == 2
+    assert torch.equal(r.sequence_ids, torch.tensor([[0, 7, 8, 1, 2], [5, 6, 7, 3, 0]]))
+    assert torch.equal(r.sequence_mask, torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]))
+    assert torch.equal(r.response_lengths, torch.tensor([2, 1]))
+    assert r.response_lengths.dtype == torch.long
+    assert r.values is None and r.advantages is None
+
+
+@pytest.mark.parametrize("idx", [[2, 0], torch.tensor([2, 0])])
+def test_select_picks_rows_and_keeps_none(idx):
+    r = make_rollout()
+    s = r.select(idx)
+    assert len(s) == 2
+    for f in dataclasses.fields(Rollout):
+        value = getattr(r, f.name)
+        if value is None:
+            assert getattr(s, f.name) is None, f.name
+        else:
+            assert torch.equal(getattr(s, f.name), value[[2, 0]]), f.name
+
+
+def test_select_slice():
+    r = make_rollout()
+    assert_rollouts_equal(r.select(slice(1, 3)), r.select([1, 2]))
+
+
+def test_cat_of_selections_round_trips():
+    r = make_rollout(batch=5)
+    parts = [r.select([0, 1]), r.select([2]), r.select([3, 4])]
+    assert_rollouts_equal(Rollout.cat(parts), r)
+
+
+def test_cat_of_different_rollouts_stacks_them():
+    a, b = make_rollout(batch=2, offset=0), make_rollout(batch=3, offset=2)
+    c = Rollout.cat([a, b])
+    assert len(c) == 5
+    assert torch.equal(c.prompt_index, torch.tensor([0, 1, 2, 3, 4]))
+    assert_rollouts_equal(c.select([2, 3, 4]), b)
+
+
+def test_cat_width_mismatch_explains():
+    with pytest.raises(ValueError, match="widths"):
+        Rollout.cat([make_rollout(response_width=5), make_rollout(response_width=6)])
+    with pytest.raises(ValueError, match="widths"):
+        Rollout.cat([make_rollout(prompt_width=4), make_rollout(prompt_width=3)])
+
+
+def test_cat_partially_set_field_and_empty_list_raise():
+    a, b = make_rollout(), make_rollout()
+    b.values = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="values"):
+        Rollout.cat([a, b])
+    with pytest.raises(ValueError, match="at least one"):
+        Rollout.cat([])
+
+
+def test_to_moves_every_set_field_and_round_trips():
+    r = make_rollout()
+    moved = r.to("meta")  # a device other than cpu that exists everywhere
+    for f in dataclasses.fields(Rollout):
+        value = getattr(moved, f.name)
+        assert value is None if getattr(r, f.name) is None else value.device.type == "meta"
+    assert_rollouts_equal(r.to("cpu"), r)
+    assert_rollouts_equal(r.to(torch.device("cpu")), r)
