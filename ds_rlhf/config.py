@@ -77,13 +77,12 @@ class DatasetSpec:
       messages           [{role, content}, ...] rendered with the tokenizer's chat template
     """
 
-    path: str = ""  # hub name (load_dataset), local .json/.jsonl/.parquet/.csv file, or a
-    # directory written by save_to_disk
+    path: str = ""  # hub name, local .json/.jsonl/.parquet/.csv file, or save_to_disk dir
     split: str = "train"  # split to read (a local file or a saved Dataset has only "train")
     eval_split: str | None = None  # split for evaluation; unset holds out data.eval_fraction
     weight: float = 1.0  # mixing weight: this dataset's share of the training rows
-    format: Literal["prompt", "prompt_completion", "text", "preference", "hh", "messages"] = (
-        "prompt")  # layout of a row (see above)
+    format: Literal["prompt", "prompt_completion", "text", "preference", "hh",
+                    "messages"] = "prompt"  # layout of a row (see above)
     prompt_column: str = "prompt"  # prompt text (prompt, prompt_completion, preference)
     completion_column: str = "completion"  # completion text (Dahoas/rm-static: "response")
     text_column: str = "text"  # plain text (text)
@@ -96,16 +95,12 @@ class DatasetSpec:
 class DataConfig:
     """Datasets of every step (SFT, reward model, PPO prompts): mixing, lengths, eval split."""
 
-    datasets: list[DatasetSpec] = field(default_factory=list)  # mixed by weight (see
-    # ds_rlhf/data/sources.py: shares proportional to weight, seeded)
+    datasets: list[DatasetSpec] = field(default_factory=list)  # mixed by weight with seed
     max_prompt_len: int = 256  # prompt tokens at most (see overlong_prompts)
-    max_len: int = 512  # prompt + completion tokens at most (SFT: longer rows are cut at the
-    # end; reward model: longer pairs are dropped and counted, never cut)
-    overlong_prompts: Literal["error", "filter"] = "error"  # prompt over max_prompt_len:
-    # stop with an error naming the row, or drop and count it
-    eval_fraction: float = 0.0  # seeded share of rows held out for eval from each dataset
-    # without an eval_split (0: no eval rows from it)
-    seed: int = 0  # seed of the mixing and of the eval hold-out
+    max_len: int = 512  # prompt + completion tokens: longer SFT rows cut, longer pairs dropped
+    overlong_prompts: Literal["error", "filter"] = "error"  # over max_prompt_len: raise or drop
+    eval_fraction: float = 0.0  # seeded eval share of datasets without eval_split (0: none)
+    seed: int = 0  # seed of the mixing, the eval hold-out and the samplers' epoch shuffles
 
 
 @dataclass
@@ -273,7 +268,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+            raise ConfigError(f"unexpected argument {arg!r}; "
+                              "overrides look like --section.key value")
         key, eq, raw = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):
@@ -292,7 +288,8 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found; pass --config PATH to a YAML file")
+            raise ConfigError(f"config file {str(path)!r} not found; "
+                              "pass --config PATH to a YAML file")
         tree = yaml.safe_load(path.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")

@@ -25,8 +25,9 @@ class Timer:
 
 
 # The columns of the console line, in order; the file gets every metric.
-CONSOLE = ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg",
-           "policy/clipfrac_avg", "response_length/mean", "timing/step")
+CONSOLE = {"score": "objective/scores", "kl": "objective/kl", "pg_loss": "loss/policy_avg",
+           "vf_loss": "loss/value_avg", "clipfrac": "policy/clipfrac_avg",
+           "resp_len": "response_length/mean", "sec": "timing/step"}
 
 
 class Tracker:
@@ -49,7 +50,7 @@ class Tracker:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if step % self.log_every == 0 or step == self.total_steps:
-            cells = [f"{k.split('/')[-1]} {metrics[k]:.4g}" for k in CONSOLE if k in metrics]
+            cells = [f"{label} {metrics[k]:.4g}" for label, k in CONSOLE.items() if k in metrics]
             print(f"step {step}/{self.total_steps} | " + " | ".join(cells), flush=True)
 
 

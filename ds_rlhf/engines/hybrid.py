@@ -40,22 +40,22 @@ def _plain_copy(module: nn.Module, device: torch.device) -> nn.Module:
         copy = transformers.AutoModelForCausalLM.from_config(module.config, dtype=dtype)
     copy.to_empty(device=device)
     sources = dict(module.named_modules())
-    for name, target in copy.named_modules():
-        source = sources[name]
-        own = list(source.parameters(recurse=False))
-        if own:
-            with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
-                for (pname, p), q in zip(source.named_parameters(recurse=False),
-                                         target.parameters(recurse=False), strict=True):
-                    assert p.shape == q.shape, f"{name}.{pname}: {p.shape} vs {q.shape}"
-                    q.data.copy_(p.data)
-        for bname, buf in source.named_buffers(recurse=False):
-            if buf is not None:
-                getattr(target, bname).data.copy_(buf.data)
-        # Plain tensor attributes (e.g. rotary embeddings' original_inv_freq) stay on meta.
-        for key, value in list(vars(target).items()):
-            if isinstance(value, torch.Tensor) and value.is_meta:
-                setattr(target, key, getattr(source, key).to(device))
+    # One coalesced all-gather of every partitioned parameter: the copy needs all of them
+    # anyway, and one collective is far cheaper than one per submodule.
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        for name, target in copy.named_modules():
+            source = sources[name]
+            for (pname, p), q in zip(source.named_parameters(recurse=False),
+                                     target.parameters(recurse=False), strict=True):
+                assert p.shape == q.shape, f"{name}.{pname}: {p.shape} vs {q.shape}"
+                q.data.copy_(p.data)
+            for bname, buf in source.named_buffers(recurse=False):
+                if buf is not None:
+                    getattr(target, bname).data.copy_(buf.data)
+            # Plain tensor attributes (e.g. rotary embeddings' original_inv_freq) stay on meta.
+            for key, value in list(vars(target).items()):
+                if isinstance(value, torch.Tensor) and value.is_meta:
+                    setattr(target, key, getattr(source, key).to(device))
     return copy
 
 

@@ -60,7 +60,8 @@ def uneven(trainer, vocab_size: int) -> dict:
 
 
 def main() -> None:
-    cfg = load_config(sys.argv[1])
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    cfg = load_config(args[0])
     trainer = build_ppo(cfg)
     vocab_size = len(trainer.tokenizer)
     result = {"reward_position": reward_position(trainer),
@@ -68,7 +69,7 @@ def main() -> None:
     lengths = trainer.coord.gather_objects([result["uneven"]["lengths"]])
     if trainer.coord.is_main:
         result["uneven"]["lengths_by_rank"] = lengths
-        with open(sys.argv[2], "w") as f:
+        with open(args[1], "w") as f:
             json.dump(result, f)
 
 

@@ -117,7 +117,8 @@ def test_reward_position_and_uneven_lengths_zero3(assets, tmp_path):
     pos = result["reward_position"]
     assert pos["scores"][0] == pytest.approx(pos["per_token"][0][6], abs=1e-6)
     assert pos["scores"][1] == pytest.approx(pos["per_token"][1][8], abs=1e-6)
-    assert pos["scores"][0] != pytest.approx(pos["per_token"][0][8], abs=1e-6)  # not the pads
+    # The classic bug: with pad == EOS, "last token != pad" is the token before the EOS.
+    assert pos["scores"][0] != pytest.approx(pos["per_token"][0][5], abs=1e-6)
 
     by_rank = result["uneven"]["lengths_by_rank"]
     for mode in ("gather=True", "gather=False"):

@@ -1,0 +1,168 @@
+"""Row formats: which columns a format reads and how a row becomes prompt / response texts.
+
+  format             prompt                          completion (SFT)    chosen / rejected (RM)
+  prompt             prompt_column                   -                   -
+  prompt_completion  prompt_column                   completion_column   -
+  text               - (SFT only: all text trained)  text_column         -
+  preference         prompt_column                   chosen_column       chosen_/rejected_column
+  hh                 common prefix of the two        rest of chosen      rest of each transcript
+                     transcripts up to and including
+                     the last "\\n\\nAssistant:"
+  messages           all turns but the last          every assistant     -
+                     assistant turn, rendered with   turn (see
+                     add_generation_prompt=True      loaders.load_sft)
+
+Every error names the dataset (path and config entry), the row and the column.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ds_rlhf.config import DatasetSpec
+from ds_rlhf.data.sources import Table, where
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def column(spec: DatasetSpec, index: int, table: Table, field: str, rows: list[int]) -> list:
+    """Values of the column named by `spec.<field>` at `rows`; raises if the column is absent."""
+    name = getattr(spec, field)
+    if name not in table.columns:
+        raise ValueError(
+            f"{where(spec, index)}: no column {name!r} (data.datasets[{index}].{field}, format "
+            f"{spec.format!r}) in split {table.split!r}; its columns are {table.columns}; set "
+            f"data.datasets[{index}].{field} to the right one or fix .format")
+    values = table.read_column(name)
+    return [values[r] for r in rows]
+
+
+def text_column(spec: DatasetSpec, index: int, table: Table, field: str,
+                rows: list[int]) -> list[str]:
+    """Like `column`, and every value must be a string."""
+    values = column(spec, index, table, field, rows)
+    for r, v in zip(rows, values, strict=True):
+        if not isinstance(v, str):
+            raise ValueError(f"{where(spec, index)} row {r}, column {getattr(spec, field)!r}: "
+                             f"expected text, got {type(v).__name__} {str(v)[:80]!r}")
+    return values
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen response, rejected response) of two hh-rlhf transcripts, or None.
+
+    The prompt is the common prefix of both transcripts cut after its last "\\n\\nAssistant:";
+    cutting at the marker (not at the raw common prefix) keeps response words that happen
+    to start the same in the responses.
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(HH_ASSISTANT)
+    if cut < 0:
+        return None
+    end = cut + len(HH_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _hh_rows(spec: DatasetSpec, index: int, table: Table,
+             rows: list[int]) -> tuple[list[str], list[str], list[str]]:
+    chosen = text_column(spec, index, table, "chosen_column", rows)
+    rejected = text_column(spec, index, table, "rejected_column", rows)
+    out: tuple[list[str], list[str], list[str]] = ([], [], [])
+    for r, c, j in zip(rows, chosen, rejected, strict=True):
+        parts = split_hh(c, j)
+        if parts is None:
+            raise ValueError(
+                f"{where(spec, index)} row {r}, columns {spec.chosen_column!r}/"
+                f"{spec.rejected_column!r}: the transcripts share no prefix ending in "
+                f"{HH_ASSISTANT!r}, so there is no prompt; format 'hh' needs hh-rlhf style "
+                f"'\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues (data.datasets[{index}].format)")
+        for part, value in zip(out, parts, strict=True):
+            part.append(value)
+    return out
+
+
+def conversations(spec: DatasetSpec, index: int, table: Table,
+                  rows: list[int]) -> list[list[dict[str, str]]]:
+    """The messages column, checked: each value a list of {role, content} with text content."""
+    values = column(spec, index, table, "messages_column", rows)
+    for r, conv in zip(rows, values, strict=True):
+        ok = isinstance(conv, list) and len(conv) > 0 and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in conv)
+        if not ok:
+            raise ValueError(f"{where(spec, index)} row {r}, column {spec.messages_column!r}: "
+                             "expected a non-empty list of {'role': str, 'content': str} "
+                             f"messages, got {str(conv)[:120]!r}")
+    return values
+
+
+def render(tokenizer: Any, conv: list[dict[str, str]], generation_prompt: bool) -> str:
+    if tokenizer.chat_template is None:
+        raise ValueError(f"format 'messages' needs a tokenizer with a chat template; "
+                         f"{tokenizer.name_or_path!r} has none: use another format or set "
+                         "tokenizer.chat_template")
+    return tokenizer.apply_chat_template(conv, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def prompt_messages(conv: list[dict[str, str]]) -> list[dict[str, str]]:
+    """All turns but the last one when that is the assistant's (the turn to generate)."""
+    return conv[:-1] if conv[-1]["role"] == "assistant" else conv
+
+
+def prompts(spec: DatasetSpec, index: int, table: Table, rows: list[int],
+            tokenizer: Any) -> list[str]:
+    """The prompt text of each row (rendered with the chat template for `messages`)."""
+    fmt = spec.format
+    if fmt in ("prompt", "prompt_completion", "preference"):
+        return text_column(spec, index, table, "prompt_column", rows)
+    if fmt == "hh":
+        return _hh_rows(spec, index, table, rows)[0]
+    if fmt == "messages":
+        convs = conversations(spec, index, table, rows)
+        return [render(tokenizer, prompt_messages(c), True) for c in convs]
+    raise ValueError(f"{where(spec, index)}: format {fmt!r} has no prompts; use prompt, "
+                     f"prompt_completion, preference, hh or messages (data.datasets[{index}]"
+                     ".format)")
+
+
+def prompt_completions(spec: DatasetSpec, index: int, table: Table,
+                       rows: list[int]) -> tuple[list[str], list[str]]:
+    """(prompts, completions) for SFT: formats prompt_completion, preference and hh (chosen)."""
+    fmt = spec.format
+    if fmt == "prompt_completion":
+        return (text_column(spec, index, table, "prompt_column", rows),
+                text_column(spec, index, table, "completion_column", rows))
+    if fmt == "preference":
+        return (text_column(spec, index, table, "prompt_column", rows),
+                text_column(spec, index, table, "chosen_column", rows))
+    if fmt == "hh":
+        p, c, _ = _hh_rows(spec, index, table, rows)
+        return p, c
+    raise ValueError(f"{where(spec, index)}: format {fmt!r} has no completions for SFT; use "
+                     f"prompt_completion, text, messages, preference or hh "
+                     f"(data.datasets[{index}].format)")
+
+
+def preference_triples(spec: DatasetSpec, index: int, table: Table,
+                       rows: list[int]) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, chosen responses, rejected responses); identical responses are an error."""
+    fmt = spec.format
+    if fmt == "preference":
+        out = (text_column(spec, index, table, "prompt_column", rows),
+               text_column(spec, index, table, "chosen_column", rows),
+               text_column(spec, index, table, "rejected_column", rows))
+    elif fmt == "hh":
+        out = _hh_rows(spec, index, table, rows)
+    else:
+        raise ValueError(f"{where(spec, index)}: format {fmt!r} has no chosen/rejected pairs "
+                         f"for the reward model; use preference or hh "
+                         f"(data.datasets[{index}].format)")
+    for r, c, j in zip(rows, out[1], out[2], strict=True):
+        if c == j:
+            raise ValueError(
+                f"{where(spec, index)} row {r}: columns {spec.chosen_column!r} and "
+                f"{spec.rejected_column!r} hold the same response, which teaches the reward "
+                "model nothing; remove such rows from the data")
+    return out

@@ -1,0 +1,253 @@
+"""Response sampling for PPO: KV-cached decoding on a plain HF causal LM.
+
+Used by the actor in generation mode (a hook-free copy of the gathered weights) and, with
+``synced``, by the fallback that generates through the ZeRO-3 module itself. This module
+imports neither deepspeed nor torch.distributed: the caller supplies ``synced``.
+
+Sampling is reproducible per prompt (see ARCHITECTURE.md, "Conventions"): the uniform that
+draws response token t of a prompt depends only on (seed, prompt index, step, t), and each
+token is drawn by inverse-CDF sampling from that uniform. So a prompt gets the same response
+whatever rank it lands on, whichever prompts share its batch, in any order and with any amount
+of left padding (up to float round-off in the model's forward).
+
+Conventions of the outputs (``[B, R]``, position t = the t-th generated token):
+``response_mask[i, t] = 1`` for real tokens including the EOS, 0 after it; positions after the
+EOS hold ``pad_token_id``. Masks are built from EOS positions, never from ``ids != pad``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["generate", "pad_responses", "prompt_uniforms", "sample_tokens"]
+
+
+def _row_seed(seed: int, prompt_index: int, step: int) -> int:
+    """A stable 63-bit seed from (seed, prompt_index, step); never Python's ``hash``."""
+    payload = b"ds_rlhf.sample:%d:%d:%d" % (int(seed), int(prompt_index), int(step))
+    digest = hashlib.blake2b(payload, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def prompt_uniforms(seed: int, prompt_index: Tensor, step: int, length: int) -> Tensor:
+    """Uniforms in [0, 1) for sampling: ``[B, length]`` float32 on CPU.
+
+    Row i, column t depends only on (seed, prompt_index[i], step, t): one CPU
+    ``torch.Generator`` per row, seeded from a blake2b hash of (seed, prompt_index, step),
+    draws the row serially, so the first k columns are the same for any ``length >= k``.
+    """
+    indices = torch.as_tensor(prompt_index).reshape(-1).tolist()
+    out = torch.empty(len(indices), max(int(length), 0), dtype=torch.float32)
+    gen = torch.Generator(device="cpu")
+    for row, index in enumerate(indices):
+        gen.manual_seed(_row_seed(seed, index, step))
+        out[row] = torch.rand(out.shape[1], generator=gen, dtype=torch.float32)
+    return out
+
+
+def sample_tokens(
+    logits: Tensor,
+    u: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> Tensor:
+    """Draw one token per row from ``logits [B, V]`` with the given uniforms ``u [B]``.
+
+    ``greedy`` takes the argmax (temperature and filters ignored). Otherwise, in float32:
+    logits / temperature, keep the ``top_k`` largest (0 = all), then the smallest set of the
+    most likely tokens whose probability reaches ``top_p`` (the most likely token is always
+    kept), then inverse-CDF: cumsum over the candidates (most likely first when filtering,
+    token-id order otherwise) and pick the first whose cumulative mass exceeds ``u * total``.
+    Tokens filtered out or with zero probability are never drawn. Returns ``[B]`` long on
+    ``logits.device``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    if greedy:
+        return logits.argmax(dim=-1)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+    scaled = logits.float() / float(temperature)
+    vocab = scaled.shape[-1]
+    # Order the candidates most likely first. A full sort of the vocabulary is the costliest
+    # op of a decode step on small models, so only top-p pays for it; top-k sorts k entries.
+    if 0 < top_k < vocab:
+        cand_logits, cand_idx = torch.topk(scaled, top_k, dim=-1, sorted=True)
+    elif top_p < 1.0:
+        cand_logits, cand_idx = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    else:  # no filter: inverse-CDF sampling works in any fixed order, token-id order is free
+        cand_logits, cand_idx = scaled, None
+    probs = torch.softmax(cand_logits, dim=-1)
+    if top_p < 1.0:
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+        drop = before >= top_p
+        drop[:, 0] = False
+        probs = probs.masked_fill(drop, 0.0)
+
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1:]
+    target = u.to(device=cdf.device, dtype=cdf.dtype).reshape(-1, 1) * total
+    pos = torch.searchsorted(cdf, target, right=True)
+    # u * total can round up to total; step back to the last token with non-zero mass.
+    last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
+    pos = torch.minimum(pos, last)
+    return pos.squeeze(-1) if cand_idx is None else cand_idx.gather(-1, pos).squeeze(-1)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _eos_tensor(eos_token_id: int | Iterable[int] | None, device: torch.device) -> Tensor:
+    if eos_token_id is None:
+        ids: list[int] = []
+    elif isinstance(eos_token_id, int):
+        ids = [eos_token_id]
+    else:
+        ids = [int(i) for i in eos_token_id]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompt_index: Tensor,
+    *,
+    step: int,
+    seed: int,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    synced: Callable[[bool], bool] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample responses for left-padded prompts with a KV cache.
+
+    Args:
+        model: an HF causal LM (eval mode is the caller's job).
+        prompt_ids, prompt_mask: ``[B, P]``, left padded (mask 1 on real prompt tokens).
+        prompt_index: ``[B]`` global prompt indices; with ``seed`` and ``step`` they fix the
+            random draws (see :func:`prompt_uniforms`).
+        eos_token_id: one id, several ids, or None (never finish early).
+        synced: optional ``synced(local_done) -> bool`` returning True once every rank is done.
+            When given, decoding goes on (feeding pads, masked out) until it returns True or
+            ``max_new_tokens`` is reached, so all ranks run the same number of forwards (needed
+            when the forward runs collectives, e.g. a ZeRO-3 module). It is called once after
+            each generated position except the last allowed one, identically on every rank.
+
+    Returns:
+        ``(response_ids, response_mask)``, ``[B, R]`` on the model's device, where R is the
+        number of decode steps run (``<= max_new_tokens``). The mask is 1 up to and including
+        each row's EOS, 0 after it; ids after the EOS are ``pad_token_id``.
+    """
+    device = _model_device(model)
+    prompt_ids = prompt_ids.to(device=device, dtype=torch.long)
+    prompt_mask = prompt_mask.to(device=device, dtype=torch.long)
+    if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(
+            f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} "
+            "must both be [B, P]"
+        )
+    batch, prompt_len = prompt_ids.shape
+    if prompt_len == 0 or not bool(prompt_mask[:, -1].all()):
+        raise ValueError("prompts must be left padded and non-empty (prompt_mask[:, -1] == 1)")
+    index = torch.as_tensor(prompt_index).reshape(-1)
+    if index.numel() != batch:
+        raise ValueError(f"prompt_index has {index.numel()} entries for {batch} prompts")
+
+    if max_new_tokens <= 0:
+        empty = torch.empty(batch, 0, dtype=torch.long, device=device)
+        return empty, empty.clone()
+
+    uniforms = None
+    if not greedy:
+        uniforms = prompt_uniforms(seed, index, step, max_new_tokens).to(device)
+    eos = _eos_tensor(eos_token_id, device)
+
+    # Prompt forward: explicit positions so left padding does not shift them.
+    attention_mask = prompt_mask
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **kwargs,
+    )
+    next_position = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of response token 0
+
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    pad = torch.full((batch,), int(pad_token_id), dtype=torch.long, device=device)
+    tokens: list[Tensor] = []
+    masks: list[Tensor] = []
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :]
+        u = None if uniforms is None else uniforms[:, t]
+        token = sample_tokens(logits, u, temperature, top_k, top_p, greedy=greedy)
+        live = ~done
+        token = torch.where(live, token, pad)
+        tokens.append(token)
+        masks.append(live.long())
+        if eos.numel():
+            done = done | (live & torch.isin(token, eos))
+
+        if t + 1 >= max_new_tokens:
+            break
+        local_done = bool(done.all())
+        if synced(local_done) if synced is not None else local_done:
+            break
+
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+        out = model(
+            input_ids=token.unsqueeze(-1),
+            attention_mask=attention_mask,
+            position_ids=next_position + t,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            **kwargs,
+        )
+
+    return torch.stack(tokens, dim=1), torch.stack(masks, dim=1)
+
+
+def pad_responses(
+    chunks: Sequence[tuple[Tensor, Tensor]], pad_token_id: int
+) -> tuple[Tensor, Tensor]:
+    """Concatenate ``(ids [b, r_i], mask [b, r_i])`` chunks along the batch, right-padding
+    each to the widest ``r`` with ``pad_token_id`` (ids) and 0 (mask)."""
+    if not chunks:
+        raise ValueError("pad_responses needs at least one chunk")
+    width = max(ids.shape[1] for ids, _ in chunks)
+    all_ids, all_masks = [], []
+    for ids, mask in chunks:
+        extra = width - ids.shape[1]
+        all_ids.append(torch.nn.functional.pad(ids, (0, extra), value=int(pad_token_id)))
+        all_masks.append(torch.nn.functional.pad(mask, (0, extra), value=0))
+    return torch.cat(all_ids, dim=0), torch.cat(all_masks, dim=0)
