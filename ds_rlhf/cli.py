@@ -1,6 +1,6 @@
 """The `ds-rlhf` command.
 
-    ds-rlhf ppo --config run.yaml [--section.key VALUE ...] [--print-config]
+    ds-rlhf {sft,rm,ppo} --config run.yaml [--section.key VALUE ...] [--print-config]
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module ds_rlhf ppo --config run.yaml
     torchrun --nproc_per_node 2 -m ds_rlhf ppo --config run.yaml
 
@@ -13,9 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ds_rlhf.config import ConfigError, PPORunConfig, load_config, to_yaml
+from ds_rlhf.config import (
+    PPORunConfig,
+    RMRunConfig,
+    SFTRunConfig,
+    UserInputError,
+    load_config,
+    to_yaml,
+)
 
-COMMANDS = {"ppo": PPORunConfig}
+COMMANDS = {"sft": SFTRunConfig, "rm": RMRunConfig, "ppo": PPORunConfig}
 
 
 def _run_ppo(cfg: PPORunConfig) -> None:
@@ -24,7 +31,19 @@ def _run_ppo(cfg: PPORunConfig) -> None:
     ppo.run(cfg)
 
 
-RUNNERS = {"ppo": _run_ppo}
+def _run_sft(cfg: SFTRunConfig) -> None:
+    from ds_rlhf.trainers import sft
+
+    sft.run(cfg)
+
+
+def _run_rm(cfg: RMRunConfig) -> None:
+    from ds_rlhf.trainers import reward
+
+    reward.run(cfg)
+
+
+RUNNERS = {"sft": _run_sft, "rm": _run_rm, "ppo": _run_ppo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,16 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, cls=COMMANDS[args.command])
-    except ConfigError as e:
-        print(f"ds-rlhf {args.command}: config error: {e}", file=sys.stderr)
+    except UserInputError as e:
+        print(f"ds-rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
     try:
         RUNNERS[args.command](cfg)
-    except ConfigError as e:  # checks that need data, tokenizers or the world size
-        print(f"ds-rlhf {args.command}: config error: {e}", file=sys.stderr)
+    except UserInputError as e:  # checks that need data, tokenizers or the world size
+        print(f"ds-rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

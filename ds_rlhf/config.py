@@ -21,8 +21,16 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserInputError(ValueError):
+    """Bad input a user can fix (config, data, checkpoints); the message says how."""
+
+
+class ConfigError(UserInputError):
     """A bad configuration value; the message names the field and the fix."""
+
+
+class DataError(UserInputError):
+    """A bad dataset (missing column, empty, overlong prompt...); names dataset and column."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +170,43 @@ class PPORunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the algorithm
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # logging
+
+
+@dataclass
+class TrainConfig:
+    """The supervised loop of SFT and the reward model: length, batch, eval and log cadence."""
+
+    epochs: int = 1  # passes over the training rows (used when max_steps is 0)
+    max_steps: int = 0  # optimizer steps to run; 0 lets epochs decide
+    batch_size: int = 32  # rows (SFT) or pairs (RM) per optimizer step over all ranks; must
+    # equal model.micro_batch_size x gradient-accumulation steps x world size
+    eval_every: int = 0  # evaluate every N optimizer steps; 0: only before and after training
+    log_every: int = 10  # print a console line every N steps (metrics.jsonl gets every step)
+
+
+@dataclass
+class SFTRunConfig:
+    """Step 1: supervised fine-tuning of a causal LM on prompt -> completion rows."""
+
+    output_dir: str = "runs/sft"  # metrics.jsonl, config.yaml, eval.json and model/ go here
+    seed: int = 42  # seed for model init
+    model: TrainEngineConfig = field(default_factory=TrainEngineConfig)  # the causal LM
+    data: DataConfig = field(default_factory=DataConfig)  # SFT rows and the eval hold-out
+    train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
+    train_on_prompt: bool = False  # also train on prompt tokens (default: completion + EOS)
+
+
+@dataclass
+class RMRunConfig:
+    """Step 2: a reward model (sequence classifier, num_labels=1) on preference pairs."""
+
+    output_dir: str = "runs/rm"  # metrics.jsonl, config.yaml, eval.json and model/ go here
+    seed: int = 42  # seed for model init (the score head of an SFT checkpoint is new)
+    model: TrainEngineConfig = field(default_factory=TrainEngineConfig)  # the scorer (an SFT
+    # checkpoint or init); micro_batch_size counts pairs: a forward runs 2x that many rows
+    data: DataConfig = field(default_factory=DataConfig)  # preference pairs, eval hold-out
+    train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
+    margin: float = 0.0  # loss -logsigmoid(r_chosen - r_rejected - margin) (Llama 2, eq. 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,8 +390,48 @@ def _check_engine(e: EngineConfig, name: str, trainable: bool) -> None:
                  "optimizer offload needs zero_stage 1, 2 or 3")
 
 
+_STEP_FORMATS = {  # row formats each supervised step can read (see DatasetSpec)
+    "sft": ("prompt_completion", "text", "messages", "preference", "hh"),
+    "rm": ("preference", "hh"),
+}
+
+
+def _check_supervised(cfg: SFTRunConfig | RMRunConfig) -> None:
+    """check_values of SFT and reward-model runs."""
+    step = "sft" if isinstance(cfg, SFTRunConfig) else "rm"
+    _check_engine(cfg.model, "model", trainable=True)
+    _require(cfg.model.model.path is not None or cfg.model.model.init is not None, "model.model",
+             "no weights given; set model.model.path (hub name or directory) or "
+             "model.model.init")
+    t, d = cfg.train, cfg.data
+    _require(t.epochs >= 1, "train.epochs", "must be at least 1")
+    _require(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0: train.epochs decide)")
+    _require(t.batch_size >= 1, "train.batch_size", "must be at least 1")
+    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only before and after)")
+    _require(t.log_every >= 1, "train.log_every", "must be at least 1")
+    _require(len(d.datasets) > 0, "data.datasets", "no dataset; add at least one entry with a "
+             "path (hub name, local .json/.jsonl/.parquet/.csv file or save_to_disk directory)")
+    for i, spec in enumerate(d.datasets):
+        _require(spec.path != "", f"data.datasets[{i}].path", "is empty; set a hub name, a local "
+                 ".json/.jsonl/.parquet/.csv file or a save_to_disk directory")
+        _require(spec.weight > 0, f"data.datasets[{i}].weight", "must be > 0")
+        _require(spec.eval_split != spec.split, f"data.datasets[{i}].eval_split", f"is the "
+                 f"training split '{spec.split}' too; name another split or unset it to hold "
+                 "out data.eval_fraction of the rows")
+        _require(spec.format in _STEP_FORMATS[step], f"data.datasets[{i}].format",
+                 f"'{spec.format}' cannot be read by `ds-rlhf {step}`; use one of "
+                 f"{', '.join(_STEP_FORMATS[step])}")
+    _require(d.max_prompt_len >= 1, "data.max_prompt_len", "must be at least 1")
+    _require(d.max_len > d.max_prompt_len, "data.max_len", f"{d.max_len} leaves no room for a "
+             f"completion after data.max_prompt_len={d.max_prompt_len}; make it larger")
+    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got "
+             f"{d.eval_fraction}")
+
+
 def check_values(cfg: Any) -> None:
     """Checks that need no world size. Raises ConfigError naming the field and the fix."""
+    if isinstance(cfg, (SFTRunConfig, RMRunConfig)):
+        return _check_supervised(cfg)
     if not isinstance(cfg, PPORunConfig):
         return
     for role, trainable in (("actor", True), ("critic", True), ("ref", False), ("reward", False)):

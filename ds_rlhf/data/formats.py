@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ds_rlhf.config import DatasetSpec
+from ds_rlhf.config import DataError, DatasetSpec
 from ds_rlhf.data.sources import Table, where
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -30,7 +30,7 @@ def column(spec: DatasetSpec, index: int, table: Table, field: str, rows: list[i
     """Values of the column named by `spec.<field>` at `rows`; raises if the column is absent."""
     name = getattr(spec, field)
     if name not in table.columns:
-        raise ValueError(
+        raise DataError(
             f"{where(spec, index)}: no column {name!r} (data.datasets[{index}].{field}, format "
             f"{spec.format!r}) in split {table.split!r}; its columns are {table.columns}; set "
             f"data.datasets[{index}].{field} to the right one or fix .format")
@@ -44,7 +44,7 @@ def text_column(spec: DatasetSpec, index: int, table: Table, field: str,
     values = column(spec, index, table, field, rows)
     for r, v in zip(rows, values, strict=True):
         if not isinstance(v, str):
-            raise ValueError(f"{where(spec, index)} row {r}, column {getattr(spec, field)!r}: "
+            raise DataError(f"{where(spec, index)} row {r}, column {getattr(spec, field)!r}: "
                              f"expected text, got {type(v).__name__} {str(v)[:80]!r}")
     return values
 
@@ -72,7 +72,7 @@ def _hh_rows(spec: DatasetSpec, index: int, table: Table,
     for r, c, j in zip(rows, chosen, rejected, strict=True):
         parts = split_hh(c, j)
         if parts is None:
-            raise ValueError(
+            raise DataError(
                 f"{where(spec, index)} row {r}, columns {spec.chosen_column!r}/"
                 f"{spec.rejected_column!r}: the transcripts share no prefix ending in "
                 f"{HH_ASSISTANT!r}, so there is no prompt; format 'hh' needs hh-rlhf style "
@@ -91,7 +91,7 @@ def conversations(spec: DatasetSpec, index: int, table: Table,
             isinstance(m, dict) and isinstance(m.get("role"), str)
             and isinstance(m.get("content"), str) for m in conv)
         if not ok:
-            raise ValueError(f"{where(spec, index)} row {r}, column {spec.messages_column!r}: "
+            raise DataError(f"{where(spec, index)} row {r}, column {spec.messages_column!r}: "
                              "expected a non-empty list of {'role': str, 'content': str} "
                              f"messages, got {str(conv)[:120]!r}")
     return values
@@ -99,7 +99,7 @@ def conversations(spec: DatasetSpec, index: int, table: Table,
 
 def render(tokenizer: Any, conv: list[dict[str, str]], generation_prompt: bool) -> str:
     if tokenizer.chat_template is None:
-        raise ValueError(f"format 'messages' needs a tokenizer with a chat template; "
+        raise DataError(f"format 'messages' needs a tokenizer with a chat template; "
                          f"{tokenizer.name_or_path!r} has none: use another format or set "
                          "tokenizer.chat_template")
     return tokenizer.apply_chat_template(conv, tokenize=False,
@@ -122,7 +122,7 @@ def prompts(spec: DatasetSpec, index: int, table: Table, rows: list[int],
     if fmt == "messages":
         convs = conversations(spec, index, table, rows)
         return [render(tokenizer, prompt_messages(c), True) for c in convs]
-    raise ValueError(f"{where(spec, index)}: format {fmt!r} has no prompts; use prompt, "
+    raise DataError(f"{where(spec, index)}: format {fmt!r} has no prompts; use prompt, "
                      f"prompt_completion, preference, hh or messages (data.datasets[{index}]"
                      ".format)")
 
@@ -140,7 +140,7 @@ def prompt_completions(spec: DatasetSpec, index: int, table: Table,
     if fmt == "hh":
         p, c, _ = _hh_rows(spec, index, table, rows)
         return p, c
-    raise ValueError(f"{where(spec, index)}: format {fmt!r} has no completions for SFT; use "
+    raise DataError(f"{where(spec, index)}: format {fmt!r} has no completions for SFT; use "
                      f"prompt_completion, text, messages, preference or hh "
                      f"(data.datasets[{index}].format)")
 
@@ -156,12 +156,12 @@ def preference_triples(spec: DatasetSpec, index: int, table: Table,
     elif fmt == "hh":
         out = _hh_rows(spec, index, table, rows)
     else:
-        raise ValueError(f"{where(spec, index)}: format {fmt!r} has no chosen/rejected pairs "
+        raise DataError(f"{where(spec, index)}: format {fmt!r} has no chosen/rejected pairs "
                          f"for the reward model; use preference or hh "
                          f"(data.datasets[{index}].format)")
     for r, c, j in zip(rows, out[1], out[2], strict=True):
         if c == j:
-            raise ValueError(
+            raise DataError(
                 f"{where(spec, index)} row {r}: columns {spec.chosen_column!r} and "
                 f"{spec.rejected_column!r} hold the same response, which teaches the reward "
                 "model nothing; remove such rows from the data")

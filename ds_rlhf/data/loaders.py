@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ds_rlhf.config import DataConfig
+from ds_rlhf.config import DataConfig, DataError
 from ds_rlhf.data import formats
 from ds_rlhf.data.sources import mix, rows_of, where
 
@@ -69,7 +69,7 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     `ids != pad_token_id`.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise DataError(
             f"tokenizer {tokenizer.name_or_path!r} has no EOS token, which ends every response "
             "and every training row; use a tokenizer with eos_token set, or add one "
             "(tokenizer.add_special_tokens({'eos_token': ...}) and resize the model embeddings)")
@@ -104,7 +104,7 @@ def _check_prompt_lens(cfg: DataConfig, index: int, rows: list[int],
     num_over = keep.count(False)
     if num_over and cfg.overlong_prompts == "error":
         k = keep.index(False)
-        raise ValueError(
+        raise DataError(
             f"{where(cfg.datasets[index], index)} row {rows[k]}: the prompt has {lengths[k]} "
             f"tokens, more than data.max_prompt_len={cfg.max_prompt_len} ({num_over} of "
             f"{len(rows)} rows are over it); raise data.max_prompt_len or set "
@@ -119,7 +119,7 @@ def _combine(cfg: DataConfig, split: Split, per_dataset: list[list[Any]],
         return [row for group in per_dataset for row in group]
     for i, (group, n) in enumerate(zip(per_dataset, num_rows, strict=True)):
         if not group:
-            raise ValueError(
+            raise DataError(
                 f"{where(cfg.datasets[i], i)}: all {n} training rows were dropped as too long "
                 f"(data.max_prompt_len={cfg.max_prompt_len}, data.max_len={cfg.max_len}); "
                 "raise the limits")
@@ -130,7 +130,7 @@ def _load(cfg: DataConfig, tokenizer: Any, split: Split,
           rows_fn: Callable[[int, Any, list[int]], tuple[list[Any], int]]) -> tuple[list, int]:
     """Run `rows_fn(index, table, rows) -> (examples, num_filtered)` on every dataset."""
     if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        raise DataError(f"split must be 'train' or 'eval', got {split!r}")
     prepare_tokenizer(tokenizer)
     per_dataset, num_rows, num_filtered = [], [], 0
     for index in range(len(cfg.datasets)):
@@ -173,13 +173,13 @@ def _messages_sft(cfg: DataConfig, index: int, table: Any, rows: list[int], toke
     """
     spec = cfg.datasets[index]
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{where(spec, index)}: format 'messages' needs a fast tokenizer "
+        raise DataError(f"{where(spec, index)}: format 'messages' needs a fast tokenizer "
                          "(offsets mapping) to find the assistant tokens")
     all_ids, all_masks, prompt_lens = [], [], []
     for r, conv in zip(rows, formats.conversations(spec, index, table, rows), strict=True):
         turns = [j for j, m in enumerate(conv) if m["role"] == "assistant"]
         if not turns:
-            raise ValueError(f"{where(spec, index)} row {r}, column {spec.messages_column!r}: "
+            raise DataError(f"{where(spec, index)} row {r}, column {spec.messages_column!r}: "
                              "no assistant message to train on")
         full = formats.render(tokenizer, conv, False)
         spans = []
@@ -187,7 +187,7 @@ def _messages_sft(cfg: DataConfig, index: int, table: Any, rows: list[int], toke
             before = formats.render(tokenizer, conv[:j], True)
             after = formats.render(tokenizer, conv[: j + 1], False)
             if not (after.startswith(before) and full.startswith(after)):
-                raise ValueError(
+                raise DataError(
                     f"{where(spec, index)} row {r}: the chat template does not render this "
                     "conversation prefix-wise (the first turns render differently alone), so "
                     "the assistant tokens cannot be located; use format prompt_completion")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ds_rlhf.config import DataConfig, DatasetSpec
+from ds_rlhf.config import DataConfig, DataError, DatasetSpec
 
 T = TypeVar("T")
 
@@ -61,7 +61,7 @@ def _rows_to_table(rows: list[Any], split: str, name: str) -> Table:
     columns: dict[str, None] = {}
     for k, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{name}: row {k} is {type(row).__name__}, expected an object "
+            raise DataError(f"{name}: row {k} is {type(row).__name__}, expected an object "
                              "of column: value pairs")
         columns.update(dict.fromkeys(row))
     return Table(split, list(columns), len(rows), lambda c: [row.get(c) for row in rows])
@@ -74,14 +74,14 @@ def _read_json(path: Path, name: str) -> list[Any] | dict[str, list]:
             return json.loads(text)
         except json.JSONDecodeError as e:
             if "Extra data" not in str(e):  # else: JSON Lines in a .json file; read line-wise
-                raise ValueError(f"{name}: not valid JSON: {e}") from None
+                raise DataError(f"{name}: not valid JSON: {e}") from None
     rows = []
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{name}: line {n} is not valid JSON: {e}") from None
+                raise DataError(f"{name}: line {n} is not valid JSON: {e}") from None
     return rows
 
 
@@ -91,7 +91,7 @@ def _read_file(path: Path, split: str, name: str) -> Table:
         if isinstance(data, dict):  # columnar: {"col": [v0, v1, ...], ...}
             lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
             if len(lengths) > 1 or -1 in lengths:
-                raise ValueError(f"{name}: a JSON object must map every column to a list of "
+                raise DataError(f"{name}: a JSON object must map every column to a list of "
                                  "equal length; or write a list of row objects or JSON Lines")
             n = lengths.pop() if lengths else 0
             return Table(split, list(data), n, lambda c: list(data[c]))
@@ -120,12 +120,12 @@ def read_split(spec: DatasetSpec, index: int, split: str) -> Table:
     path = Path(spec.path)
     if path.is_file() or path.suffix in FILE_SUFFIXES:
         if not path.is_file():
-            raise ValueError(f"{name}: file not found; fix data.datasets[{index}].path")
+            raise DataError(f"{name}: file not found; fix data.datasets[{index}].path")
         if path.suffix not in FILE_SUFFIXES:
-            raise ValueError(f"{name}: unknown file type {path.suffix!r}; use one of "
+            raise DataError(f"{name}: unknown file type {path.suffix!r}; use one of "
                              f"{', '.join(FILE_SUFFIXES)}, a save_to_disk directory or a hub name")
         if split != SINGLE_SPLIT:
-            raise ValueError(f"{name}: a data file has one split, '{SINGLE_SPLIT}', not "
+            raise DataError(f"{name}: a data file has one split, '{SINGLE_SPLIT}', not "
                              f"{split!r}; set data.datasets[{index}].split to '{SINGLE_SPLIT}' "
                              "and hold out eval rows with data.eval_fraction")
         table = _read_file(path, split, name)
@@ -135,12 +135,12 @@ def read_split(spec: DatasetSpec, index: int, split: str) -> Table:
         saved = datasets.load_from_disk(str(path))
         if isinstance(saved, datasets.DatasetDict):
             if split not in saved:
-                raise ValueError(f"{name}: no split {split!r}; it has {sorted(saved)}; fix "
+                raise DataError(f"{name}: no split {split!r}; it has {sorted(saved)}; fix "
                                  f"data.datasets[{index}].split or .eval_split")
             table = _from_hf(saved[split], split)
         else:
             if split != SINGLE_SPLIT:
-                raise ValueError(f"{name}: a saved Dataset has one split, '{SINGLE_SPLIT}', not "
+                raise DataError(f"{name}: a saved Dataset has one split, '{SINGLE_SPLIT}', not "
                                  f"{split!r}; save a DatasetDict to name splits, or hold out "
                                  "eval rows with data.eval_fraction")
             table = _from_hf(saved, split)
@@ -150,11 +150,11 @@ def read_split(spec: DatasetSpec, index: int, split: str) -> Table:
         try:
             ds = datasets.load_dataset(spec.path, split=split)
         except Exception as e:  # the hub / builder error, with the config entry to fix
-            raise ValueError(f"{name}: load_dataset({spec.path!r}, split={split!r}) failed: "
+            raise DataError(f"{name}: load_dataset({spec.path!r}, split={split!r}) failed: "
                              f"{type(e).__name__}: {e}") from e
         table = _from_hf(ds, split)
     if table.num_rows == 0:
-        raise ValueError(f"{name}: split {split!r} has no rows; check data.datasets[{index}]"
+        raise DataError(f"{name}: split {split!r} has no rows; check data.datasets[{index}]"
                          ".path and .split")
     return table
 
@@ -175,7 +175,7 @@ def rows_of(cfg: DataConfig, index: int, split: str) -> tuple[Table | None, list
     rng.shuffle(rows)
     num_eval = min(max(1, round(cfg.eval_fraction * len(rows))), len(rows) - 1)
     if num_eval < 1:
-        raise ValueError(f"{where(spec, index)}: one row cannot be split into train and eval; "
+        raise DataError(f"{where(spec, index)}: one row cannot be split into train and eval; "
                          "add rows, set data.eval_fraction: 0, or name an eval_split")
     held_out = rows[:num_eval] if split == "eval" else rows[num_eval:]
     return table, sorted(held_out)

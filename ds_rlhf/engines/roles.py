@@ -20,6 +20,7 @@ from torch import nn
 from ds_rlhf import algo, generation
 from ds_rlhf.config import EngineConfig, GenerationConfig, PPOConfig, TrainEngineConfig
 from ds_rlhf.engines.ds_config import deepspeed_config
+from ds_rlhf.engines.export import export_hf
 from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine
 from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout
@@ -153,10 +154,7 @@ class Actor(_Trainable):
 
     def export(self, path, tokenizer, is_main: bool) -> None:
         """HF format (save_pretrained + tokenizer), loadable by AutoModelForCausalLM."""
-        with self.hybrid.full_model() as model:  # every rank joins the ZeRO-3 gather
-            if is_main:
-                model.save_pretrained(path)
-                tokenizer.save_pretrained(path)
+        export_hf(self.engine, self.engine.module, tokenizer, path, is_main)
 
     def train_step(self, minibatch: Rollout, num_tokens: float) -> dict[str, float]:
         def loss_fn(chunk: Rollout, denominator: float):

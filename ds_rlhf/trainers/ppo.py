@@ -238,5 +238,4 @@ def run(cfg: PPORunConfig) -> PPOTrainer:
     trainer = build_ppo(cfg)
     trainer.train()
     trainer.actor.export(Path(cfg.output_dir) / "actor", trainer.tokenizer, trainer.coord.is_main)
-    trainer.coord.barrier()
     return trainer

@@ -1,0 +1,75 @@
+"""Bad PPO input fails early, through the real entry point, with one message naming the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, cpu_env, ppo_config, write_yaml
+
+pytestmark = pytest.mark.e2e
+
+
+def _ppo(cfg: dict, tmp_path, *extra: str, **env) -> subprocess.CompletedProcess:
+    path = write_yaml(cfg, tmp_path / "run.yaml")
+    return subprocess.run([sys.executable, "-m", "ds_rlhf", "ppo", "--config", str(path), *extra],
+                          cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
+                          timeout=120)
+
+
+def _fails_with(proc, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+    assert "deepspeed.initialize" not in proc.stdout  # nothing heavy was built
+
+
+def test_reward_tokenizer_differs_from_actor(assets, tmp_path):
+    from ds_rlhf.demo.task import build_tokenizer
+
+    other = build_tokenizer()
+    other.add_tokens(["zebra"])  # one extra word: ids the actor never produces
+    other.save_pretrained(tmp_path / "other_tok")
+    cfg = ppo_config(assets, tmp_path / "out")
+    cfg["reward"]["model"] = {**cfg["reward"]["model"], "tokenizer": str(tmp_path / "other_tok")}
+    _fails_with(_ppo(cfg, tmp_path), "reward.model", "tokenizer differs from the actor's")
+
+
+def test_prompt_longer_than_limit(assets, tmp_path):
+    prompts = tmp_path / "long.jsonl"
+    words = " ".join(["good"] * 40)
+    prompts.write_text(json.dumps({"prompt": "review of the camera :"}) + "\n" +
+                       json.dumps({"prompt": words}) + "\n")
+    cfg = ppo_config(assets, tmp_path / "out", data={"datasets": [{"path": str(prompts)}],
+                                                     "max_prompt_len": 16})
+    _fails_with(_ppo(cfg, tmp_path), str(prompts), "row 1", "data.max_prompt_len",
+                "overlong_prompts")
+
+
+def test_batch_arithmetic_that_does_not_divide(assets, tmp_path):
+    cfg = ppo_config(assets, tmp_path / "out", ppo={"rollout_batch_size": 6, "steps": 1})
+    # Two ranks as the launcher would declare them: 6 prompts split 3 + 3, but the actor's
+    # micro-batch of 2 does not divide a minibatch of 3.
+    _fails_with(_ppo(cfg, tmp_path, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"),
+                "actor.micro_batch_size", "divides 3")
+
+
+def test_prompt_plus_response_longer_than_model(assets, tmp_path):
+    cfg = ppo_config(assets, tmp_path / "out", generation={"max_new_tokens": 60})
+    _fails_with(_ppo(cfg, tmp_path), "max_position_embeddings", "generation.max_new_tokens")
+
+
+def test_print_config_round_trips(assets, tmp_path):
+    cfg = ppo_config(assets, tmp_path / "out")
+    proc = _ppo(cfg, tmp_path, "--print-config", "--ppo.kl_coef", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(proc.stdout)
+    from ds_rlhf.config import load_config
+
+    assert load_config(printed).ppo.kl_coef == 0.3
+    assert load_config(printed) == load_config(tmp_path / "run.yaml", ["--ppo.kl_coef", "0.3"])
