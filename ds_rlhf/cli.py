@@ -3,6 +3,7 @@
     ds-rlhf {sft,rm,ppo} --config run.yaml [--section.key VALUE ...] [--print-config]
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module ds_rlhf ppo --config run.yaml
     torchrun --nproc_per_node 2 -m ds_rlhf ppo --config run.yaml
+    ds-rlhf plot RUN_DIR [--out plot.png]       # curves of RUN_DIR/metrics.jsonl as a PNG
 
 Any `--section.key VALUE` (or `--section.key=VALUE`) overrides the YAML; values are parsed as
 YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank` from the deepspeed launcher is accepted.
@@ -47,6 +48,11 @@ RUNNERS = {"sft": _run_sft, "rm": _run_rm, "ppo": _run_ppo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:  # reads a finished run's files, loads no config
+        from ds_rlhf import plot
+
+        return plot.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ds-rlhf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="which step to run")

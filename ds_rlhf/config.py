@@ -147,11 +147,43 @@ class PPOConfig:
 
 @dataclass
 class TrackingConfig:
-    """Where metrics go."""
+    """Where metrics go: metrics.jsonl always, Weights & Biases when wandb_project is set."""
 
     log_every: int = 1  # print a console line every N steps (metrics.jsonl gets every step)
-    sample_every: int = 10  # write (step, prompt, response, score) rows to samples.jsonl every
-    # N steps; 0 never
+    sample_every: int = 10  # write (step, prompt, response, score) rows to samples.jsonl and a
+    # W&B table every N steps; 0 never
+    wandb_project: str | None = None  # W&B project; unset turns W&B off (WANDB_MODE=offline ok)
+    wandb_entity: str | None = None  # W&B team or user; unset: your default entity
+    wandb_group: str | None = None  # W&B group, e.g. one experiment's runs (seeds, ablations)
+    wandb_name: str | None = None  # W&B run display name; unset: W&B picks one
+    wandb_tags: list[str] = field(default_factory=list)  # W&B run tags (64 characters at most)
+
+    def check(self) -> None:
+        """check_values of this section: a project when another W&B field is set, no empty
+        names, W&B's tag length limit."""
+        _require(self.log_every >= 1, "tracking.log_every", "must be at least 1")
+        _require(self.sample_every >= 0, "tracking.sample_every", "must be >= 0 (0: never)")
+        names = ("wandb_project", "wandb_entity", "wandb_group", "wandb_name")
+        for name in names:
+            _require(getattr(self, name) != "", f"tracking.{name}", "is empty; set a name or "
+                     "null")
+        if self.wandb_project is None:
+            for name in (*names[1:], "wandb_tags"):
+                _require(not getattr(self, name), f"tracking.{name}", "is set but "
+                         "tracking.wandb_project is not, so W&B is off; set wandb_project too")
+        for i, tag in enumerate(self.wandb_tags):
+            _require(0 < len(tag) <= 64, f"tracking.wandb_tags[{i}]",
+                     f"W&B tags have 1 to 64 characters, got {len(tag)}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving, auto-resume and export (layout in ds_rlhf/checkpoint.py)."""
+
+    save_every: int = 0  # save every N steps; 0: only at the end and when preempted
+    keep_last: int = 2  # complete checkpoints to keep; older ones go once a new one is complete
+    resume: bool = True  # continue from output_dir/checkpoints when a checkpoint is there
+    export_critic: bool = False  # also export the critic in HF format at the end (PPO)
 
 
 @dataclass
@@ -170,6 +202,7 @@ class PPORunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the algorithm
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # logging
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
 
 
 @dataclass
@@ -194,6 +227,7 @@ class SFTRunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # SFT rows and the eval hold-out
     train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
     train_on_prompt: bool = False  # also train on prompt tokens (default: completion + EOS)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
 
 
 @dataclass
@@ -207,6 +241,7 @@ class RMRunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # preference pairs, eval hold-out
     train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
     margin: float = 0.0  # loss -logsigmoid(r_chosen - r_rejected - margin) (Llama 2, eq. 2)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +425,8 @@ def _check_engine(e: EngineConfig, name: str, trainable: bool) -> None:
                  "optimizer offload needs zero_stage 1, 2 or 3")
 
 
-_STEP_FORMATS = {  # row formats each supervised step can read (see DatasetSpec)
+_STEP_FORMATS = {  # row formats each step can read (see DatasetSpec)
+    "ppo": ("prompt", "prompt_completion", "preference", "hh", "messages"),
     "sft": ("prompt_completion", "text", "messages", "preference", "hh"),
     "rm": ("preference", "hh"),
 }
@@ -403,12 +439,22 @@ def _check_supervised(cfg: SFTRunConfig | RMRunConfig) -> None:
     _require(cfg.model.model.path is not None or cfg.model.model.init is not None, "model.model",
              "no weights given; set model.model.path (hub name or directory) or "
              "model.model.init")
-    t, d = cfg.train, cfg.data
+    t = cfg.train
     _require(t.epochs >= 1, "train.epochs", "must be at least 1")
     _require(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0: train.epochs decide)")
     _require(t.batch_size >= 1, "train.batch_size", "must be at least 1")
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only before and after)")
     _require(t.log_every >= 1, "train.log_every", "must be at least 1")
+    _check_checkpoint(cfg.checkpoint)
+    _check_data(cfg.data, _STEP_FORMATS[step], f"`ds-rlhf {step}`")
+
+
+def _check_checkpoint(c: CheckpointConfig) -> None:
+    _require(c.save_every >= 0, "checkpoint.save_every", "must be >= 0 (0: only at the end)")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+
+
+def _check_data(d: DataConfig, formats: tuple[str, ...], reader: str) -> None:
     _require(len(d.datasets) > 0, "data.datasets", "no dataset; add at least one entry with a "
              "path (hub name, local .json/.jsonl/.parquet/.csv file or save_to_disk directory)")
     for i, spec in enumerate(d.datasets):
@@ -418,9 +464,8 @@ def _check_supervised(cfg: SFTRunConfig | RMRunConfig) -> None:
         _require(spec.eval_split != spec.split, f"data.datasets[{i}].eval_split", f"is the "
                  f"training split '{spec.split}' too; name another split or unset it to hold "
                  "out data.eval_fraction of the rows")
-        _require(spec.format in _STEP_FORMATS[step], f"data.datasets[{i}].format",
-                 f"'{spec.format}' cannot be read by `ds-rlhf {step}`; use one of "
-                 f"{', '.join(_STEP_FORMATS[step])}")
+        _require(spec.format in formats, f"data.datasets[{i}].format",
+                 f"'{spec.format}' cannot be read by {reader}; use one of {', '.join(formats)}")
     _require(d.max_prompt_len >= 1, "data.max_prompt_len", "must be at least 1")
     _require(d.max_len > d.max_prompt_len, "data.max_len", f"{d.max_len} leaves no room for a "
              f"completion after data.max_prompt_len={d.max_prompt_len}; make it larger")
@@ -458,24 +503,9 @@ def check_values(cfg: Any) -> None:
     _require(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
     _require(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
     _require(p.score_clip is None or p.score_clip > 0, "ppo.score_clip", "must be > 0 or null")
-    _require(len(d.datasets) > 0, "data.datasets", "no dataset; add at least one entry with a "
-             "path (hub name, local .json/.jsonl/.parquet/.csv file or save_to_disk directory)")
-    for i, spec in enumerate(d.datasets):
-        _require(spec.path != "", f"data.datasets[{i}].path", "is empty; set a hub name, a local "
-                 ".json/.jsonl/.parquet/.csv file or a save_to_disk directory")
-        _require(spec.weight > 0, f"data.datasets[{i}].weight", "must be > 0")
-        _require(spec.eval_split != spec.split, f"data.datasets[{i}].eval_split", f"is the "
-                 f"training split '{spec.split}' too; name another split or unset it to hold "
-                 "out data.eval_fraction of the rows")
-        _require(spec.format != "text", f"data.datasets[{i}].format", "'text' has no prompts "
-                 "for PPO; use prompt, prompt_completion, preference, hh or messages")
-    _require(d.max_prompt_len >= 1, "data.max_prompt_len", "must be at least 1")
-    _require(d.max_len > d.max_prompt_len, "data.max_len", f"{d.max_len} leaves no room for a "
-             f"completion after data.max_prompt_len={d.max_prompt_len}; make it larger")
-    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got "
-             f"{d.eval_fraction}")
-    _require(cfg.tracking.log_every >= 1, "tracking.log_every", "must be at least 1")
-    _require(cfg.tracking.sample_every >= 0, "tracking.sample_every", "must be >= 0 (0: never)")
+    _check_checkpoint(cfg.checkpoint)
+    _check_data(d, _STEP_FORMATS["ppo"], "PPO")
+    cfg.tracking.check()
 
 
 @dataclass(frozen=True)

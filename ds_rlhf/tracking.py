@@ -1,12 +1,25 @@
-"""Metrics out of the trainers: `metrics.jsonl` (always) and a console line, rank 0 only."""
+"""Metrics out of the trainers, rank 0 only: `metrics.jsonl` (always), a console line, sample
+rows in `samples.jsonl`, and Weights & Biases when `tracking.wandb_project` is set.
+
+W&B follows its guide for distributed jobs: one run, written by rank 0. A fresh run gets a new
+id (`Tracker.run_id`); the checkpoint saves it and a resumed run passes it back as `run_id`, so
+`wandb.init(id=..., resume="allow")` continues the same W&B run. `WANDB_MODE=offline` writes
+the run under `OUTPUT_DIR/wandb/` for a later `wandb sync`. `wandb` is imported only when it
+is turned on.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ds_rlhf.config import TrackingConfig
 
 
 class Timer:
@@ -29,37 +42,109 @@ CONSOLE = {"score": "objective/scores", "kl": "objective/kl", "pg_loss": "loss/p
            "vf_loss": "loss/value_avg", "clipfrac": "policy/clipfrac_avg",
            "resp_len": "response_length/mean", "sec": "timing/step"}
 
+# The columns of the W&B sample table (the keys of the rows given to `log_samples`).
+TABLE_COLUMNS = ["step", "prompt", "response", "score"]
+TABLE_KEY = "samples"  # the W&B key of the table
+
+
+def new_run_id() -> str:
+    """A fresh W&B run id (8 lowercase letters and digits, as W&B makes them)."""
+    from wandb.sdk.lib.runid import generate_id
+
+    return generate_id()
+
 
 class Tracker:
+    """`log(step, metrics)` every step, `log_samples(rows)` every `sample_every` steps,
+    `finish()` at the end. Every method is a no-op on ranks other than rank 0.
+
+    tracking:  the run's TrackingConfig; W&B is on when its `wandb_project` is set.
+    config:    the resolved run config (a dataclass or a dict), sent to W&B as the run config.
+    run_id:    the W&B run id to continue (from the checkpoint); None starts a new run.
+    """
+
     def __init__(self, output_dir: str | Path, is_main: bool, log_every: int, total_steps: int,
-                 start_step: int = 0):
+                 start_step: int = 0, *, tracking: TrackingConfig | None = None,
+                 config: Any = None, run_id: str | None = None):
         self.is_main = is_main
         self.log_every = log_every
         self.total_steps = total_steps
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.samples_path = Path(output_dir) / "samples.jsonl"
-        if is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if start_step == 0:  # a fresh run starts fresh files
-                self.path.unlink(missing_ok=True)
-                self.samples_path.unlink(missing_ok=True)
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "metrics.jsonl"
+        self.samples_path = self.output_dir / "samples.jsonl"
+        self.run_id = run_id  # the W&B run id; saved by checkpoints (rank 0's is the one)
+        self.wandb_run = None
+        if not is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:  # a fresh run starts fresh files
+            self.path.unlink(missing_ok=True)
+            self.samples_path.unlink(missing_ok=True)
+        else:  # a resumed run drops what was logged after its checkpoint
+            _truncate_after(self.path, start_step)
+            _truncate_after(self.samples_path, start_step)
+        if tracking is not None and tracking.wandb_project is not None:
+            self._init_wandb(tracking, config)
+
+    def _init_wandb(self, tracking: TrackingConfig, config: Any) -> None:
+        import wandb
+
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            config = dataclasses.asdict(config)
+        if self.run_id is None:
+            self.run_id = new_run_id()
+        self.wandb_run = wandb.init(
+            project=tracking.wandb_project, entity=tracking.wandb_entity,
+            group=tracking.wandb_group, name=tracking.wandb_name,
+            tags=list(tracking.wandb_tags) or None, config=config, id=self.run_id,
+            resume="allow", dir=str(self.output_dir))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics), step=step)
         if step % self.log_every == 0 or step == self.total_steps:
             cells = [f"{label} {metrics[k]:.4g}" for label, k in CONSOLE.items() if k in metrics]
             print(f"step {step}/{self.total_steps} | " + " | ".join(cells), flush=True)
 
-
     def log_samples(self, rows: list[dict]) -> None:
-        if not self.is_main:
+        """Rows {step, prompt, response, score, ...} of one step: all go to samples.jsonl, and
+        (step, prompt, response, score) to a W&B table at that step."""
+        if not self.is_main or not rows:
             return
         with self.samples_path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=TABLE_COLUMNS,
+                                data=[[row[c] for c in TABLE_COLUMNS] for row in rows])
+            self.wandb_run.log({TABLE_KEY: table}, step=int(rows[0]["step"]))
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Close the W&B run (uploads or, offline, flushes it); safe to call twice."""
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the rows of `path` (JSON lines with a "step") up to `step`; drop a torn last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict]:

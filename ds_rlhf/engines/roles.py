@@ -175,6 +175,10 @@ class Critic(_Trainable):
     def values(self, rollout: Rollout) -> torch.Tensor:
         return _forward_all(self.engine, rollout, self.micro_batch_size, _token_values)
 
+    def export(self, path, tokenizer, is_main: bool) -> None:
+        """HF format, loadable by AutoModelForSequenceClassification (num_labels=1)."""
+        export_hf(self.engine, self.engine.module.hf_model, tokenizer, path, is_main)
+
     def train_step(self, minibatch: Rollout, num_tokens: float) -> dict[str, float]:
         def loss_fn(chunk: Rollout, denominator: float):
             values = _token_values(self.engine, chunk)

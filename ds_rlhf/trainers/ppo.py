@@ -18,7 +18,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from ds_rlhf import algo, models
+from ds_rlhf import algo, checkpoint, models
 from ds_rlhf.config import ConfigError, PPORunConfig, Sizes, derive_sizes, save_yaml
 from ds_rlhf.coordinator import Coordinator, PromptSampler, setup_distributed_env
 from ds_rlhf.data import PromptSet, collate_left, load_prompts
@@ -41,12 +41,45 @@ class PPOTrainer:
     reward: RewardModel
     kl_ctl: algo.AdaptiveKLController | algo.FixedKLController
     tracker: Tracker
+    preempted: checkpoint.PreemptionFlag
     step: int = 0  # PPO steps completed
+    saved_step: int = 0  # the step of the newest checkpoint (0: none)
 
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Run to ppo.steps; returns False when stopped early by a preemption signal."""
+        every = self.cfg.checkpoint.save_every
         while self.step < self.cfg.ppo.steps:
+            if self.coord.any(bool(self.preempted)):  # all ranks agree, then save together
+                self.save()
+                if self.coord.is_main:
+                    print(f"preempted: saved step {self.step}; run the same command to resume",
+                          flush=True)
+                return False
             self.step += 1
             self.tracker.log(self.step, self.ppo_step(self.step))
+            if every and self.step % every == 0:
+                self.save()
+        self.save()
+        return True
+
+    def engines(self) -> dict:
+        return {"actor": self.actor.engine, "critic": self.critic.engine}
+
+    def save(self) -> None:
+        if self.step == self.saved_step:
+            return
+        state = {"sampler": self.sampler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                 "consumed_prompts": self.step * self.cfg.ppo.rollout_batch_size,
+                 "wandb_run_id": self.tracker.run_id}
+        checkpoint.save(self.cfg.output_dir, self.step, self.engines(), state, self.coord,
+                        self.cfg.checkpoint.keep_last)
+        self.saved_step = self.step
+
+    def resume(self, step_dir, state: dict) -> None:
+        checkpoint.load(step_dir, self.engines(), self.coord)
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.step = self.saved_step = state["step"]
 
     def ppo_step(self, step: int) -> dict[str, float]:
         cfg, timer, start = self.cfg, Timer(), time.perf_counter()
@@ -192,6 +225,9 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     tokenizer = _tokenizers(cfg)
     prompts = load_prompts(cfg.data, tokenizer, split="train")
     sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
+    resume_dir = checkpoint.find_resume(cfg.output_dir) if cfg.checkpoint.resume else None
+    state = checkpoint.read_state(resume_dir, world_size) if resume_dir else None
+    preempted = checkpoint.PreemptionFlag()  # from here on a signal waits for a step boundary
 
     deepspeed.init_distributed()
     accelerator = deepspeed.get_accelerator()
@@ -221,7 +257,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     p = cfg.ppo
     kl_ctl = (algo.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
               if p.kl_target is not None else algo.FixedKLController(p.kl_coef))
-    return PPOTrainer(
+    trainer = PPOTrainer(
         cfg=cfg, sizes=sizes, coord=coord, tokenizer=tokenizer, prompts=prompts, sampler=sampler,
         actor=Actor(actor_engine, sizes.actor_grad_accum, world_size, cfg.generation, p,
                     cfg.actor.micro_batch_size, tokenizer, cfg.seed, synced=coord.all),
@@ -230,12 +266,25 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
         ref=Reference(ref_engine, cfg.ref.micro_batch_size, cfg.generation.temperature),
         reward=RewardModel(reward_engine, cfg.reward.micro_batch_size),
         kl_ctl=kl_ctl,
-        tracker=Tracker(cfg.output_dir, coord.is_main, cfg.tracking.log_every, p.steps),
+        tracker=Tracker(cfg.output_dir, coord.is_main, cfg.tracking.log_every, p.steps,
+                        tracking=cfg.tracking, config=cfg,
+                        start_step=state["step"] if state else 0,
+                        run_id=state.get("wandb_run_id") if state else None),
+        preempted=preempted,
     )
+    if resume_dir is not None:
+        trainer.resume(resume_dir, state)
+        if coord.is_main:
+            print(f"resumed from {resume_dir} at step {trainer.step}", flush=True)
+    return trainer
 
 
 def run(cfg: PPORunConfig) -> PPOTrainer:
     trainer = build_ppo(cfg)
-    trainer.train()
-    trainer.actor.export(Path(cfg.output_dir) / "actor", trainer.tokenizer, trainer.coord.is_main)
+    if trainer.train():
+        out = Path(cfg.output_dir)
+        trainer.actor.export(out / "actor", trainer.tokenizer, trainer.coord.is_main)
+        if cfg.checkpoint.export_critic:
+            trainer.critic.export(out / "critic", trainer.tokenizer, trainer.coord.is_main)
+    trainer.tracker.finish()
     return trainer

@@ -1,0 +1,180 @@
+"""What the supervised loops (SFT and the reward model) share.
+
+Batch arithmetic, the distributed start, the loop itself (equal shards of a seeded per-epoch
+permutation, eval before / every N steps / after, metrics), the normalised backward, the eval
+reduction over ranks and the end of a run (HF export, eval.json). The step-specific maths
+(token NLL, pairwise loss) stays in sft.py and reward.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from ds_rlhf import models
+from ds_rlhf.config import (
+    ConfigError,
+    RMRunConfig,
+    SFTRunConfig,
+    TrainConfig,
+    exact_div,
+    save_yaml,
+)
+from ds_rlhf.coordinator import Coordinator, PromptSampler, setup_distributed_env
+from ds_rlhf.engines.export import export_hf
+from ds_rlhf.engines.roles import init_engine
+from ds_rlhf.tracking import Tracker
+
+RunConfig = SFTRunConfig | RMRunConfig
+# A micro-batch's loss: (sum of per-unit losses as a tensor, stats as sums of floats).
+LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+def batch_sizes(cfg: RunConfig) -> tuple[int, int]:
+    """(world_size, grad_accum) from train.batch_size = micro_batch_size x grad_accum x world."""
+    setup_distributed_env()
+    world_size = int(os.environ["WORLD_SIZE"])
+    per_rank = exact_div(
+        cfg.train.batch_size, world_size, "train.batch_size",
+        f"every one of the {world_size} ranks must get the same number of rows; use a multiple "
+        f"of {world_size}")
+    mbs = cfg.model.micro_batch_size
+    grad_accum = exact_div(
+        per_rank, mbs, "model.micro_batch_size",
+        f"each rank's {per_rank} rows per step (train.batch_size / {world_size} ranks) must "
+        f"split into micro-batches of {mbs}; use a micro_batch_size that divides {per_rank}, "
+        "or change train.batch_size")
+    limit = getattr(models.hf_config(cfg.model.model, "model"), "max_position_embeddings", None)
+    if limit is not None and cfg.data.max_len > limit:
+        raise ConfigError(f"data.max_len: {cfg.data.max_len} exceeds the model's "
+                          f"max_position_embeddings ({limit}); lower it")
+    return world_size, grad_accum
+
+
+def num_steps(train: TrainConfig, num_rows: int) -> int:
+    """Optimizer steps of the run: train.max_steps, or whole batches in train.epochs."""
+    if num_rows < train.batch_size:
+        raise ConfigError(f"train.batch_size: {train.batch_size} is larger than the {num_rows} "
+                          "training rows; lower it or add data")
+    return train.max_steps or train.epochs * (num_rows // train.batch_size)
+
+
+def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
+          world_size: int):
+    """init_distributed, save config.yaml, build the model and its ZeRO engine."""
+    deepspeed.init_distributed()
+    accelerator = deepspeed.get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    coord = Coordinator(torch.device(accelerator.current_device_name()))
+    if coord.is_main:
+        save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
+    engine = init_engine(build_model(), cfg.model, grad_accum, world_size)
+    return coord, engine
+
+
+def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
+                  world_size: int) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches, normalised by a global count.
+
+    `loss_fn(batch)` gives the *sum* of per-token (SFT) or per-pair (RM) losses and `num_global`
+    is the count of those units in the whole optimizer batch over all ranks. DeepSpeed divides
+    each micro-batch loss by grad_accum and averages gradients over ranks; scaling by
+    world_size * grad_accum / num_global undoes both, so the step follows
+    sum(losses) / num_global whatever the number of ranks or micro-batches.
+    Returns this rank's sums ("loss" and the stats); `Coordinator.sum_dict` totals them.
+    """
+    scale = world_size * len(batches) / max(num_global, 1.0)
+    totals: dict[str, float] = {}
+    for batch in batches:
+        loss_sum, stats = loss_fn(batch)
+        engine.backward(loss_sum * scale)
+        engine.step()
+        for key, value in {"loss": loss_sum.item(), **stats}.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+@torch.no_grad()
+def eval_sums(engine, coord: Coordinator, num_rows: int, micro_batch_size: int,
+              fn: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+              ) -> dict[str, float]:
+    """Sums of `fn(rows, weights)` over every eval row once, totalled over ranks.
+
+    Rank r takes rows r, r + W, ...; a rank with one row fewer repeats a row with weight 0, so
+    every rank runs the same number of forwards (ZeRO-3 forwards are collective). `fn` must
+    weight each row's contribution by `weights`.
+    """
+    rows = torch.arange(coord.rank, num_rows, coord.world_size)
+    per_rank = math.ceil(num_rows / coord.world_size)
+    weights = torch.cat([torch.ones(len(rows)), torch.zeros(per_rank - len(rows))])
+    rows = torch.cat([rows, rows.new_zeros(per_rank - len(rows))])
+    totals: dict[str, float] = {}
+    engine.eval()
+    try:
+        for r, w in zip(rows.split(micro_batch_size), weights.split(micro_batch_size),
+                        strict=True):
+            for key, value in fn(r, w).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+    finally:
+        engine.train()
+    return coord.sum_dict(totals)
+
+
+def fit(cfg: RunConfig, coord: Coordinator, engine, num_train: int, total_steps: int,
+        train_step: Callable[[list[torch.Tensor]], dict[str, float]],
+        evaluate: Callable[[], dict[str, float]] | None) -> dict[str, float]:
+    """The loop: eval, then `total_steps` x train_step(this rank's micro-batches of row ids).
+
+    Each step takes the next train.batch_size rows of a seeded per-epoch permutation (an
+    epoch's leftover is skipped) and gives rank r the r-th equal share, cut into micro-batches.
+    Eval runs before training, every train.eval_every steps and after the last. Returns the
+    last eval metrics ({} without eval rows).
+    """
+    t = cfg.train
+    sampler = PromptSampler(num_train, t.batch_size, cfg.data.seed)
+    tracker = Tracker(cfg.output_dir, coord.is_main, t.log_every, total_steps)
+
+    def run_eval(step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = evaluate()
+        if coord.is_main:
+            cells = " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items())
+            print(f"eval step {step}/{total_steps} | {cells}", flush=True)
+        return {**metrics, "timing/eval": time.perf_counter() - start}
+
+    final = run_eval(0) if evaluate else {}
+    if final:
+        tracker.log(0, final)
+    for step in range(1, total_steps + 1):
+        start = time.perf_counter()
+        rows = coord.shard(sampler.next_batch())
+        metrics = train_step(list(rows.split(cfg.model.micro_batch_size)))
+        metrics["train/lr"] = engine.get_lr()[0]  # after the step, as HF Trainer logs it
+        metrics["timing/step"] = time.perf_counter() - start
+        if evaluate and (step == total_steps or (t.eval_every and step % t.eval_every == 0)):
+            final = run_eval(step)
+            metrics.update(final)
+        tracker.log(step, metrics)
+    return {k: v for k, v in final.items() if k.startswith("eval/")}
+
+
+def finish(cfg: RunConfig, coord: Coordinator, engine, hf_model: nn.Module, tokenizer,
+           final: dict[str, float], step: int) -> None:
+    """HF export to OUTPUT_DIR/model and the last eval metrics to OUTPUT_DIR/eval.json."""
+    out = Path(cfg.output_dir)
+    export_hf(engine, hf_model, tokenizer, out / "model", coord.is_main)
+    if coord.is_main:
+        if final:
+            metrics = {"step": step, **{k.removeprefix("eval/"): v for k, v in final.items()}}
+            (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"exported {out / 'model'}", flush=True)

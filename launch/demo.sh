@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The whole InstructGPT pipeline on the bundled demo task: SFT -> reward model -> PPO, then
+# the SFT and PPO policies scored with the task's gold scorer on held-out prompts.
+#
+#   bash launch/demo.sh
+#
+# Variables:
+#   NPROC       data-parallel ranks (default 2)
+#   OUTPUT_DIR  where everything goes (default outputs/demo); summary.json at its top
+#   GPU         1 to run on GPUs (default 0: CPU ranks with DS_ACCELERATOR=cpu, gloo)
+#   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
+# Configs: ds_rlhf/demo/{sft,rm,ppo}.yaml; this script only fills in the paths.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC=${NPROC:-2}
+OUT=${OUTPUT_DIR:-outputs/demo}
+START=$(date +%s.%N)
+if [ "${GPU:-0}" = 0 ]; then
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+export TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-disabled}
+DATA=$OUT/data
+# The launcher's own INFO lines are noise here; errors still show.
+launch() { deepspeed --num_gpus "$NPROC" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
+
+echo "== data: $DATA"
+python -m ds_rlhf.demo.make_data "$DATA"
+
+echo "== step 1: supervised fine-tuning"
+launch sft --config ds_rlhf/demo/sft.yaml --output_dir "$OUT/sft" \
+  --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: prompt_completion}]"
+
+echo "== step 2: reward model"
+launch rm --config ds_rlhf/demo/rm.yaml --output_dir "$OUT/rm" \
+  --model.model.path "$OUT/sft/model" --data.datasets "[{path: $DATA/prefs.jsonl, format: preference}]"
+
+echo "== step 3: PPO"
+launch ppo --config ds_rlhf/demo/ppo.yaml --output_dir "$OUT/ppo" \
+  --actor.model.path "$OUT/sft/model" --critic.model.path "$OUT/rm/model" \
+  --reward.model.path "$OUT/rm/model" --data.datasets "[{path: $DATA/prompts.jsonl, format: prompt}]" \
+  ${PPO_STEPS:+--ppo.steps "$PPO_STEPS"}
+
+echo "== evaluation on held-out prompts"
+python -m ds_rlhf.demo.evaluate "$OUT" --start-time "$START"
