@@ -22,6 +22,7 @@ from ds_rlhf.config import (
     load_config,
     to_yaml,
 )
+from ds_rlhf.errors import NonFiniteError
 
 COMMANDS = {"sft": SFTRunConfig, "rm": RMRunConfig, "ppo": PPORunConfig}
 
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as e:  # checks that need data, tokenizers or the world size
         print(f"ds-rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # every rank raises it together
+        print(f"ds-rlhf {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -143,6 +143,8 @@ class PPOConfig:
     whiten_advantages: bool = True  # whiten advantages over the global rollout batch
     score_clip: float | None = None  # clamp reward-model scores to [-c, c] when set
     missing_eos_penalty: float | None = None  # subtract from scores of responses without EOS
+    nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss on any rank: skip that
+    # micro-batch on every rank (counted in train/skipped_microbatches), or stop with exit 3
 
 
 @dataclass

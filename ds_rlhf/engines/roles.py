@@ -22,6 +22,7 @@ from ds_rlhf.config import EngineConfig, GenerationConfig, PPOConfig, TrainEngin
 from ds_rlhf.engines.ds_config import deepspeed_config
 from ds_rlhf.engines.export import export_hf
 from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine
+from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout
 
@@ -76,40 +77,67 @@ def _forward_all(engine, rollout: Rollout, size: int, fn: Callable) -> torch.Ten
 class _Trainable:
     """Micro-batched backward + step with the loss normalised by the global token count."""
 
-    def __init__(self, engine, grad_accum: int, world_size: int):
+    def __init__(self, engine, grad_accum: int, coord, nonfinite: str):
         self.engine = engine
         self.grad_accum = grad_accum
-        self.world_size = world_size
+        self.coord = coord  # ranks must agree on skipping, or none would skip
+        self.nonfinite = nonfinite  # "skip" or "stop"
 
     def _loss_denominator(self, num_tokens: float) -> float:
         # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients over
         # ranks. Dividing by num_tokens / (world_size * grad_accum) undoes both, so the step
         # follows sum(per-token loss) / num_tokens over the whole global minibatch.
-        return num_tokens / (self.world_size * self.grad_accum)
+        return num_tokens / (self.coord.world_size * self.grad_accum)
+
+    def _guard(self, loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Agree over ranks on a non-finite loss before any gradient can carry it.
+
+        A NaN/inf loss with finite model outputs (bad advantages, an exploding ratio) is
+        replaced on every rank by a zero-gradient loss, so the micro-batch is skipped
+        everywhere. Non-finite outputs mean the weights or activations are broken: stop.
+        """
+        bad_output = not bool(torch.isfinite(output).all())
+        flags = self.coord.sum(torch.tensor([float(bad_output),
+                                             float(not bool(torch.isfinite(loss)))]))
+        if flags.sum() == 0:
+            return loss
+        what = "model outputs" if flags[0] > 0 else "loss"
+        if self.nonfinite == "stop" or flags[0] > 0:
+            raise NonFiniteError(
+                f"non-finite {what} on {int(flags.max())} rank(s) at optimizer step "
+                f"{self.engine.global_steps + 1} of {type(self).__name__.lower()}; the last "
+                "checkpoint is intact. Lower the learning rate, check rewards for NaN/inf, or "
+                "set ppo.nonfinite: skip to skip such micro-batches")
+        self.skipped += 1
+        return (torch.where(torch.isfinite(output), output, 0.0) * 0.0).sum()
 
     def _run(self, minibatch: Rollout, num_tokens: float, loss_fn) -> dict[str, float]:
         """Returns sums over this rank's micro-batches, token-weighted where they are means."""
         denominator = self._loss_denominator(num_tokens)
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = {"skipped_microbatches": 0.0}
         micro = len(minibatch) // self.grad_accum
         for chunk in _micro_batches(minibatch, micro):
-            loss, stats = loss_fn(chunk, denominator)
+            self.skipped = 0
+            loss, stats, output = loss_fn(chunk, denominator)
+            loss = self._guard(loss, output)
             self.engine.backward(loss)
             self.engine.step()
+            if self.skipped:
+                totals["skipped_microbatches"] += 1 / self.coord.world_size  # summed later
+                continue
             num_chunk_tokens = float(chunk.response_mask.sum())
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / (
-                self.world_size * self.grad_accum)
+                self.coord.world_size * self.grad_accum)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value * num_chunk_tokens
         return totals
 
 
 class Actor(_Trainable):
-    def __init__(self, engine, grad_accum: int, world_size: int, gen_cfg: GenerationConfig,
-                 ppo: PPOConfig, micro_batch_size: int, tokenizer, seed: int,
-                 synced: Callable[[bool], bool]):
-        super().__init__(engine, grad_accum, world_size)
-        self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced)
+    def __init__(self, engine, grad_accum: int, coord, gen_cfg: GenerationConfig,
+                 ppo: PPOConfig, micro_batch_size: int, tokenizer, seed: int):
+        super().__init__(engine, grad_accum, coord, ppo.nonfinite)
+        self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced=coord.all)
         self.gen_cfg = gen_cfg
         self.clip_eps = ppo.clip_eps
         self.micro_batch_size = micro_batch_size
@@ -160,15 +188,15 @@ class Actor(_Trainable):
         def loss_fn(chunk: Rollout, denominator: float):
             logprobs = _token_logprobs(self.engine, chunk, self.gen_cfg.temperature)
             chunk = chunk.to(logprobs.device)
-            return algo.policy_loss(logprobs, chunk.old_logprobs, chunk.advantages,
-                                    chunk.response_mask, self.clip_eps, num_tokens=denominator)
+            return (*algo.policy_loss(logprobs, chunk.old_logprobs, chunk.advantages,
+                                      chunk.response_mask, self.clip_eps,
+                                      num_tokens=denominator), logprobs)
         return self._run(minibatch, num_tokens, loss_fn)
 
 
 class Critic(_Trainable):
-    def __init__(self, engine, grad_accum: int, world_size: int, ppo: PPOConfig,
-                 micro_batch_size: int):
-        super().__init__(engine, grad_accum, world_size)
+    def __init__(self, engine, grad_accum: int, coord, ppo: PPOConfig, micro_batch_size: int):
+        super().__init__(engine, grad_accum, coord, ppo.nonfinite)
         self.clip_eps = ppo.value_clip_eps
         self.micro_batch_size = micro_batch_size
 
@@ -183,8 +211,8 @@ class Critic(_Trainable):
         def loss_fn(chunk: Rollout, denominator: float):
             values = _token_values(self.engine, chunk)
             chunk = chunk.to(values.device)
-            return algo.value_loss(values, chunk.values, chunk.returns, chunk.response_mask,
-                                   self.clip_eps, num_tokens=denominator)
+            return (*algo.value_loss(values, chunk.values, chunk.returns, chunk.response_mask,
+                                     self.clip_eps, num_tokens=denominator), values)
         return self._run(minibatch, num_tokens, loss_fn)
 
 

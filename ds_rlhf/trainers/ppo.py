@@ -167,6 +167,8 @@ class PPOTrainer:
         g = self.coord.sum_dict(totals)
         num_updates, tokens = p.ppo_epochs * p.num_minibatches, g["tokens"]
         return {
+            "train/skipped_microbatches": g["actor/skipped_microbatches"]
+            + g["critic/skipped_microbatches"],
             "loss/policy_avg": g["actor/loss"] / num_updates,
             "loss/value_avg": g["critic/loss"] / num_updates,
             "policy/approxkl_avg": g["actor/approx_kl"] / tokens,
@@ -259,9 +261,9 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
               if p.kl_target is not None else algo.FixedKLController(p.kl_coef))
     trainer = PPOTrainer(
         cfg=cfg, sizes=sizes, coord=coord, tokenizer=tokenizer, prompts=prompts, sampler=sampler,
-        actor=Actor(actor_engine, sizes.actor_grad_accum, world_size, cfg.generation, p,
-                    cfg.actor.micro_batch_size, tokenizer, cfg.seed, synced=coord.all),
-        critic=Critic(critic_engine, sizes.critic_grad_accum, world_size, p,
+        actor=Actor(actor_engine, sizes.actor_grad_accum, coord, cfg.generation, p,
+                    cfg.actor.micro_batch_size, tokenizer, cfg.seed),
+        critic=Critic(critic_engine, sizes.critic_grad_accum, coord, p,
                       cfg.critic.micro_batch_size),
         ref=Reference(ref_engine, cfg.ref.micro_batch_size, cfg.generation.temperature),
         reward=RewardModel(reward_engine, cfg.reward.micro_batch_size),

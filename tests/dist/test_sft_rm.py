@@ -66,9 +66,10 @@ def _launch(nproc: int, command: str, cfg: dict, path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def sft_run(demo, tmp_path_factory):
-    """One epoch of SFT on the demo data at ZeRO-2 (118 steps of 32 rows)."""
+    """Three epochs of SFT on the demo data at ZeRO-2 (354 steps of 32 rows)."""
     tmp = tmp_path_factory.mktemp("sft")
-    proc = _launch(2, "sft", sft_config(demo, tmp / "out"), tmp / "sft.yaml")
+    proc = _launch(2, "sft", sft_config(demo, tmp / "out", epochs=3, eval_every=100),
+                   tmp / "sft.yaml")
     return tmp / "out", proc
 
 
@@ -86,20 +87,20 @@ def rm_run(demo, sft_run, tmp_path_factory):
 def test_sft_lowers_eval_loss(sft_run):
     out, proc = sft_run
     metrics = read_metrics(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == list(range(0, 119))
+    assert [m["step"] for m in metrics] == list(range(0, 355))
     evals = [m for m in metrics if "eval/loss" in m]
-    assert [m["step"] for m in evals] == [0, 50, 100, 118]
+    assert [m["step"] for m in evals] == [0, 100, 200, 300, 354]
     first, last = evals[0]["eval/loss"], evals[-1]["eval/loss"]
     # Random init: about log(116 tokens) = 4.75; the demo's entropy floor is about 4.1.
-    assert first > 4.5 and last < first - 0.4, (first, last)
+    assert first > 4.5 and last < 4.2, (first, last)
     assert evals[-1]["eval/perplexity"] == pytest.approx(math.exp(last))
     for m in metrics[1:]:
         assert {"train/loss", "train/lr", "timing/step"} <= set(m)
         assert all(math.isfinite(v) for v in m.values())
     assert metrics[-1]["train/loss"] < metrics[1]["train/loss"] - 0.4
     assert json.loads((out / "eval.json").read_text()) == {
-        "step": 118, "loss": last, "perplexity": evals[-1]["eval/perplexity"]}
-    assert "eval step 118/118" in proc.stdout
+        "step": 354, "loss": last, "perplexity": evals[-1]["eval/perplexity"]}
+    assert "eval step 354/354" in proc.stdout
     assert load_config(out / "config.yaml", cls=SFTRunConfig).train.batch_size == 32
 
 
