@@ -4,9 +4,10 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module ds_rlhf ppo --config run.yaml
     torchrun --nproc_per_node 2 -m ds_rlhf ppo --config run.yaml
     ds-rlhf plot RUN_DIR [--out plot.png]       # curves of RUN_DIR/metrics.jsonl as a PNG
+    ds-rlhf bench ppo --preset tiny             # one JSON line: throughput, time split, memory
 
 Any `--section.key VALUE` (or `--section.key=VALUE`) overrides the YAML; values are parsed as
-YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank` from the deepspeed launcher is accepted.
+YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank=N` from the deepspeed launcher is accepted.
 """
 
 from __future__ import annotations
@@ -50,18 +51,24 @@ RUNNERS = {"sft": _run_sft, "rm": _run_rm, "ppo": _run_ppo}
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # The deepspeed launcher puts --local_rank=N before our arguments; LOCAL_RANK is in the
+    # environment too, which is what we read.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if argv[:1] == ["plot"]:  # reads a finished run's files, loads no config
         from ds_rlhf import plot
 
         return plot.main(argv[1:])
+    if argv[:1] == ["bench"]:  # builds its own workload from presets and flags
+        from ds_rlhf import bench
+
+        bench.main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="ds-rlhf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="which step to run")
     parser.add_argument("--config", help="YAML file; dotted flags override it")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, cls=COMMANDS[args.command])

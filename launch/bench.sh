@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks; prints one JSON line. Usage: launch/bench.sh generation [flags of ds_rlhf.bench]
+# Benchmarks; prints one JSON line. Usage: launch/bench.sh {ppo,generation} [flags]
+# (ds-rlhf bench --help lists the flags)
 #   NPROC   ranks (default 2)
 #   GPU     1 to run on GPUs; default: 1 when nvidia-smi sees one, else CPU ranks
 # Example (the CPU setting): launch/bench.sh generation --layers 4 --hidden 256
@@ -12,4 +13,4 @@ fi
 if [ "$GPU" = 0 ]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-exec deepspeed --num_gpus "$NPROC" --module ds_rlhf.bench "$@" 2> >(grep -v -E "^\[|^$" >&2)
+exec deepspeed --num_gpus "$NPROC" --module ds_rlhf bench "$@"

@@ -17,6 +17,7 @@ which `synced` (an all-reduce of "done") guarantees.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class HybridEngine:
         self.engine = engine  # the actor's DeepSpeedEngine
         self.gather_weights = gather_weights
         self._synced = synced  # all-reduce "all ranks done", for the ZeRO-3 fallback
+        self.switch_seconds = 0.0  # entering + leaving generation mode, last time
 
     @property
     def zero3(self) -> bool:
@@ -85,14 +87,21 @@ class HybridEngine:
 
     @contextmanager
     def generation_mode(self) -> Iterator[GenerationModel]:
+        """Generation inside; `switch_seconds` is then the time spent entering and leaving."""
+        start = time.perf_counter()
         module = self.engine.module
         module.eval()
         try:
             if self.zero3 and not self.gather_weights:
+                self.switch_seconds = time.perf_counter() - start
                 yield GenerationModel(module, self._synced)
+                start = time.perf_counter()
             else:
                 with self.full_model() as model:
                     model.eval()
+                    self.switch_seconds = time.perf_counter() - start
                     yield GenerationModel(model, None)
+                    start = time.perf_counter()
         finally:
             module.train()
+            self.switch_seconds += time.perf_counter() - start

@@ -1,9 +1,10 @@
 """What the supervised loops (SFT and the reward model) share.
 
-Batch arithmetic, the distributed start, the loop itself (equal shards of a seeded per-epoch
-permutation, eval before / every N steps / after, metrics), the normalised backward, the eval
-reduction over ranks and the end of a run (HF export, eval.json). The step-specific maths
-(token NLL, pairwise loss) stays in sft.py and reward.py.
+Batch arithmetic, the distributed start (with auto-resume), the loop itself (equal shards of a
+seeded per-epoch permutation, eval before / every N steps / after, metrics, checkpoints and
+preemption), the normalised backward, the eval reduction over ranks and the end of a run (HF
+export, eval.json). The step-specific maths (token NLL, pairwise loss) stays in sft.py and
+reward.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from ds_rlhf import models
+from ds_rlhf import checkpoint, models
 from ds_rlhf.config import (
     ConfigError,
     RMRunConfig,
@@ -68,9 +70,23 @@ def num_steps(train: TrainConfig, num_rows: int) -> int:
     return train.max_steps or train.epochs * (num_rows // train.batch_size)
 
 
+@dataclass
+class Session:
+    """A started run: the ranks, the engine, and the checkpoint state it resumed from."""
+
+    coord: Coordinator
+    engine: Any
+    preempted: checkpoint.PreemptionFlag
+    resume_state: dict | None  # trainer_state.json of the loaded checkpoint (None: fresh)
+
+
 def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
-          world_size: int):
-    """init_distributed, save config.yaml, build the model and its ZeRO engine."""
+          world_size: int) -> Session:
+    """init_distributed, save config.yaml, build the ZeRO engine, load the newest checkpoint
+    of OUTPUT_DIR/checkpoints if there is one (and checkpoint.resume is on)."""
+    resume_dir = checkpoint.find_resume(cfg.output_dir) if cfg.checkpoint.resume else None
+    state = checkpoint.read_state(resume_dir, world_size) if resume_dir else None
+    preempted = checkpoint.PreemptionFlag()  # from here on a signal waits for a step boundary
     deepspeed.init_distributed()
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() != "cpu":
@@ -79,7 +95,11 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
     engine = init_engine(build_model(), cfg.model, grad_accum, world_size)
-    return coord, engine
+    if resume_dir is not None:
+        checkpoint.load(resume_dir, {"model": engine}, coord)
+        if coord.is_main:
+            print(f"resumed from {resume_dir} at step {state['step']}", flush=True)
+    return Session(coord, engine, preempted, state)
 
 
 def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
@@ -130,21 +150,33 @@ def eval_sums(engine, coord: Coordinator, num_rows: int, micro_batch_size: int,
     return coord.sum_dict(totals)
 
 
-def fit(cfg: RunConfig, coord: Coordinator, engine, num_train: int, total_steps: int,
+def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
         train_step: Callable[[list[torch.Tensor]], dict[str, float]],
-        evaluate: Callable[[], dict[str, float]] | None) -> dict[str, float]:
-    """The loop: eval, then `total_steps` x train_step(this rank's micro-batches of row ids).
+        evaluate: Callable[[], dict[str, float]] | None) -> dict[str, float] | None:
+    """The loop: eval, then train_step(this rank's micro-batches of row ids) to total_steps.
 
     Each step takes the next train.batch_size rows of a seeded per-epoch permutation (an
     epoch's leftover is skipped) and gives rank r the r-th equal share, cut into micro-batches.
-    Eval runs before training, every train.eval_every steps and after the last. Returns the
-    last eval metrics ({} without eval rows).
+    Eval runs before training, every train.eval_every steps and after the last. Checkpoints
+    every checkpoint.save_every steps, at the end, and when any rank got a preemption signal
+    (then returns None). Returns the last eval metrics ({} without eval rows).
     """
-    t = cfg.train
+    t, coord, engine = cfg.train, session.coord, session.engine
     sampler = PromptSampler(num_train, t.batch_size, cfg.data.seed)
-    tracker = Tracker(cfg.output_dir, coord.is_main, t.log_every, total_steps)
+    step = saved = 0
+    if session.resume_state is not None:
+        sampler.load_state_dict(session.resume_state["sampler"])
+        step = saved = session.resume_state["step"]
+    tracker = Tracker(cfg.output_dir, coord.is_main, t.log_every, total_steps, start_step=step)
 
-    def run_eval(step: int) -> dict[str, float]:
+    def save() -> None:
+        nonlocal saved
+        if step != saved:
+            checkpoint.save(cfg.output_dir, step, {"model": engine},
+                            {"sampler": sampler.state_dict()}, coord, cfg.checkpoint.keep_last)
+            saved = step
+
+    def run_eval() -> dict[str, float]:
         start = time.perf_counter()
         metrics = evaluate()
         if coord.is_main:
@@ -152,19 +184,35 @@ def fit(cfg: RunConfig, coord: Coordinator, engine, num_train: int, total_steps:
             print(f"eval step {step}/{total_steps} | {cells}", flush=True)
         return {**metrics, "timing/eval": time.perf_counter() - start}
 
-    final = run_eval(0) if evaluate else {}
-    if final:
+    final: dict[str, float] = {}
+    if evaluate and step == 0:
+        final = run_eval()
         tracker.log(0, final)
-    for step in range(1, total_steps + 1):
+    while step < total_steps:
+        if coord.any(bool(session.preempted)):  # all ranks agree, then save together
+            save()
+            if coord.is_main:
+                print(f"preempted: saved step {step}; run the same command to resume",
+                      flush=True)
+            return None
+        step += 1
         start = time.perf_counter()
+        lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
         rows = coord.shard(sampler.next_batch())
-        metrics = train_step(list(rows.split(cfg.model.micro_batch_size)))
-        metrics["train/lr"] = engine.get_lr()[0]  # after the step, as HF Trainer logs it
+        metrics = {**train_step(list(rows.split(cfg.model.micro_batch_size))), "train/lr": lr}
+        grad_norm = engine.get_global_grad_norm()  # before clipping; None where not computed
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
         metrics["timing/step"] = time.perf_counter() - start
         if evaluate and (step == total_steps or (t.eval_every and step % t.eval_every == 0)):
-            final = run_eval(step)
+            final = run_eval()
             metrics.update(final)
         tracker.log(step, metrics)
+        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
+            save()
+    save()
+    if evaluate and not final:  # resumed from the last step: nothing was evaluated yet
+        final = run_eval()
     return {k: v for k, v in final.items() if k.startswith("eval/")}
 
 

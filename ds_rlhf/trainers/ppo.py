@@ -92,25 +92,29 @@ class PPOTrainer:
         # 2. Rollout: sample responses, then score them with all four models.
         with timer("generate"), self.actor.generation_mode():
             rollout = self.actor.generate(prompt_ids, prompt_mask, prompt_index, step)
-        with timer("score"):
+        with timer("actor_logprobs"):
             rollout.old_logprobs = self.actor.logprobs(rollout)
+        with timer("ref_logprobs"):
             rollout.ref_logprobs = self.ref.logprobs(rollout)
+        with timer("values"):
             rollout.values = self.critic.values(rollout)
+        with timer("reward"):
             rollout.scores = self.adjust_scores(self.reward.scores(rollout), rollout)
 
         # 3. Per-token rewards (score at the last token, KL penalty everywhere), GAE.
-        rollout.rewards, kl = algo.shaped_rewards(
-            rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, rollout.response_mask,
-            self.kl_ctl.value, cfg.ppo.kl_estimator)
-        rollout.advantages, rollout.returns = algo.gae(
-            rollout.rewards, rollout.values, rollout.response_mask, cfg.ppo.gamma, cfg.ppo.lam)
-        if cfg.ppo.whiten_advantages:
-            rollout.advantages = self.coord.masked_whiten(rollout.advantages,
-                                                          rollout.response_mask)
+        with timer("advantages"):
+            rollout.rewards, kl = algo.shaped_rewards(
+                rollout.scores, rollout.old_logprobs, rollout.ref_logprobs,
+                rollout.response_mask, self.kl_ctl.value, cfg.ppo.kl_estimator)
+            rollout.advantages, rollout.returns = algo.gae(
+                rollout.rewards, rollout.values, rollout.response_mask, cfg.ppo.gamma,
+                cfg.ppo.lam)
+            if cfg.ppo.whiten_advantages:
+                rollout.advantages = self.coord.masked_whiten(rollout.advantages,
+                                                              rollout.response_mask)
 
         # 4. PPO updates of actor and critic.
-        with timer("train"):
-            train_stats = self.update(rollout, step)
+        train_stats = self.update(rollout, step, timer)
 
         # 5. KL controller, metrics, samples.
         metrics = self.rollout_metrics(rollout, kl)
@@ -120,7 +124,13 @@ class PPOTrainer:
         self.kl_ctl.update(metrics["objective/kl"], cfg.ppo.rollout_batch_size)
         metrics.update(train_stats)
         timer.seconds["step"] = time.perf_counter() - start
-        metrics.update({f"timing/{k}": v for k, v in timer.seconds.items()})
+        # The switch into and out of generation mode (ZeRO-3 gather) is part of "generate".
+        timer.seconds["switch"] = self.actor.hybrid.switch_seconds
+        timer.seconds["generate"] -= timer.seconds["switch"]
+        t = timer.seconds
+        t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]
+        t["train"] = t["actor_train"] + t["critic_train"]
+        metrics.update({f"timing/{k}": v for k, v in t.items()})
         metrics["perf/samples_per_s"] = cfg.ppo.rollout_batch_size / timer.seconds["step"]
         metrics["perf/tokens_per_s"] = metrics["response_length/mean"] * \
             metrics["perf/samples_per_s"]
@@ -149,7 +159,7 @@ class PPOTrainer:
         last_token = rollout.response_ids.gather(1, last[:, None]).squeeze(1)
         return (last_token == self.tokenizer.eos_token_id) & (rollout.response_lengths > 0)
 
-    def update(self, rollout: Rollout, step: int) -> dict[str, float]:
+    def update(self, rollout: Rollout, step: int, timer: Timer) -> dict[str, float]:
         """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle."""
         p, size = self.cfg.ppo, self.sizes.minibatch_per_rank
         shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
@@ -159,13 +169,19 @@ class PPOTrainer:
             for k in range(p.num_minibatches):
                 minibatch = rollout.select(order[k * size:(k + 1) * size])
                 num_tokens = self.coord.sum(minibatch.response_mask.sum()).item()
-                for prefix, stats in (("actor", self.actor.train_step(minibatch, num_tokens)),
-                                      ("critic", self.critic.train_step(minibatch, num_tokens))):
+                with timer("actor_train"):
+                    actor_stats = self.actor.train_step(minibatch, num_tokens)
+                with timer("critic_train"):
+                    critic_stats = self.critic.train_step(minibatch, num_tokens)
+                for prefix, stats in (("actor", actor_stats), ("critic", critic_stats)):
                     for key, value in stats.items():
                         totals[f"{prefix}/{key}"] = totals.get(f"{prefix}/{key}", 0.0) + value
                 totals["tokens"] = totals.get("tokens", 0.0) + float(minibatch.response_mask.sum())
         g = self.coord.sum_dict(totals)
-        num_updates, tokens = p.ppo_epochs * p.num_minibatches, g["tokens"]
+        num_updates, tokens = p.ppo_epochs * p.num_minibatches, max(g["tokens"], 1.0)
+        g = {key: g.get(key, 0.0) for key in (  # a key is missing if every micro-batch skipped
+            "actor/skipped_microbatches", "critic/skipped_microbatches", "actor/loss",
+            "critic/loss", "actor/approx_kl", "actor/clipfrac", "actor/ratio", "critic/clipfrac")}
         return {
             "train/skipped_microbatches": g["actor/skipped_microbatches"]
             + g["critic/skipped_microbatches"],

@@ -41,7 +41,7 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: float) -> 
     return -F.logsigmoid(chosen - rejected - margin)
 
 
-def run(cfg: RMRunConfig) -> dict[str, float]:
+def run(cfg: RMRunConfig) -> dict[str, float] | None:
     # 1. Cheap checks first: batch arithmetic, lengths, tokenizer, data.
     world_size, grad_accum = common.batch_sizes(cfg)
     tokenizer = models.load_tokenizer(cfg.model.model, "model")
@@ -51,10 +51,11 @@ def run(cfg: RMRunConfig) -> dict[str, float]:
 
     # 2. The engine.
     pad = tokenizer.pad_token_id
-    coord, engine = common.start(
+    session = common.start(
         cfg, lambda: models.build_scalar_model(cfg.model.model, "model", cfg.model.dtype,
                                                cfg.seed, pad),
         grad_accum, world_size)
+    coord, engine = session.coord, session.engine
     if coord.is_main:
         print(f"rm: {len(train_set.chosen_ids)} train pairs ({train_set.num_filtered} dropped "
               f"as too long), {len(eval_set.chosen_ids)} eval pairs, {total_steps} steps of "
@@ -87,7 +88,8 @@ def run(cfg: RMRunConfig) -> dict[str, float]:
         return {"eval/accuracy": g["correct"] / n, "eval/chosen_mean": g["chosen"] / n,
                 "eval/rejected_mean": g["rejected"] / n, "eval/loss": g["loss"] / n}
 
-    final = common.fit(cfg, coord, engine, len(train_set.chosen_ids), total_steps, train_step,
+    final = common.fit(cfg, session, len(train_set.chosen_ids), total_steps, train_step,
                        evaluate if eval_set.chosen_ids else None)
-    common.finish(cfg, coord, engine, engine.module.hf_model, tokenizer, final, total_steps)
+    if final is not None:  # None: preempted, checkpoint saved
+        common.finish(cfg, coord, engine, engine.module.hf_model, tokenizer, final, total_steps)
     return final

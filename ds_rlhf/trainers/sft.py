@@ -43,7 +43,7 @@ def token_nll(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return nll * batch["targets"][:, 1:]
 
 
-def run(cfg: SFTRunConfig) -> dict[str, float]:
+def run(cfg: SFTRunConfig) -> dict[str, float] | None:
     # 1. Cheap checks first: batch arithmetic, lengths, tokenizer, data.
     world_size, grad_accum = common.batch_sizes(cfg)
     tokenizer = models.load_tokenizer(cfg.model.model, "model")
@@ -52,9 +52,10 @@ def run(cfg: SFTRunConfig) -> dict[str, float]:
     total_steps = common.num_steps(cfg.train, len(train_set.input_ids))
 
     # 2. The engine.
-    coord, engine = common.start(
+    session = common.start(
         cfg, lambda: models.build_causal_lm(cfg.model.model, "model", cfg.model.dtype, cfg.seed),
         grad_accum, world_size)
+    coord, engine = session.coord, session.engine
     pad, device = tokenizer.pad_token_id, engine.device
     if coord.is_main:
         print(f"sft: {len(train_set.input_ids)} train rows ({train_set.num_truncated} cut at "
@@ -82,7 +83,8 @@ def run(cfg: SFTRunConfig) -> dict[str, float]:
         loss = g["nll"] / g["tokens"]
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
 
-    final = common.fit(cfg, coord, engine, len(train_set.input_ids), total_steps, train_step,
+    final = common.fit(cfg, session, len(train_set.input_ids), total_steps, train_step,
                        evaluate if eval_set.input_ids else None)
-    common.finish(cfg, coord, engine, engine.module, tokenizer, final, total_steps)
+    if final is not None:  # None: preempted, checkpoint saved
+        common.finish(cfg, coord, engine, engine.module, tokenizer, final, total_steps)
     return final

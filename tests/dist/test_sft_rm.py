@@ -192,18 +192,46 @@ def test_rm_export_loads_as_classifier_and_reward_model(rm_run):
     assert float(-F.logsigmoid(c - r).mean()) == pytest.approx(saved["loss"], abs=1e-4)
 
 
-def test_sft_one_rank_equals_two_ranks(demo, tmp_path):
-    """The loss is normalised by the global token count: 1 rank x 4 micro-batches of 4 rows
-    and 2 ranks x 1 micro-batch of 8 rows take the same steps on the same global batches."""
-    losses = {}
-    for nproc, mbs in ((1, 4), (2, 8)):
-        cfg = sft_config(demo, tmp_path / f"n{nproc}", batch_size=16, max_steps=3, eval_every=0)
+@pytest.fixture(scope="module")
+def short_runs(demo, tmp_path_factory) -> dict:
+    """3 steps of 16 rows on 1 rank (4 micro-batches of 4) and on 2 ranks (1 of 8 each); the
+    2-rank run resumed from its final checkpoint to 6 steps; and 6 steps in one go."""
+    tmp = tmp_path_factory.mktemp("short")
+    out = {}
+    for name, nproc, mbs, steps in (("n1", 1, 4, 3), ("n2", 2, 8, 3), ("n2", 2, 8, 6),
+                                    ("straight", 2, 8, 6)):
+        cfg = sft_config(demo, tmp / name, batch_size=16, max_steps=steps, eval_every=0)
         cfg["model"]["micro_batch_size"] = mbs
-        _launch(nproc, "sft", cfg, tmp_path / f"n{nproc}.yaml")
-        metrics = read_metrics(tmp_path / f"n{nproc}" / "metrics.jsonl")
-        losses[nproc] = [m["train/loss"] for m in metrics if "train/loss" in m]
-    assert len(losses[1]) == 3
-    assert losses[1] == pytest.approx(losses[2], rel=1e-5)
+        cfg["checkpoint"] = {"keep_last": 1}
+        proc = _launch(nproc, "sft", cfg, tmp / f"{name}.yaml")
+        out[name] = tmp / name
+        out[f"{name}_stdout"] = proc.stdout
+    return out
+
+
+def _losses(out, first: int = 1) -> list[tuple[float, float]]:
+    metrics = read_metrics(out / "metrics.jsonl")
+    return [(m["train/loss"], m["train/grad_norm"]) for m in metrics if m["step"] >= first]
+
+
+def test_sft_one_rank_equals_two_ranks(short_runs):
+    """The loss is normalised by the global token count, so 1 rank x 4 micro-batches and
+    2 ranks x 1 micro-batch take the same steps on the same global batches."""
+    one, two = _losses(short_runs["n1"]), _losses(short_runs["straight"])[:3]
+    assert len(one) == 3
+    for a, b in zip(one, two, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)  # loss and gradient norm of each step
+
+
+def test_sft_resumes_from_its_checkpoint(short_runs):
+    resumed, straight = short_runs["n2"], short_runs["straight"]
+    assert "resumed from" in short_runs["n2_stdout"] and "at step 3" in short_runs["n2_stdout"]
+    assert [m["step"] for m in read_metrics(resumed / "metrics.jsonl")] == list(range(7))
+    assert _losses(resumed) == pytest.approx(_losses(straight), rel=1e-5)
+    saved = json.loads((resumed / "eval.json").read_text())
+    assert saved == pytest.approx(json.loads((straight / "eval.json").read_text()), rel=1e-5)
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_6"
+    assert not (resumed / "checkpoints" / "step_3").exists()  # checkpoint.keep_last: 1
 
 
 def test_batch_arithmetic_error_names_the_field(demo, tmp_path):
