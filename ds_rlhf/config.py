@@ -68,6 +68,7 @@ class TrainEngineConfig(EngineConfig):
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
 
 
 @dataclass

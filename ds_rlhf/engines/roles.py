@@ -36,6 +36,10 @@ def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, wor
     if not trainable:
         model.requires_grad_(False)
         model.eval()
+    elif engine_cfg.gradient_checkpointing:
+        hf_model = getattr(model, "hf_model", model)  # ScalarHeadModel wraps an HF model
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False})  # the reentrant variant drops grads of ZeRO-3 params
     params = [p for p in model.parameters() if p.requires_grad] if trainable else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     return engine

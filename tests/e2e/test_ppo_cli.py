@@ -1,4 +1,5 @@
-"""Bad PPO input fails early, through the real entry point, with one message naming the fix."""
+"""PPO through the real entry point, one process: bad input fails early with one clear message;
+config switches that must not change results do not."""
 
 from __future__ import annotations
 
@@ -73,3 +74,21 @@ def test_print_config_round_trips(assets, tmp_path):
 
     assert load_config(printed).ppo.kl_coef == 0.3
     assert load_config(printed) == load_config(tmp_path / "run.yaml", ["--ppo.kl_coef", "0.3"])
+
+
+def test_gradient_checkpointing_changes_memory_not_results(assets, tmp_path):
+    from ds_rlhf.tracking import read_metrics
+
+    runs = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc_{checkpointing}"
+        gc = {"gradient_checkpointing": checkpointing}
+        base = ppo_config(assets, out)
+        cfg = ppo_config(assets, out, actor={**base["actor"], **gc},
+                         critic={**base["critic"], **gc})
+        proc = _ppo(cfg, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[checkpointing] = read_metrics(out / "metrics.jsonl")
+    for a, b in zip(runs[False], runs[True], strict=True):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
