@@ -66,6 +66,24 @@ class Rollout:
     def to(self, device: torch.device | str) -> Rollout:
         return self._map(lambda t: t.to(device))
 
+    def trim(self) -> Rollout:
+        """Drop the columns that are padding in every row: left of the longest prompt and
+        after the longest response. Positions come from the masks, so results are the same
+        on the kept columns; callers pad per-token outputs back to the full width."""
+        first = int(self.prompt_mask.any(0).long().argmax())  # first column with a real token
+        width = max(int(self.response_lengths.max()), 1)
+        per_token = {"response_ids", "response_mask", "old_logprobs", "ref_logprobs", "values",
+                     "rewards", "advantages", "returns"}
+        fields = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if t is not None and f.name in per_token:
+                t = t[:, :width]
+            elif t is not None and f.name in ("prompt_ids", "prompt_mask"):
+                t = t[:, first:]
+            fields[f.name] = t
+        return Rollout(**fields)
+
     @classmethod
     def cat(cls, rollouts: Sequence[Rollout]) -> Rollout:
         """Concatenate along the batch. All rollouts need the same prompt width P and

@@ -51,26 +51,33 @@ def _micro_batches(rollout: Rollout, size: int) -> Iterator[Rollout]:
 
 
 def _inputs(engine, chunk: Rollout):
-    chunk = chunk.to(engine.device)
+    """Model inputs of a micro-batch, its all-padding columns dropped (see Rollout.trim)."""
+    chunk = chunk.trim().to(engine.device)
     ids, attention_mask, position_ids = sequence_inputs(
         chunk.prompt_ids, chunk.prompt_mask, chunk.response_ids, chunk.response_mask)
     return chunk, dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids)
 
 
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))  # zeros, masked out anyway
+
+
 def _token_logprobs(engine, chunk: Rollout, temperature: float) -> torch.Tensor:
     """[b, R] log pi(response_t | prompt, response_<t) at the sampling temperature."""
+    width = chunk.response_ids.shape[1]
     chunk, inputs = _inputs(engine, chunk)
     num_response = chunk.response_ids.shape[1]
     # Keep only the logits that predict response tokens: positions P-1 .. P+R-2.
     logits = engine(**inputs, use_cache=False, logits_to_keep=num_response + 1).logits[:, :-1]
-    return algo.logprobs_from_logits(logits, chunk.response_ids, temperature)
+    return _pad_to(algo.logprobs_from_logits(logits, chunk.response_ids, temperature), width)
 
 
 def _token_values(engine, chunk: Rollout) -> torch.Tensor:
     """[b, R] V(prompt + response_<t), read where the logprob of token t is read."""
+    width = chunk.response_ids.shape[1]
     chunk, inputs = _inputs(engine, chunk)
     prompt_len, num_response = chunk.prompt_ids.shape[1], chunk.response_ids.shape[1]
-    return engine(**inputs)[:, prompt_len - 1:prompt_len - 1 + num_response]
+    return _pad_to(engine(**inputs)[:, prompt_len - 1:prompt_len - 1 + num_response], width)
 
 
 @torch.no_grad()
@@ -166,16 +173,24 @@ class Actor(_Trainable):
         if self._gen is None:
             raise RuntimeError("Actor.generate must run inside `with actor.generation_mode():`")
         g, device = self.gen_cfg, self.engine.device
+        # Prompts of similar length share a generate call and each call drops the left
+        # padding all its rows share: less padded compute. Sampling is per prompt, so the
+        # order changes nothing but speed.
+        order = torch.argsort(prompt_mask.sum(1), stable=True)
         pieces = []
         for start in range(0, len(prompt_ids), g.batch_size):
-            rows = slice(start, start + g.batch_size)
+            rows = order[start:start + g.batch_size]
+            first = int(prompt_mask[rows].any(0).long().argmax())
             pieces.append(generation.generate(
-                self._gen.model, prompt_ids[rows].to(device), prompt_mask[rows].to(device),
-                prompt_index[rows], step=step, seed=self.seed,
-                max_new_tokens=g.max_new_tokens, eos_token_id=self.eos_token_id,
+                self._gen.model, prompt_ids[rows, first:].to(device),
+                prompt_mask[rows, first:].to(device), prompt_index[rows], step=step,
+                seed=self.seed, max_new_tokens=g.max_new_tokens, eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, greedy=greedy, synced=self._gen.synced))
         response_ids, response_mask = generation.pad_responses(pieces, self.pad_token_id)
+        unsort = torch.argsort(order)
+        response_ids, response_mask = response_ids[unsort.to(device)], response_mask[
+            unsort.to(device)]
         return Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
                        response_ids=response_ids.cpu(), response_mask=response_mask.cpu(),
                        prompt_index=prompt_index.cpu())

@@ -19,8 +19,14 @@ KEYS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/polic
         "response_length/mean")
 
 
+# Variables of the launch scripts: only what a test sets may reach them.
+SCRIPT_VARS = ("NPROC", "NNODES", "NODE_RANK", "HOSTFILE", "MASTER_ADDR", "MASTER_PORT",
+               "LAUNCHER", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
 def _env(**extra) -> dict:
-    return cpu_env(GPU="0", PYTHON=sys.executable, **extra)
+    env = {k: v for k, v in cpu_env().items() if k not in SCRIPT_VARS}
+    return {**env, "GPU": "0", "PYTHON": sys.executable, **extra}
 
 
 def _tail(text: str) -> str:

@@ -22,6 +22,9 @@ SBATCH = REPO / "launch" / "slurm.sbatch"
 STEPS = 12
 KEYS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy_avg",
         "loss/value_avg", "policy/approxkl_avg", "response_length/mean")
+# Variables of launch/slurm.sbatch (sbatch exports the environment): only what a test sets.
+SCRIPT_VARS = ("MODE", "LAUNCHER", "NPROC", "MASTER_ADDR", "MASTER_PORT", "REQUEUE", "REPO",
+               "VENV", "SRUN_ARGS", "RANK", "LOCAL_RANK", "WORLD_SIZE")
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
@@ -48,7 +51,8 @@ def slurm():
 def submit(jobs: list, cfg: Path, out: Path, resources: list[str], **env) -> str:
     cmd = ["sbatch", "--parsable", "--export=ALL", f"--output={out}", f"--chdir={REPO}",
            *resources, str(SBATCH), "ppo", str(cfg)]
-    proc = subprocess.run(cmd, env=cpu_env(GPU="0", PYTHON=sys.executable, **env),
+    base = {k: v for k, v in cpu_env().items() if k not in SCRIPT_VARS}
+    proc = subprocess.run(cmd, cwd=REPO, env={**base, "GPU": "0", "PYTHON": sys.executable, **env},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     jid = proc.stdout.strip().split(";")[0]
@@ -160,7 +164,15 @@ def test_per_node_job_stopped_by_scancel_usr1_requeues_itself_and_resumes(slurm,
     wait_for(jid, lambda i: int(i.get("Restarts", 0)) == 1 and i["JobState"] == "PENDING", out)
     stopped_at = len(read_metrics(metrics))
     assert 2 <= stopped_at < STEPS
-    # Slurm holds a requeued job back for a while (Reason=BeginTime); let it start now.
+    # Slurm holds a requeued job back for a while (Reason=BeginTime); let it start now, but
+    # not within the second of the requeue: slurmd refuses job credentials that are not newer
+    # than the revocation of the first run's ("Job credential revoked").
+    deadline = time.time() + 60
+    while subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                         timeout=30).stdout.strip() != "idle":
+        assert time.time() < deadline, "the node did not become idle after the requeue"
+        time.sleep(0.25)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True,
                    timeout=30)
     assert_ok(wait_for(jid, ended(restarts=1), out), out)

@@ -107,3 +107,24 @@ def test_to_moves_every_set_field_and_round_trips():
         assert value is None if getattr(r, f.name) is None else value.device.type == "meta"
     assert_rollouts_equal(r.to("cpu"), r)
     assert_rollouts_equal(r.to(torch.device("cpu")), r)
+
+
+def test_trim_drops_columns_that_are_padding_in_every_row():
+    # Prompts left padded to 4 (longest real prompt: 3), responses right padded to 5
+    # (longest real response: 2).
+    r = Rollout(
+        prompt_ids=torch.tensor([[0, 0, 5, 6], [0, 7, 8, 9]]),
+        prompt_mask=torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]),
+        response_ids=torch.tensor([[1, 2, 0, 0, 0], [3, 0, 0, 0, 0]]),
+        response_mask=torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]),
+        prompt_index=torch.tensor([4, 5]),
+        old_logprobs=torch.arange(10.0).reshape(2, 5),
+        scores=torch.tensor([1.0, 2.0]),
+    )
+    t = r.trim()
+    assert t.prompt_ids.tolist() == [[0, 5, 6], [7, 8, 9]]
+    assert t.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert t.response_ids.tolist() == [[1, 2], [3, 0]]
+    assert t.old_logprobs.tolist() == [[0.0, 1.0], [5.0, 6.0]]
+    assert t.scores.tolist() == [1.0, 2.0] and t.values is None
+    assert t.response_lengths.tolist() == r.response_lengths.tolist()
