@@ -69,6 +69,9 @@ class TrainEngineConfig(EngineConfig):
     warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    lora_rank: int = 0  # train LoRA adapters of this rank on every linear layer (peft) and
+    # freeze the rest; 0 trains all weights. Generation and export use merged weights
+    lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) * B @ A
 
 
 @dataclass
@@ -426,6 +429,8 @@ def _check_engine(e: EngineConfig, name: str, trainable: bool) -> None:
         _require(e.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0 disables clipping)")
         _require(not e.offload_optimizer or e.zero_stage >= 1, f"{name}.offload_optimizer",
                  "optimizer offload needs zero_stage 1, 2 or 3")
+        _require(e.lora_rank >= 0, f"{name}.lora_rank", "must be >= 0 (0: no LoRA)")
+        _require(e.lora_alpha > 0, f"{name}.lora_alpha", "must be > 0")
 
 
 _STEP_FORMATS = {  # row formats each step can read (see DatasetSpec)

@@ -1,43 +1,70 @@
-"""HF-format export of a DeepSpeed engine's model (save_pretrained + tokenizer), any ZeRO stage."""
+"""Whole-model weights out of an engine: ZeRO-3 partitions gathered, LoRA adapters merged.
+
+`merged_weights` feeds both the HybridEngine's plain generation copy and the HF-format
+export (save_pretrained + tokenizer), so the two always see the same weights.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
 
+ADAPTER = "default"  # peft's name for the one adapter we inject
 
-def gathered_state_dict(module: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
-    """A full CPU state dict of `module` on the main rank (None elsewhere).
 
-    Under ZeRO-3 every rank must call this (each parameter is all-gathered, one submodule at a
-    time, so peak memory stays at one submodule). Below ZeRO-3 it is the plain state dict.
+def is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A")
+
+
+def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every parameter and persistent buffer, named as in the plain
+    (adapter-free) model: W = W_base + scaling * B @ A for LoRA layers (Hu et al. 2021, eq. 3).
+
+    Gathers one submodule at a time, so every rank must run the iterator to its end (the
+    gathers are collective) and copy each tensor before asking for the next one.
     """
-    state: dict[str, torch.Tensor] = {}
+    lora = [name for name, m in module.named_modules() if is_lora_layer(m)]
     for prefix, sub in module.named_modules():
+        if any(prefix.startswith(f"{name}.") for name in lora):
+            continue  # the insides of a LoRA layer are merged below
+
+        def key(name: str, prefix: str = prefix) -> str:
+            return f"{prefix}.{name}" if prefix else name
+
+        if is_lora_layer(sub):
+            base, a, b = sub.base_layer, sub.lora_A[ADAPTER].weight, sub.lora_B[ADAPTER].weight
+            params = [base.weight, a, b] + ([base.bias] if base.bias is not None else [])
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                delta = (b.data.float() @ a.data.float()) * sub.scaling[ADAPTER]
+                yield key("weight"), (base.weight.data.float() + delta).to(base.weight.dtype)
+                if base.bias is not None:
+                    yield key("bias"), base.bias.data
+            continue
         own = list(sub.named_parameters(recurse=False))
         with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
-            if is_main:
-                for name, p in own:
-                    state[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
-        if is_main:
-            for name, buf in sub.named_buffers(recurse=False):
-                if buf is not None and name not in sub._non_persistent_buffers_set:
-                    state[f"{prefix}.{name}" if prefix else name] = buf.detach().cpu().clone()
-    return state if is_main else None
+            for name, p in own:
+                yield key(name), p.data
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                yield key(name), buf.data
 
 
 def export_hf(engine, hf_model: nn.Module, tokenizer, path: str | Path, is_main: bool) -> None:
-    """Write `hf_model` (a PreTrainedModel inside `engine.module`) with the engine's weights.
+    """Write `hf_model` (a PreTrainedModel inside `engine.module`) in HF format.
 
-    `hf_model` may be the engine's module itself or a submodule of it (e.g. the sequence
-    classifier inside ScalarHeadModel); its keys are taken relative to it.
+    Every rank must call it. The weights are the engine's, gathered and with LoRA merged, so
+    the export loads with plain `from_pretrained` (no peft needed).
     """
     if not any(m is hf_model for m in engine.module.modules()):
         raise ValueError("hf_model is not part of the engine's module")
-    state = gathered_state_dict(hf_model, is_main)
+    state = {}
+    for name, tensor in merged_weights(hf_model):
+        if is_main:
+            state[name] = tensor.detach().cpu().clone()
     if is_main:
         hf_model.save_pretrained(path, state_dict=state)
         tokenizer.save_pretrained(path)

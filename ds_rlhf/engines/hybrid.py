@@ -4,10 +4,11 @@
         response_ids, response_mask = generation.generate(gen.model, ..., synced=gen.synced)
 
 ZeRO 0-2 keep full weights on every rank and add no forward hooks, so generation runs on the
-training module itself. Under ZeRO-3 entering the mode gathers the partitioned weights once,
-module by module, into a plain copy of the model that has no ZeRO hooks; generation then runs
-with a KV cache entirely on the local rank. No collective runs inside generation, so ranks may
-stop at different lengths without hanging. Leaving the mode frees the copy.
+training module itself. Under ZeRO-3 (or with LoRA adapters) entering the mode gathers the
+partitioned weights once, module by module, into a plain copy of the model that has no ZeRO
+hooks and has the adapters merged; generation then runs with a KV cache entirely on the local
+rank. No collective runs inside generation, so ranks may stop at different lengths without
+hanging. Leaving the mode frees the copy; the training weights are never touched.
 
 `gather_weights=False` (models too big to gather) generates through the ZeRO-3 module itself,
 whose every forward all-gathers layers: then all ranks must run the same number of forwards,
@@ -22,10 +23,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import transformers
 from torch import nn
+
+from ds_rlhf.engines.export import is_lora_layer, merged_weights
 
 
 @dataclass
@@ -35,28 +37,26 @@ class GenerationModel:
 
 
 def _plain_copy(module: nn.Module, device: torch.device) -> nn.Module:
-    """A hook-free copy of a ZeRO-3 partitioned HF model, gathered one submodule at a time."""
+    """A hook-free copy of the model: ZeRO-3 weights gathered, LoRA adapters merged."""
     dtype = next(module.parameters()).dtype
     with torch.device("meta"):  # no memory and no random init for weights we overwrite
         copy = transformers.AutoModelForCausalLM.from_config(module.config, dtype=dtype)
     copy.to_empty(device=device)
+    targets = {**dict(copy.named_parameters()), **dict(copy.named_buffers())}
+    for name, tensor in merged_weights(module):
+        targets[name].data.copy_(tensor)
+    # What merged_weights does not carry: non-persistent buffers (rotary inv_freq) and plain
+    # tensor attributes (original_inv_freq), which to_empty left uninitialised or on meta.
     sources = dict(module.named_modules())
-    # One coalesced all-gather of every partitioned parameter: the copy needs all of them
-    # anyway, and one collective is far cheaper than one per submodule.
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        for name, target in copy.named_modules():
-            source = sources[name]
-            for (pname, p), q in zip(source.named_parameters(recurse=False),
-                                     target.parameters(recurse=False), strict=True):
-                assert p.shape == q.shape, f"{name}.{pname}: {p.shape} vs {q.shape}"
-                q.data.copy_(p.data)
-            for bname, buf in source.named_buffers(recurse=False):
-                if buf is not None:
-                    getattr(target, bname).data.copy_(buf.data)
-            # Plain tensor attributes (e.g. rotary embeddings' original_inv_freq) stay on meta.
-            for key, value in list(vars(target).items()):
-                if isinstance(value, torch.Tensor) and value.is_meta:
-                    setattr(target, key, getattr(source, key).to(device))
+    for name, target in copy.named_modules():
+        source = sources.get(name)
+        if source is None:
+            continue
+        for bname in target._non_persistent_buffers_set:
+            getattr(target, bname).data.copy_(getattr(source, bname).data)
+        for key, value in list(vars(target).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(target, key, getattr(source, key).to(device))
     return copy
 
 
@@ -71,11 +71,19 @@ class HybridEngine:
     def zero3(self) -> bool:
         return self.engine.zero_optimization_stage() == 3
 
+    @property
+    def lora(self) -> bool:
+        return any(is_lora_layer(m) for m in self.engine.module.modules())
+
     @contextmanager
     def full_model(self) -> Iterator[nn.Module]:
         """The whole model on this rank: the module itself, or under ZeRO-3 a gathered copy."""
         module = self.engine.module
-        model = _plain_copy(module, self.engine.device) if self.zero3 else module
+        # ZeRO 0-2 hold full weights and add no forward hooks: the module itself will do,
+        # unless LoRA adapters must be merged (merging into the training weights in place and
+        # unmerging after would drift them by round-off, in bf16 noticeably).
+        copy = self.zero3 or self.lora
+        model = _plain_copy(module, self.engine.device) if copy else module
         try:
             yield model
         finally:

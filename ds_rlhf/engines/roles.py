@@ -36,13 +36,27 @@ def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, wor
     if not trainable:
         model.requires_grad_(False)
         model.eval()
-    elif engine_cfg.gradient_checkpointing:
+    else:
         hf_model = getattr(model, "hf_model", model)  # ScalarHeadModel wraps an HF model
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False})  # the reentrant variant drops grads of ZeRO-3 params
+        if engine_cfg.lora_rank:
+            add_lora(hf_model, engine_cfg.lora_rank, engine_cfg.lora_alpha)
+        if engine_cfg.gradient_checkpointing:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False})  # the reentrant variant drops grads of ZeRO-3 params
     params = [p for p in model.parameters() if p.requires_grad] if trainable else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     return engine
+
+
+def add_lora(hf_model: nn.Module, rank: int, alpha: float) -> None:
+    """Inject LoRA adapters (Hu et al. 2021) into every linear layer but the LM head, in place,
+    and train only them (plus a scalar head, which is new and small)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                       target_modules="all-linear"), hf_model)
+    for name, p in hf_model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("score."))
 
 
 def _micro_batches(rollout: Rollout, size: int) -> Iterator[Rollout]:

@@ -41,20 +41,22 @@ RunConfig = SFTRunConfig | RMRunConfig
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 
-def batch_sizes(cfg: RunConfig) -> tuple[int, int]:
-    """(world_size, grad_accum) from train.batch_size = micro_batch_size x grad_accum x world."""
+def check_sizes(cfg: RunConfig) -> tuple[int, int]:
+    """(world_size, grad_accum) from train.batch_size = micro_batch_size x grad_accum x world,
+    each division exact; and data.max_len within the model's positions."""
     setup_distributed_env()
     world_size = int(os.environ["WORLD_SIZE"])
+    unit = "pairs" if isinstance(cfg, RMRunConfig) else "rows"
     per_rank = exact_div(
         cfg.train.batch_size, world_size, "train.batch_size",
-        f"every one of the {world_size} ranks must get the same number of rows; use a multiple "
-        f"of {world_size}")
+        f"every one of the {world_size} ranks must get the same number of {unit}; use a "
+        f"multiple of {world_size}")
     mbs = cfg.model.micro_batch_size
     grad_accum = exact_div(
         per_rank, mbs, "model.micro_batch_size",
-        f"each rank's {per_rank} rows per step (train.batch_size / {world_size} ranks) must "
-        f"split into micro-batches of {mbs}; use a micro_batch_size that divides {per_rank}, "
-        "or change train.batch_size")
+        f"each rank's {per_rank} {unit} per step (train.batch_size / world size {world_size}) "
+        f"must split into micro-batches of {mbs}; use a micro_batch_size that divides "
+        f"{per_rank}, or change train.batch_size")
     limit = getattr(models.hf_config(cfg.model.model, "model"), "max_position_embeddings", None)
     if limit is not None and cfg.data.max_len > limit:
         raise ConfigError(f"data.max_len: {cfg.data.max_len} exceeds the model's "

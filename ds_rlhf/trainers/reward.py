@@ -8,7 +8,8 @@ started from an SFT checkpoint (fresh score head) or from init. A sequence's sco
 its last real token (the EOS), found from its length, never from pad ids (pad may equal EOS),
 exactly where the PPO reward role reads it. The loss is -logsigmoid(r_chosen - r_rejected -
 margin) averaged over the pairs of the global batch. Writes metrics.jsonl, config.yaml,
-eval.json (accuracy, chosen_mean, rejected_mean, loss) and OUTPUT_DIR/model, loadable with
+eval.json (accuracy, chosen_mean, rejected_mean, loss), checkpoints/ (the same command resumes
+from the newest) and OUTPUT_DIR/model, loadable with
 AutoModelForSequenceClassification.from_pretrained and as the `reward` model of a PPO run.
 """
 
@@ -43,7 +44,7 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: float) -> 
 
 def run(cfg: RMRunConfig) -> dict[str, float] | None:
     # 1. Cheap checks first: batch arithmetic, lengths, tokenizer, data.
-    world_size, grad_accum = common.batch_sizes(cfg)
+    world_size, grad_accum = common.check_sizes(cfg)
     tokenizer = models.load_tokenizer(cfg.model.model, "model")
     train_set = load_preferences(cfg.data, tokenizer, "train")
     eval_set = load_preferences(cfg.data, tokenizer, "eval")

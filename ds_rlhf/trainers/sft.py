@@ -6,7 +6,8 @@
 The loss is the mean next-token NLL over the target tokens of the whole optimizer batch
 (completion + EOS; every token with train_on_prompt), so long and short rows weigh by their
 tokens on any number of ranks. Writes metrics.jsonl, config.yaml, eval.json (eval loss and
-perplexity) and OUTPUT_DIR/model, loadable with AutoModelForCausalLM.from_pretrained.
+perplexity), checkpoints/ (the same command resumes from the newest) and OUTPUT_DIR/model,
+loadable with AutoModelForCausalLM.from_pretrained.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def token_nll(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def run(cfg: SFTRunConfig) -> dict[str, float] | None:
     # 1. Cheap checks first: batch arithmetic, lengths, tokenizer, data.
-    world_size, grad_accum = common.batch_sizes(cfg)
+    world_size, grad_accum = common.check_sizes(cfg)
     tokenizer = models.load_tokenizer(cfg.model.model, "model")
     train_set = load_sft(cfg.data, tokenizer, "train", cfg.train_on_prompt)
     eval_set = load_sft(cfg.data, tokenizer, "eval", cfg.train_on_prompt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from ds_rlhf.config import ModelConfig, RMRunConfig, SFTRunConfig, load_config
+from ds_rlhf.config import ConfigError, ModelConfig, RMRunConfig, SFTRunConfig, load_config
 from ds_rlhf.data import collate_left, load_preferences, load_sft
 from ds_rlhf.demo import make_data, tiny_model_config
 from ds_rlhf.generation import generate
@@ -246,3 +247,19 @@ def test_batch_arithmetic_error_names_the_field(demo, tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "model.micro_batch_size: 6 is not divisible by 4" in proc.stderr
     assert not (tmp_path / "out").exists()  # failed before anything was built or written
+
+
+@pytest.mark.parametrize("cls, override, field", [
+    (SFTRunConfig, "--train.epochs=0", "train.epochs"),
+    (SFTRunConfig, "--train.max_steps=-1", "train.max_steps"),
+    (SFTRunConfig, "--train.eval_every=-5", "train.eval_every"),
+    (SFTRunConfig, "--model.zero_stage=4", "model.zero_stage"),
+    (SFTRunConfig, "--data.datasets=[{path: x.jsonl, format: prompt}]", "data.datasets[0].format"),
+    (RMRunConfig, "--data.datasets=[{path: x.jsonl, format: text}]", "data.datasets[0].format"),
+    (RMRunConfig, "--model.model={}", "model.model"),
+    (RMRunConfig, "--train.batch_size=0", "train.batch_size"),
+])
+def test_config_errors_name_the_field(cls, override, field):
+    base = ["--model.model.path=m", "--data.datasets=[{path: x.jsonl, format: preference}]"]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: "):
+        load_config(None, [*base, override], cls=cls)

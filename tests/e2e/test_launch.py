@@ -69,7 +69,7 @@ def test_each_launcher_ran_one_rank_of_a_two_node_world(runs):
         assert f"--node_rank={rank}" in out  # what the runner handed deepspeed's launch.py
         assert "dist_world_size=2" in out
         assert "nnodes=2, num_local_procs=1" in out
-    assert "step 4/4" in runs["outs"][0]  # rank 0 (on node 0) logs
+    assert f"step {STEPS}/{STEPS}" in runs["outs"][0]  # rank 0 (on node 0) logs
 
 
 def test_two_nodes_train_like_one_node_with_two_ranks(runs):

@@ -19,7 +19,7 @@ from tests.conftest import REPO, cpu_env, ppo_config, write_yaml
 pytestmark = pytest.mark.e2e
 SLURM_LOCAL = REPO.parent / "shared" / "tools" / "slurm-local.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"
-STEPS = 12
+STEPS = 24
 KEYS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy_avg",
         "loss/value_avg", "policy/approxkl_avg", "response_length/mean")
 # Variables of launch/slurm.sbatch (sbatch exports the environment): only what a test sets.
