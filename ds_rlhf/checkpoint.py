@@ -146,3 +146,15 @@ class PreemptionFlag:
 
     def __bool__(self) -> bool:
         return self.signalled is not None
+
+
+_FLAG: PreemptionFlag | None = None
+
+
+def preemption_flag() -> PreemptionFlag:
+    """The process's one flag; the first call installs the handlers (the CLI does it first
+    thing, so a signal during start-up is not lost)."""
+    global _FLAG
+    if _FLAG is None:
+        _FLAG = PreemptionFlag()
+    return _FLAG

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    from ds_rlhf.checkpoint import preemption_flag
+
+    preemption_flag()  # SIGTERM / SIGUSR1 from here on mean "save at the next step boundary"
     try:
         RUNNERS[args.command](cfg)
     except UserInputError as e:  # checks that need data, tokenizers or the world size

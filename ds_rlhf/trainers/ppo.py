@@ -245,7 +245,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
     resume_dir = checkpoint.find_resume(cfg.output_dir) if cfg.checkpoint.resume else None
     state = checkpoint.read_state(resume_dir, world_size) if resume_dir else None
-    preempted = checkpoint.PreemptionFlag()  # from here on a signal waits for a step boundary
+    preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
 
     deepspeed.init_distributed()
     accelerator = deepspeed.get_accelerator()
