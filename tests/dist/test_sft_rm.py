@@ -125,19 +125,23 @@ def test_sft_export_reloads_recomputes_eval_and_generates(sft_run, demo):
     saved = json.loads((out / "eval.json").read_text())
     assert nll / tokens == pytest.approx(saved["loss"], abs=1e-4)
 
-    # Greedy reviews of the held-out prompts: the item word (the likeliest single word of the
-    # demo data) first, and mostly an EOS after the data's 8-16 words (greedy stopping is a
-    # near tie between EOS and the item word, so a few may run on).
+    # Reviews of the held-out prompts. Sampled: they end with EOS, mostly after the data's
+    # 8-16 words (a random-init model ends fewer than 1 in 5 within 24 tokens). Greedy: they
+    # start with the item of the prompt, the likeliest single word of the demo data.
     texts = [json.loads(x)["prompt"]
              for x in (demo["root"] / "eval_prompts.jsonl").read_text().splitlines()]
     ids, mask = collate_left([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
-    response, response_mask = generate(
-        model, ids, mask, torch.arange(len(texts)), step=0, seed=0, max_new_tokens=24,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, greedy=True)
-    lengths = response_mask.sum(1)
-    ended = response.gather(1, (lengths - 1)[:, None]).squeeze(1) == tokenizer.eos_token_id
-    assert ended.float().mean() >= 0.9
-    assert ((lengths[ended] >= 9) & (lengths[ended] <= 17)).all()  # 8-16 words + EOS
+    for greedy in (False, True):
+        response, response_mask = generate(
+            model, ids, mask, torch.arange(len(texts)), step=0, seed=0, max_new_tokens=24,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            greedy=greedy)
+        if not greedy:
+            lengths = response_mask.sum(1)
+            ended = response.gather(1, (lengths - 1)[:, None]).squeeze(1) == \
+                tokenizer.eos_token_id
+            assert ended.float().mean() >= 0.9
+            assert (ended & (lengths >= 9) & (lengths <= 17)).float().mean() >= 0.75
     for i, text in enumerate(texts):
         assert tokenizer.decode(response[i, :1]) == text.split()[-2], text
 

@@ -76,19 +76,28 @@ def test_print_config_round_trips(assets, tmp_path):
     assert load_config(printed) == load_config(tmp_path / "run.yaml", ["--ppo.kl_coef", "0.3"])
 
 
-def test_gradient_checkpointing_changes_memory_not_results(assets, tmp_path):
+def test_memory_switches_change_memory_not_results(assets, tmp_path):
+    """Gradient checkpointing, ZeRO-3 and CPU offload of parameters and optimizer states."""
     from ds_rlhf.tracking import read_metrics
 
+    base = ppo_config(assets, tmp_path)
+    variants = {
+        "plain": {},
+        "checkpointing": {"actor": {**base["actor"], "gradient_checkpointing": True},
+                          "critic": {**base["critic"], "gradient_checkpointing": True}},
+        "offload": {"actor": {**base["actor"], "zero_stage": 3, "offload_params": True,
+                              "offload_optimizer": True},
+                    "critic": {**base["critic"], "offload_optimizer": True},
+                    "ref": {**base["ref"], "offload_params": True}},
+    }
     runs = {}
-    for checkpointing in (False, True):
-        out = tmp_path / f"gc_{checkpointing}"
-        gc = {"gradient_checkpointing": checkpointing}
-        base = ppo_config(assets, out)
-        cfg = ppo_config(assets, out, actor={**base["actor"], **gc},
-                         critic={**base["critic"], **gc})
-        proc = _ppo(cfg, tmp_path)
+    for name, sections in variants.items():
+        out = tmp_path / name
+        proc = _ppo(ppo_config(assets, out, **sections), tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[checkpointing] = read_metrics(out / "metrics.jsonl")
-    for a, b in zip(runs[False], runs[True], strict=True):
-        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+        runs[name] = read_metrics(out / "metrics.jsonl")
+    for name in ("checkpointing", "offload"):
+        for a, b in zip(runs["plain"], runs[name], strict=True):
+            for key in ("objective/scores", "objective/kl", "loss/policy_avg",
+                        "loss/value_avg"):
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (name, key)
