@@ -40,7 +40,8 @@ class Timer:
 # The columns of the console line, in order; the file gets every metric.
 CONSOLE = {"score": "objective/scores", "kl": "objective/kl", "pg_loss": "loss/policy_avg",
            "vf_loss": "loss/value_avg", "clipfrac": "policy/clipfrac_avg",
-           "resp_len": "response_length/mean", "sec": "timing/step"}
+           "resp_len": "response_length/mean",  # PPO; then SFT and the reward model:
+           "loss": "train/loss", "acc": "train/accuracy", "lr": "train/lr", "sec": "timing/step"}
 
 # The columns of the W&B sample table (the keys of the rows given to `log_samples`).
 TABLE_COLUMNS = ["step", "prompt", "response", "score"]
@@ -106,8 +107,8 @@ class Tracker:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(dict(metrics), step=step)
-        if step % self.log_every == 0 or step == self.total_steps:
-            cells = [f"{label} {metrics[k]:.4g}" for label, k in CONSOLE.items() if k in metrics]
+        cells = [f"{label} {metrics[k]:.4g}" for label, k in CONSOLE.items() if k in metrics]
+        if cells and (step % self.log_every == 0 or step == self.total_steps):
             print(f"step {step}/{self.total_steps} | " + " | ".join(cells), flush=True)
 
     def log_samples(self, rows: list[dict]) -> None:

@@ -19,6 +19,8 @@ if [ "${GPU:-0}" = 0 ]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 export TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-disabled}
+# A readable console: no per-file progress bars, load reports or deprecation notices.
+export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore::FutureWarning
 DATA=$OUT/data
 # The launcher's own INFO lines are noise here; errors still show.
 launch() { deepspeed --num_gpus "$NPROC" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }

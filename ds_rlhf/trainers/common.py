@@ -88,7 +88,7 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
     of OUTPUT_DIR/checkpoints if there is one (and checkpoint.resume is on)."""
     resume_dir = checkpoint.find_resume(cfg.output_dir) if cfg.checkpoint.resume else None
     state = checkpoint.read_state(resume_dir, world_size) if resume_dir else None
-    preempted = checkpoint.PreemptionFlag()  # from here on a signal waits for a step boundary
+    preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
     deepspeed.init_distributed()
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() != "cpu":
