@@ -31,18 +31,15 @@ import transformers
 
 from ds_rlhf import generation
 from ds_rlhf.config import TrainEngineConfig
-from ds_rlhf.coordinator import Coordinator, setup_distributed_env
+from ds_rlhf.coordinator import setup_distributed_env, start_distributed
 from ds_rlhf.engines.hybrid import HybridEngine
 from ds_rlhf.engines.roles import init_engine
 
 
 def bench_generation(args) -> dict:
     setup_distributed_env()
-    deepspeed.init_distributed()
+    coord = start_distributed()
     accelerator = deepspeed.get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
-    coord = Coordinator(torch.device(accelerator.current_device_name()))
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,

@@ -67,6 +67,13 @@ def find_resume(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resume_point(output_dir: str | Path, resume: bool,
+                 world_size: int) -> tuple[Path | None, dict | None]:
+    """(step directory, trainer state) to resume from, checked against this run; or Nones."""
+    step_dir = find_resume(output_dir) if resume else None
+    return (step_dir, read_state(step_dir, world_size)) if step_dir else (None, None)
+
+
 def read_state(step_dir: Path, world_size: int) -> dict:
     """The trainer state of a checkpoint, after checking it fits this run."""
     state = json.loads((step_dir / STATE).read_text())

@@ -36,6 +36,17 @@ def setup_distributed_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
+def start_distributed() -> Coordinator:
+    """deepspeed.init_distributed (gloo on CPU, nccl on GPU), this rank's device, a Coordinator."""
+    import deepspeed  # here, so that importing this module stays cheap
+
+    deepspeed.init_distributed()
+    accelerator = deepspeed.get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    return Coordinator(torch.device(accelerator.current_device_name()))
+
+
 @dataclass
 class PromptSampler:
     """Seeded epoch-wise permutation of prompt indices, consumed `batch_size` at a time.

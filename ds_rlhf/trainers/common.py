@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 from torch import nn
 
@@ -31,9 +30,15 @@ from ds_rlhf.config import (
     exact_div,
     save_yaml,
 )
-from ds_rlhf.coordinator import Coordinator, PromptSampler, setup_distributed_env
+from ds_rlhf.coordinator import (
+    Coordinator,
+    PromptSampler,
+    setup_distributed_env,
+    start_distributed,
+)
 from ds_rlhf.engines.export import export_hf
 from ds_rlhf.engines.roles import init_engine
+from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.tracking import Tracker
 
 RunConfig = SFTRunConfig | RMRunConfig
@@ -86,14 +91,9 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
           world_size: int) -> Session:
     """init_distributed, save config.yaml, build the ZeRO engine, load the newest checkpoint
     of OUTPUT_DIR/checkpoints if there is one (and checkpoint.resume is on)."""
-    resume_dir = checkpoint.find_resume(cfg.output_dir) if cfg.checkpoint.resume else None
-    state = checkpoint.read_state(resume_dir, world_size) if resume_dir else None
+    resume_dir, state = checkpoint.resume_point(cfg.output_dir, cfg.checkpoint.resume, world_size)
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
-    deepspeed.init_distributed()
-    accelerator = deepspeed.get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
-    coord = Coordinator(torch.device(accelerator.current_device_name()))
+    coord = start_distributed()
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
     engine = init_engine(build_model(), cfg.model, grad_accum, world_size)
@@ -105,7 +105,7 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
 
 
 def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
-                  world_size: int) -> dict[str, float]:
+                  coord: Coordinator) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches, normalised by a global count.
 
     `loss_fn(batch)` gives the *sum* of per-token (SFT) or per-pair (RM) losses and `num_global`
@@ -114,11 +114,19 @@ def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
     world_size * grad_accum / num_global undoes both, so the step follows
     sum(losses) / num_global whatever the number of ranks or micro-batches.
     Returns this rank's sums ("loss" and the stats); `Coordinator.sum_dict` totals them.
+    A non-finite loss on any rank stops every rank before its gradient exists (exit code 3):
+    in SFT and reward training it means broken data or divergence, not a rare bad sample.
     """
-    scale = world_size * len(batches) / max(num_global, 1.0)
+    scale = coord.world_size * len(batches) / max(num_global, 1.0)
     totals: dict[str, float] = {}
     for batch in batches:
         loss_sum, stats = loss_fn(batch)
+        bad = coord.sum(torch.tensor([float(not bool(torch.isfinite(loss_sum)))]))
+        if bad.item() > 0:
+            raise NonFiniteError(
+                f"non-finite loss on {int(bad.item())} rank(s) at optimizer step "
+                f"{engine.global_steps + 1}; the last checkpoint is intact. Check the data for "
+                "empty targets or bad values, or lower model.lr")
         engine.backward(loss_sum * scale)
         engine.step()
         for key, value in {"loss": loss_sum.item(), **stats}.items():

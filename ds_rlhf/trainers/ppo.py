@@ -15,12 +15,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import deepspeed
 import torch
 
 from ds_rlhf import algo, checkpoint, models
 from ds_rlhf.config import ConfigError, PPORunConfig, Sizes, derive_sizes, save_yaml
-from ds_rlhf.coordinator import Coordinator, PromptSampler, setup_distributed_env
+from ds_rlhf.coordinator import (
+    Coordinator,
+    PromptSampler,
+    setup_distributed_env,
+    start_distributed,
+)
 from ds_rlhf.data import PromptSet, collate_left, load_prompts
 from ds_rlhf.engines.roles import Actor, Critic, Reference, RewardModel, init_engine
 from ds_rlhf.rollout import Rollout
@@ -243,15 +247,10 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     tokenizer = _tokenizers(cfg)
     prompts = load_prompts(cfg.data, tokenizer, split="train")
     sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
-    resume_dir = checkpoint.find_resume(cfg.output_dir) if cfg.checkpoint.resume else None
-    state = checkpoint.read_state(resume_dir, world_size) if resume_dir else None
+    resume_dir, state = checkpoint.resume_point(cfg.output_dir, cfg.checkpoint.resume, world_size)
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
 
-    deepspeed.init_distributed()
-    accelerator = deepspeed.get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
-    coord = Coordinator(torch.device(accelerator.current_device_name()))
+    coord = start_distributed()
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
         if prompts.num_filtered:

@@ -70,7 +70,7 @@ def run(cfg: RMRunConfig) -> dict[str, float] | None:
 
     def train_step(micro_rows: list[torch.Tensor]) -> dict[str, float]:
         sums = coord.sum_dict(common.backward_step(engine, micro_rows, loss_fn,
-                                                   cfg.train.batch_size, world_size))
+                                                   cfg.train.batch_size, coord))
         return {"train/loss": sums["loss"] / cfg.train.batch_size,
                 "train/accuracy": sums["correct"] / cfg.train.batch_size}
 

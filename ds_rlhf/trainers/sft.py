@@ -15,9 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ds_rlhf import models
+from ds_rlhf import algo, models
 from ds_rlhf.config import SFTRunConfig
 from ds_rlhf.data import SFTSet, collate_right, load_sft
 from ds_rlhf.trainers import common
@@ -39,9 +38,8 @@ def token_nll(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, T-1] NLL of token t+1 given tokens <= t, zero where t+1 is not a target."""
     logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"], use_cache=False).logits[:, :-1]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), batch["input_ids"][:, 1:],
-                          reduction="none")
-    return nll * batch["targets"][:, 1:]
+    # Row by row, never the whole [B, T, V] float32 log-softmax (see algo.logprobs_from_logits).
+    return -algo.logprobs_from_logits(logits, batch["input_ids"][:, 1:]) * batch["targets"][:, 1:]
 
 
 def run(cfg: SFTRunConfig) -> dict[str, float] | None:
@@ -68,7 +66,7 @@ def run(cfg: SFTRunConfig) -> dict[str, float] | None:
         batches = [make_batch(train_set, rows, pad, device) for rows in micro_rows]
         num_tokens = coord.sum(torch.stack([b["targets"].sum() for b in batches]).sum()).item()
         sums = common.backward_step(engine, batches, lambda b: (token_nll(engine, b).sum(), {}),
-                                    num_tokens, world_size)
+                                    num_tokens, coord)
         return {"train/loss": coord.sum_dict(sums)["loss"] / num_tokens}
 
     # 4. Eval: token-weighted NLL over every eval row, reduced over ranks.
