@@ -126,6 +126,11 @@ class GenerationConfig:
     batch_size: int = 8  # prompts per generate call on one rank
     gather_weights: bool = True  # HybridEngine: gather ZeRO-3 weights once into a plain copy;
     # false generates through the ZeRO-3 module with synced ranks (models too big to gather)
+    reuse_copy: bool = False  # keep that copy between steps and refill it: faster switches,
+    # but a whole model stays in memory during training
+    static_cache: bool = False  # preallocated KV cache: fixed shapes per decode step
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); needs
+    # static_cache, and reuse_copy under ZeRO-3 or LoRA so the compiled model is kept
 
 
 @dataclass
@@ -499,6 +504,8 @@ def check_values(cfg: Any) -> None:
     _require(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 keeps all tokens)")
     _require(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
     _require(g.batch_size >= 1, "generation.batch_size", "must be at least 1")
+    _require(not g.compile or g.static_cache, "generation.compile",
+             "needs generation.static_cache: true (compiled steps need fixed shapes)")
     _require(p.steps >= 1, "ppo.steps", "must be at least 1")
     _require(p.rollout_batch_size >= 1, "ppo.rollout_batch_size", "must be at least 1")
     _require(p.num_minibatches >= 1, "ppo.num_minibatches", "must be at least 1")

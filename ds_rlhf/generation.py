@@ -146,6 +146,8 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     synced: Callable[[bool], bool] | None = None,
+    static_cache: bool = False,
+    decode: Callable | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample responses for left-padded prompts with a KV cache.
 
@@ -160,6 +162,11 @@ def generate(
             ``max_new_tokens`` is reached, so all ranks run the same number of forwards (needed
             when the forward runs collectives, e.g. a ZeRO-3 module). It is called once after
             each generated position except the last allowed one, identically on every rank.
+        static_cache: preallocate the KV cache for P + max_new_tokens positions
+            (transformers' StaticCache): every decode step has the same shapes, which is what
+            torch.compile / CUDA graphs need.
+        decode: the callable for the one-token decode forwards (default: ``model``), e.g.
+            ``torch.compile(model)`` with ``static_cache``.
 
     Returns:
         ``(response_ids, response_mask)``, ``[B, R]`` on the model's device, where R is the
@@ -194,6 +201,15 @@ def generate(
     attention_mask = prompt_mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    if static_cache:
+        import transformers
+
+        total = prompt_len + max_new_tokens
+        kwargs["past_key_values"] = transformers.StaticCache(config=model.config,
+                                                             max_cache_len=total)
+        kwargs["cache_position"] = torch.arange(prompt_len, device=device)
+        # The mask covers the whole cache from the start; columns open as tokens arrive.
+        attention_mask = torch.nn.functional.pad(prompt_mask, (0, max_new_tokens))
     out = model(
         input_ids=prompt_ids,
         attention_mask=attention_mask,
@@ -201,6 +217,7 @@ def generate(
         use_cache=True,
         **kwargs,
     )
+    decode = decode or model
     next_position = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of response token 0
 
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -224,12 +241,18 @@ def generate(
         if synced(local_done) if synced is not None else local_done:
             break
 
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
-        out = model(
+        if static_cache:
+            attention_mask = attention_mask.clone()  # a compiled step may hold the old one
+            attention_mask[:, prompt_len + t] = 1
+            kwargs["cache_position"] = torch.tensor([prompt_len + t], device=device)
+        else:
+            attention_mask = torch.cat(
+                [attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+            kwargs["past_key_values"] = out.past_key_values
+        out = decode(
             input_ids=token.unsqueeze(-1),
             attention_mask=attention_mask,
             position_ids=next_position + t,
-            past_key_values=out.past_key_values,
             use_cache=True,
             **kwargs,
         )

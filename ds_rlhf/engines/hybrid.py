@@ -34,14 +34,19 @@ from ds_rlhf.engines.export import is_lora_layer, merged_weights
 class GenerationModel:
     model: nn.Module  # call this for generation (eval mode, no grad needed)
     synced: Callable[[bool], bool] | None  # pass to generation.generate
+    decode: Callable | None = None  # compiled decode forward, pass to generation.generate
 
 
-def _plain_copy(module: nn.Module, device: torch.device) -> nn.Module:
-    """A hook-free copy of the model: ZeRO-3 weights gathered, LoRA adapters merged."""
-    dtype = next(module.parameters()).dtype
-    with torch.device("meta"):  # no memory and no random init for weights we overwrite
-        copy = transformers.AutoModelForCausalLM.from_config(module.config, dtype=dtype)
-    copy.to_empty(device=device)
+def _plain_copy(module: nn.Module, device: torch.device, into: nn.Module | None = None
+                ) -> nn.Module:
+    """A hook-free copy of the model: ZeRO-3 weights gathered, LoRA adapters merged.
+    `into`: a copy made earlier, refilled in place (no allocation)."""
+    copy = into
+    if copy is None:
+        dtype = next(module.parameters()).dtype
+        with torch.device("meta"):  # no memory and no random init for weights we overwrite
+            copy = transformers.AutoModelForCausalLM.from_config(module.config, dtype=dtype)
+        copy.to_empty(device=device)
     targets = {**dict(copy.named_parameters()), **dict(copy.named_buffers())}
     for name, tensor in merged_weights(module):
         targets[name].data.copy_(tensor)
@@ -61,10 +66,15 @@ def _plain_copy(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 class HybridEngine:
-    def __init__(self, engine, gather_weights: bool, synced: Callable[[bool], bool]):
+    def __init__(self, engine, gather_weights: bool, synced: Callable[[bool], bool],
+                 reuse_copy: bool = False, compile: bool = False):
         self.engine = engine  # the actor's DeepSpeedEngine
         self.gather_weights = gather_weights
         self._synced = synced  # all-reduce "all ranks done", for the ZeRO-3 fallback
+        self.reuse_copy = reuse_copy  # keep the plain copy between steps, refill it
+        self.compile = compile  # torch.compile the decode forward, once per kept model
+        self._copy: nn.Module | None = None
+        self._compiled: tuple[nn.Module, Callable] | None = None  # (model, compiled forward)
         self.switch_seconds = 0.0  # entering + leaving generation mode, last time
 
     @property
@@ -83,15 +93,25 @@ class HybridEngine:
         # unless LoRA adapters must be merged (merging into the training weights in place and
         # unmerging after would drift them by round-off, in bf16 noticeably).
         copy = self.zero3 or self.lora
-        model = _plain_copy(module, self.engine.device) if copy else module
+        model = _plain_copy(module, self.engine.device, into=self._copy) if copy else module
+        if copy and self.reuse_copy:
+            self._copy = model
         try:
             yield model
         finally:
-            if model is not module:
+            if model is not module and not self.reuse_copy:
                 del model
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+    def _decode(self, model: nn.Module) -> Callable | None:
+        """The compiled decode forward of `model`, compiled once while the model is kept."""
+        if not self.compile:
+            return None
+        if self._compiled is None or self._compiled[0] is not model:
+            self._compiled = (model, torch.compile(model, mode="reduce-overhead"))
+        return self._compiled[1]
 
     @contextmanager
     def generation_mode(self) -> Iterator[GenerationModel]:
@@ -108,7 +128,7 @@ class HybridEngine:
                 with self.full_model() as model:
                     model.eval()
                     self.switch_seconds = time.perf_counter() - start
-                    yield GenerationModel(model, None)
+                    yield GenerationModel(model, None, self._decode(model))
                     start = time.perf_counter()
         finally:
             module.train()

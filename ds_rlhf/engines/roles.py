@@ -162,7 +162,8 @@ class Actor(_Trainable):
     def __init__(self, engine, grad_accum: int, coord, gen_cfg: GenerationConfig,
                  ppo: PPOConfig, micro_batch_size: int, tokenizer, seed: int):
         super().__init__(engine, grad_accum, coord, ppo.nonfinite)
-        self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced=coord.all)
+        self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced=coord.all,
+                                   reuse_copy=gen_cfg.reuse_copy, compile=gen_cfg.compile)
         self.gen_cfg = gen_cfg
         self.clip_eps = ppo.clip_eps
         self.micro_batch_size = micro_batch_size
@@ -200,7 +201,8 @@ class Actor(_Trainable):
                 prompt_mask[rows, first:].to(device), prompt_index[rows], step=step,
                 seed=self.seed, max_new_tokens=g.max_new_tokens, eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id, temperature=g.temperature, top_k=g.top_k,
-                top_p=g.top_p, greedy=greedy, synced=self._gen.synced))
+                top_p=g.top_p, greedy=greedy, synced=self._gen.synced,
+                static_cache=g.static_cache, decode=self._gen.decode))
         response_ids, response_mask = generation.pad_responses(pieces, self.pad_token_id)
         unsort = torch.argsort(order)
         response_ids, response_mask = response_ids[unsort.to(device)], response_mask[

@@ -77,7 +77,8 @@ def test_print_config_round_trips(assets, tmp_path):
 
 
 def test_memory_switches_change_memory_not_results(assets, tmp_path):
-    """Gradient checkpointing, ZeRO-3 and CPU offload of parameters and optimizer states."""
+    """Gradient checkpointing, ZeRO-3, CPU offload of parameters and optimizer states, and a
+    kept generation copy with a static KV cache."""
     from ds_rlhf.tracking import read_metrics
 
     base = ppo_config(assets, tmp_path)
@@ -89,6 +90,9 @@ def test_memory_switches_change_memory_not_results(assets, tmp_path):
                               "offload_optimizer": True},
                     "critic": {**base["critic"], "offload_optimizer": True},
                     "ref": {**base["ref"], "offload_params": True}},
+        "generation": {"actor": {**base["actor"], "zero_stage": 3},
+                       "generation": {**base["generation"], "reuse_copy": True,
+                                      "static_cache": True}},
     }
     runs = {}
     for name, sections in variants.items():
@@ -96,7 +100,7 @@ def test_memory_switches_change_memory_not_results(assets, tmp_path):
         proc = _ppo(ppo_config(assets, out, **sections), tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = read_metrics(out / "metrics.jsonl")
-    for name in ("checkpointing", "offload"):
+    for name in ("checkpointing", "offload", "generation"):
         for a, b in zip(runs["plain"], runs[name], strict=True):
             for key in ("objective/scores", "objective/kl", "loss/policy_avg",
                         "loss/value_avg"):

@@ -359,3 +359,13 @@ def test_sample_tokens_rejects_bad_arguments():
         sample_tokens(logits, torch.zeros(2), temperature=0.0)
     with pytest.raises(ValueError):
         sample_tokens(logits, torch.zeros(2), top_p=0.0)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_static_cache_gives_the_same_tokens(model, greedy):
+    ids, mask = left_pad(PROMPTS)
+    common = dict(step=3, seed=5, max_new_tokens=9, eos_token_id=4, pad_token_id=PAD,
+                  greedy=greedy)
+    dynamic = generate(model, ids, mask, torch.arange(len(PROMPTS)), **common)
+    static = generate(model, ids, mask, torch.arange(len(PROMPTS)), static_cache=True, **common)
+    assert torch.equal(dynamic[0], static[0]) and torch.equal(dynamic[1], static[1])
