@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,25 @@ def start_distributed() -> Coordinator:
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        _unlink_shm_buffer()
     return Coordinator(torch.device(accelerator.current_device_name()))
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer from /dev/shm.
+
+    DeepSpeed's shared-memory all-reduce (CPU accelerator) creates one /dev/shm segment per
+    rank, named after the master address and port, and never unlinks it: every run leaked one
+    per rank until /dev/shm filled memory and the kernel killed ranks. Once every rank has
+    mapped the others' segments (init returned everywhere: the barrier), the names can go;
+    the mappings live on until the processes exit.
+    """
+    dist.barrier()
+    pattern = (f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT')}"
+               f"_{dist.get_rank()}")
+    for path in Path("/dev/shm").glob(pattern):
+        path.unlink(missing_ok=True)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +42,16 @@ def _check_sensible(metrics: list[dict], steps: int) -> None:
     assert metrics[-1]["objective/kl"] != 0.0  # ... and no longer after an update
 
 
+def _shm_buffers() -> set:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def test_ppo_zero2_two_ranks(assets, tmp_path):
+    before = _shm_buffers()
     out, proc = _ppo(assets, tmp_path, "z2", 2, ppo={"steps": 3, "rollout_batch_size": 8})
+    # DeepSpeed's CPU all-reduce never unlinks its /dev/shm segments; we do, or every run
+    # would leak one per rank until memory runs out.
+    assert _shm_buffers() <= before
     _check_sensible(read_metrics(out / "metrics.jsonl"), 3)
     assert "step 3/3" in proc.stdout
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
