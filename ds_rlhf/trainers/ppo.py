@@ -1,6 +1,6 @@
 """Step 3: PPO with actor, critic, reference and reward as four DeepSpeed engines.
 
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 -m ds_rlhf.cli ppo --config run.yaml
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module ds_rlhf ppo --config run.yaml
     ds-rlhf ppo --config run.yaml --ppo.kl_coef 0.1          # one process
 
 Each step: generate -> score -> shape rewards -> GAE -> ppo_epochs x num_minibatches updates
