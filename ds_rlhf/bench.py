@@ -31,7 +31,7 @@ import transformers
 
 from ds_rlhf import generation
 from ds_rlhf.config import TrainEngineConfig
-from ds_rlhf.coordinator import setup_distributed_env, start_distributed
+from ds_rlhf.coordinator import setup_distributed_env, start_distributed, stop_distributed
 from ds_rlhf.engines.hybrid import HybridEngine
 from ds_rlhf.engines.roles import init_engine
 
@@ -244,6 +244,7 @@ def main(argv=None) -> None:
         result = bench_generation(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result), flush=True)
+    stop_distributed()
 
 
 if __name__ == "__main__":

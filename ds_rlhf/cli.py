@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from ds_rlhf.checkpoint import preemption_flag
+    from ds_rlhf.coordinator import stop_distributed
 
     preemption_flag()  # SIGTERM / SIGUSR1 from here on mean "save at the next step boundary"
     try:
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except NonFiniteError as e:  # every rank raises it together
         print(f"ds-rlhf {args.command}: stopped: {e}", file=sys.stderr)
+        stop_distributed()
         return 3
+    stop_distributed()
     return 0
 
 

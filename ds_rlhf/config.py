@@ -56,6 +56,8 @@ class EngineConfig:
     offload_params: bool = False  # ZeRO-3 only: keep parameters in CPU memory
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # parameter / compute dtype
     micro_batch_size: int = 4  # rows per forward (and backward) pass on one rank
+    micro_batch_tokens: int = 0  # PPO: when > 0, pack micro-batches by length instead, at most
+    # this many padded tokens (rows x longest prompt + response) each; micro_batch_size unused
 
 
 @dataclass
@@ -425,6 +427,8 @@ def _check_engine(e: EngineConfig, name: str, trainable: bool) -> None:
     _require(not e.offload_params or e.zero_stage == 3, f"{name}.offload_params",
              "parameter offload needs zero_stage 3")
     _require(e.micro_batch_size >= 1, f"{name}.micro_batch_size", "must be at least 1")
+    _require(e.micro_batch_tokens >= 0, f"{name}.micro_batch_tokens", "must be >= 0 (0: "
+             "micro-batches of micro_batch_size rows)")
     _require(e.model.path is None or e.model.init is None, f"{name}.model",
              "set either path (pretrained weights) or init (random weights), not both")
     if isinstance(e, TrainEngineConfig):
@@ -449,6 +453,8 @@ def _check_supervised(cfg: SFTRunConfig | RMRunConfig) -> None:
     """check_values of SFT and reward-model runs."""
     step = "sft" if isinstance(cfg, SFTRunConfig) else "rm"
     _check_engine(cfg.model, "model", trainable=True)
+    _require(cfg.model.micro_batch_tokens == 0, "model.micro_batch_tokens", f"`ds-rlhf {step}` "
+             "batches by rows; unset it and use model.micro_batch_size")
     _require(cfg.model.model.path is not None or cfg.model.model.init is not None, "model.model",
              "no weights given; set model.model.path (hub name or directory) or "
              "model.model.init")
@@ -518,6 +524,12 @@ def check_values(cfg: Any) -> None:
     _require(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
     _require(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
     _require(p.score_clip is None or p.score_clip > 0, "ppo.score_clip", "must be > 0 or null")
+    longest = d.max_prompt_len + g.max_new_tokens
+    for role in ("actor", "critic", "ref", "reward"):
+        tokens = getattr(cfg, role).micro_batch_tokens
+        _require(tokens == 0 or tokens >= longest, f"{role}.micro_batch_tokens", f"{tokens} "
+                 f"cannot hold one sequence of data.max_prompt_len + generation.max_new_tokens = "
+                 f"{longest} tokens; raise it to at least {longest}")
     _check_checkpoint(cfg.checkpoint)
     _check_data(d, _STEP_FORMATS["ppo"], "PPO")
     cfg.tracking.check()
@@ -530,8 +542,8 @@ class Sizes:
     world_size: int
     rollout_per_rank: int  # prompts each rank generates per step
     minibatch_per_rank: int  # rows each rank feeds one optimizer step
-    actor_grad_accum: int  # micro-batches per optimizer step (actor)
-    critic_grad_accum: int  # micro-batches per optimizer step (critic)
+    actor_grad_accum: int  # micro-batches per optimizer step (actor); 1 when packed by tokens
+    critic_grad_accum: int  # micro-batches per optimizer step (critic); 1 when packed by tokens
 
 
 def exact_div(a: int, b: int, what: str, fix: str) -> int:
@@ -554,6 +566,9 @@ def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
         "ppo.rollout_batch_size")
     accum = {}
     for role in ("actor", "critic"):
+        if getattr(cfg, role).micro_batch_tokens:
+            accum[role] = 1  # their number varies: DeepSpeed is told the boundary per step
+            continue
         mbs = getattr(cfg, role).micro_batch_size
         accum[role] = exact_div(
             mini, mbs, f"{role}.micro_batch_size",

@@ -50,6 +50,14 @@ def start_distributed() -> Coordinator:
     return Coordinator(torch.device(accelerator.current_device_name()))
 
 
+def stop_distributed() -> None:
+    """Leave the process group together: a rank that exits while a peer still holds gloo
+    connections to it can abort that peer at interpreter exit (SIGABRT after a finished run)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _unlink_shm_buffer() -> None:
     """Remove this rank's name of DeepSpeed's CPU all-reduce buffer from /dev/shm.
 
@@ -130,6 +138,12 @@ class Coordinator:
         keys = sorted(values)
         total = self.sum(torch.tensor([float(values[k]) for k in keys]))
         return dict(zip(keys, total.tolist(), strict=True))
+
+    def max(self, value: int) -> int:
+        """The largest `value` over ranks."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def any(self, flag: bool) -> bool:
         return bool(self.sum(torch.tensor([float(flag)])).item() > 0)

@@ -107,3 +107,48 @@ class Rollout:
                 )
             fields[f.name] = torch.cat(tensors, dim=0) if num_set else None
         return cls(**fields)
+
+
+def pack_by_tokens(prompt_lengths: Tensor, response_lengths: Tensor,
+                   max_tokens: int) -> list[Tensor]:
+    """Row indices of micro-batches holding at most `max_tokens` padded tokens each.
+
+    A micro-batch of n rows costs n x (its longest prompt + its longest response): the shape
+    of its forward after `Rollout.trim`. First-fit decreasing: rows are taken longest first,
+    each into the first micro-batch it fits, so short rows fill the gaps. A row longer than
+    `max_tokens` gets a micro-batch of its own.
+    """
+    prompt_lengths = prompt_lengths.tolist()
+    response_lengths = [max(r, 1) for r in response_lengths.tolist()]  # trim keeps >= 1 column
+    totals = torch.tensor([p + r for p, r in zip(prompt_lengths, response_lengths, strict=True)])
+    groups: list[list[int]] = []
+    widths: list[tuple[int, int]] = []  # (longest prompt, longest response) of each group
+    for i in torch.argsort(totals, descending=True, stable=True).tolist():
+        p, r = prompt_lengths[i], response_lengths[i]
+        for k, (wp, wr) in enumerate(widths):
+            if (len(groups[k]) + 1) * (max(wp, p) + max(wr, r)) <= max_tokens:
+                groups[k].append(i)
+                widths[k] = (max(wp, p), max(wr, r))
+                break
+        else:
+            groups.append([i])
+            widths.append((p, r))
+    return [torch.tensor(g, dtype=torch.long) for g in groups]
+
+
+def split_to_count(groups: list[Tensor], count: int) -> list[Tensor]:
+    """Split the largest micro-batches in two until there are `count` of them.
+
+    Under ZeRO-3 every forward gathers parameters with collectives, so all ranks must run the
+    same number of forwards: a rank that packed its rows into fewer micro-batches splits some.
+    Splitting never raises a micro-batch's token count.
+    """
+    groups = list(groups)
+    while len(groups) < count:
+        k = max(range(len(groups)), key=lambda j: len(groups[j]))
+        if len(groups[k]) < 2:
+            raise ValueError(f"cannot split {sum(map(len, groups))} rows into {count} "
+                             "micro-batches")
+        half = (len(groups[k]) + 1) // 2
+        groups[k:k + 1] = [groups[k][:half], groups[k][half:]]
+    return groups

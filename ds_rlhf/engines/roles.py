@@ -5,13 +5,15 @@
     actor.train_step(minibatch, num_tokens), critic.train_step(minibatch, num_tokens) -> stats
 
 The PPO loop composes these verbs and never reaches into DeepSpeed. Forward passes run in
-micro-batches of the role's `micro_batch_size`; every rank runs the same number of them.
+micro-batches of the role's `micro_batch_size` rows, or packed by `micro_batch_tokens`;
+every rank runs the same number of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import deepspeed
 import torch
@@ -24,15 +26,17 @@ from ds_rlhf.engines.export import export_hf
 from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.models import sequence_inputs
-from ds_rlhf.rollout import Rollout
+from ds_rlhf.rollout import Rollout, pack_by_tokens, split_to_count
 
 
-def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, world_size: int):
-    """Wrap `model` in a DeepSpeed engine; frozen roles (plain EngineConfig) get no optimizer."""
+def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, world_size: int,
+                micro_batch_size: int | None = None):
+    """Wrap `model` in a DeepSpeed engine; frozen roles (plain EngineConfig) get no optimizer.
+    `micro_batch_size` (default: the config's) only feeds DeepSpeed's sample counters."""
     trainable = isinstance(engine_cfg, TrainEngineConfig)
     on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
-    ds_config = deepspeed_config(engine_cfg, engine_cfg.micro_batch_size, grad_accum,
-                                 world_size, on_cpu)
+    ds_config = deepspeed_config(engine_cfg, micro_batch_size or engine_cfg.micro_batch_size,
+                                 grad_accum, world_size, on_cpu)
     if not trainable:
         model.requires_grad_(False)
         model.eval()
@@ -59,9 +63,29 @@ def add_lora(hf_model: nn.Module, rank: int, alpha: float) -> None:
         p.requires_grad_("lora_" in name or name.startswith("score."))
 
 
-def _micro_batches(rollout: Rollout, size: int) -> Iterator[Rollout]:
-    for start in range(0, len(rollout), size):
-        yield rollout.select(slice(start, start + size))
+@dataclass(frozen=True)
+class MicroBatcher:
+    """Splits one rank's rows into micro-batches: `rows` at a time, or, when `tokens` > 0,
+    packed to at most `tokens` padded tokens each (see rollout.pack_by_tokens), so the memory
+    of a pass follows sequence length instead of a worst-case row count.
+
+    Every rank runs the same number of micro-batches: ZeRO-3 gathers parameters with
+    collectives in every forward, and ZeRO-2 reduces gradients in every backward, so a rank
+    with one pass fewer would hang the others. Packed ranks agree on the largest count and
+    split micro-batches to reach it; by rows, all ranks hold equally many rows already.
+    """
+
+    rows: int
+    tokens: int = 0
+    coord: object = None  # Coordinator (its max over ranks); needed when tokens > 0
+
+    def split(self, rollout: Rollout) -> list[torch.Tensor]:
+        """Row indices of each micro-batch of `rollout`."""
+        if not self.tokens:
+            return list(torch.arange(len(rollout)).split(self.rows))
+        groups = pack_by_tokens(rollout.prompt_mask.sum(1), rollout.response_lengths,
+                                self.tokens)
+        return split_to_count(groups, self.coord.max(len(groups)))
 
 
 def _inputs(engine, chunk: Rollout):
@@ -95,23 +119,32 @@ def _token_values(engine, chunk: Rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _forward_all(engine, rollout: Rollout, size: int, fn: Callable) -> torch.Tensor:
-    return torch.cat([fn(engine, chunk).cpu() for chunk in _micro_batches(rollout, size)])
+def _forward_all(engine, rollout: Rollout, batcher: MicroBatcher, fn: Callable) -> torch.Tensor:
+    """fn over the micro-batches, each output row put back at its row of `rollout`."""
+    out = None
+    for idx in batcher.split(rollout):
+        result = fn(engine, rollout.select(idx)).cpu()
+        if out is None:
+            out = result.new_zeros((len(rollout), *result.shape[1:]))
+        out[idx] = result
+    return out
 
 
 class _Trainable:
     """Micro-batched backward + step with the loss normalised by the global token count."""
 
-    def __init__(self, engine, grad_accum: int, coord, nonfinite: str):
+    def __init__(self, engine, grad_accum: int, coord, nonfinite: str, batcher: MicroBatcher):
         self.engine = engine
-        self.grad_accum = grad_accum
+        self.grad_accum = grad_accum  # DeepSpeed's gradient_accumulation_steps (loss scaling)
+        self.batcher = batcher
         self.coord = coord  # ranks must agree on skipping, or none would skip
         self.nonfinite = nonfinite  # "skip" or "stop"
 
     def _loss_denominator(self, num_tokens: float) -> float:
         # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients over
         # ranks. Dividing by num_tokens / (world_size * grad_accum) undoes both, so the step
-        # follows sum(per-token loss) / num_tokens over the whole global minibatch.
+        # follows sum(per-token loss) / num_tokens over the whole global minibatch, however
+        # many micro-batches each rank splits it into.
         return num_tokens / (self.coord.world_size * self.grad_accum)
 
     def _guard(self, loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -140,9 +173,13 @@ class _Trainable:
         """Returns sums over this rank's micro-batches, token-weighted where they are means."""
         denominator = self._loss_denominator(num_tokens)
         totals: dict[str, float] = {"skipped_microbatches": 0.0}
-        micro = len(minibatch) // self.grad_accum
-        for chunk in _micro_batches(minibatch, micro):
+        micro_batches = self.batcher.split(minibatch)
+        for i, idx in enumerate(micro_batches):
+            chunk = minibatch.select(idx)
             self.skipped = 0
+            # The optimizer steps after the last micro-batch, however many there are (packed
+            # by tokens, their number changes from step to step).
+            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss, stats, output = loss_fn(chunk, denominator)
             loss = self._guard(loss, output)
             self.engine.backward(loss)
@@ -160,13 +197,12 @@ class _Trainable:
 
 class Actor(_Trainable):
     def __init__(self, engine, grad_accum: int, coord, gen_cfg: GenerationConfig,
-                 ppo: PPOConfig, micro_batch_size: int, tokenizer, seed: int):
-        super().__init__(engine, grad_accum, coord, ppo.nonfinite)
+                 ppo: PPOConfig, batcher: MicroBatcher, tokenizer, seed: int):
+        super().__init__(engine, grad_accum, coord, ppo.nonfinite, batcher)
         self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced=coord.all,
                                    reuse_copy=gen_cfg.reuse_copy, compile=gen_cfg.compile)
         self.gen_cfg = gen_cfg
         self.clip_eps = ppo.clip_eps
-        self.micro_batch_size = micro_batch_size
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self.seed = seed
@@ -212,7 +248,7 @@ class Actor(_Trainable):
                        prompt_index=prompt_index.cpu())
 
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        return _forward_all(self.engine, rollout, self.micro_batch_size,
+        return _forward_all(self.engine, rollout, self.batcher,
                             lambda e, c: _token_logprobs(e, c, self.gen_cfg.temperature))
 
     def export(self, path, tokenizer, is_main: bool) -> None:
@@ -230,13 +266,12 @@ class Actor(_Trainable):
 
 
 class Critic(_Trainable):
-    def __init__(self, engine, grad_accum: int, coord, ppo: PPOConfig, micro_batch_size: int):
-        super().__init__(engine, grad_accum, coord, ppo.nonfinite)
+    def __init__(self, engine, grad_accum: int, coord, ppo: PPOConfig, batcher: MicroBatcher):
+        super().__init__(engine, grad_accum, coord, ppo.nonfinite, batcher)
         self.clip_eps = ppo.value_clip_eps
-        self.micro_batch_size = micro_batch_size
 
     def values(self, rollout: Rollout) -> torch.Tensor:
-        return _forward_all(self.engine, rollout, self.micro_batch_size, _token_values)
+        return _forward_all(self.engine, rollout, self.batcher, _token_values)
 
     def export(self, path, tokenizer, is_main: bool) -> None:
         """HF format, loadable by AutoModelForSequenceClassification (num_labels=1)."""
@@ -252,20 +287,20 @@ class Critic(_Trainable):
 
 
 class Reference:
-    def __init__(self, engine, micro_batch_size: int, temperature: float):
+    def __init__(self, engine, batcher: MicroBatcher, temperature: float):
         self.engine = engine
-        self.micro_batch_size = micro_batch_size
+        self.batcher = batcher
         self.temperature = temperature  # the actor's: both logprobs come from one distribution
 
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        return _forward_all(self.engine, rollout, self.micro_batch_size,
+        return _forward_all(self.engine, rollout, self.batcher,
                             lambda e, c: _token_logprobs(e, c, self.temperature))
 
 
 class RewardModel:
-    def __init__(self, engine, micro_batch_size: int):
+    def __init__(self, engine, batcher: MicroBatcher):
         self.engine = engine
-        self.micro_batch_size = micro_batch_size
+        self.batcher = batcher
 
     @staticmethod
     def _score(engine, chunk: Rollout) -> torch.Tensor:
@@ -276,4 +311,4 @@ class RewardModel:
         return engine(**inputs).gather(1, last[:, None]).squeeze(1)
 
     def scores(self, rollout: Rollout) -> torch.Tensor:
-        return _forward_all(self.engine, rollout, self.micro_batch_size, self._score)
+        return _forward_all(self.engine, rollout, self.batcher, self._score)

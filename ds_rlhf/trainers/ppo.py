@@ -26,7 +26,7 @@ from ds_rlhf.coordinator import (
     start_distributed,
 )
 from ds_rlhf.data import PromptSet, collate_left, load_prompts
-from ds_rlhf.engines.roles import Actor, Critic, Reference, RewardModel, init_engine
+from ds_rlhf.engines.roles import Actor, Critic, MicroBatcher, Reference, RewardModel, init_engine
 from ds_rlhf.rollout import Rollout
 from ds_rlhf.tracking import Timer, Tracker
 
@@ -260,16 +260,21 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     pad = tokenizer.pad_token_id
     actor_engine = init_engine(
         models.build_causal_lm(cfg.actor.model, "actor", cfg.actor.dtype, cfg.seed),
-        cfg.actor, sizes.actor_grad_accum, world_size)
+        cfg.actor, sizes.actor_grad_accum, world_size,
+        micro_batch_size=sizes.minibatch_per_rank // sizes.actor_grad_accum)
     critic_engine = init_engine(
         models.build_scalar_model(cfg.critic.model, "critic", cfg.critic.dtype, cfg.seed, pad),
-        cfg.critic, sizes.critic_grad_accum, world_size)
+        cfg.critic, sizes.critic_grad_accum, world_size,
+        micro_batch_size=sizes.minibatch_per_rank // sizes.critic_grad_accum)
     ref_model = cfg.ref.model if (cfg.ref.model.path or cfg.ref.model.init) else cfg.actor.model
     ref_engine = init_engine(
         models.build_causal_lm(ref_model, "ref", cfg.ref.dtype, cfg.seed), cfg.ref, 1, world_size)
     reward_engine = init_engine(
         models.build_scalar_model(cfg.reward.model, "reward", cfg.reward.dtype, cfg.seed, pad),
         cfg.reward, 1, world_size)
+    batcher = {role: MicroBatcher(getattr(cfg, role).micro_batch_size,
+                                  getattr(cfg, role).micro_batch_tokens, coord)
+               for role in ("actor", "critic", "ref", "reward")}
 
     p = cfg.ppo
     kl_ctl = (algo.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
@@ -277,11 +282,10 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     trainer = PPOTrainer(
         cfg=cfg, sizes=sizes, coord=coord, tokenizer=tokenizer, prompts=prompts, sampler=sampler,
         actor=Actor(actor_engine, sizes.actor_grad_accum, coord, cfg.generation, p,
-                    cfg.actor.micro_batch_size, tokenizer, cfg.seed),
-        critic=Critic(critic_engine, sizes.critic_grad_accum, coord, p,
-                      cfg.critic.micro_batch_size),
-        ref=Reference(ref_engine, cfg.ref.micro_batch_size, cfg.generation.temperature),
-        reward=RewardModel(reward_engine, cfg.reward.micro_batch_size),
+                    batcher["actor"], tokenizer, cfg.seed),
+        critic=Critic(critic_engine, sizes.critic_grad_accum, coord, p, batcher["critic"]),
+        ref=Reference(ref_engine, batcher["ref"], cfg.generation.temperature),
+        reward=RewardModel(reward_engine, batcher["reward"]),
         kl_ctl=kl_ctl,
         tracker=Tracker(cfg.output_dir, coord.is_main, cfg.tracking.log_every, p.steps,
                         tracking=cfg.tracking, config=cfg,

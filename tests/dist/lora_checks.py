@@ -14,6 +14,7 @@ import torch
 
 from ds_rlhf import generation
 from ds_rlhf.config import load_config
+from ds_rlhf.coordinator import stop_distributed
 from ds_rlhf.trainers.ppo import build_ppo
 
 
@@ -46,6 +47,7 @@ def main() -> None:
         "merged_mask": merged.response_mask.tolist(), "trainable": trainable, "total": total}])
     if coord.is_main:
         Path(args[1]).write_text(json.dumps(results))
+    stop_distributed()
 
 
 if __name__ == "__main__":

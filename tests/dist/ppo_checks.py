@@ -16,6 +16,7 @@ import sys
 import torch
 
 from ds_rlhf.config import load_config
+from ds_rlhf.coordinator import stop_distributed
 from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout
 from ds_rlhf.trainers.ppo import build_ppo
@@ -71,6 +72,7 @@ def main() -> None:
         result["uneven"]["lengths_by_rank"] = lengths
         with open(args[1], "w") as f:
             json.dump(result, f)
+    stop_distributed()
 
 
 if __name__ == "__main__":

@@ -58,17 +58,25 @@ def test_ppo_zero2_two_ranks(assets, tmp_path):
     assert len(samples) == 3 * 8 and {s["step"] for s in samples} == {1, 2, 3}
 
 
+# Micro-batches packed by token count: 24 = data.max_prompt_len 16 + max_new_tokens 8, room
+# for one longest sequence, so the rows per pass vary with the lengths sampled.
+BY_TOKENS = {"micro_batch_tokens": 24}
+
+
 @pytest.fixture(scope="module")
 def zero3_runs(assets, tmp_path_factory):
-    """The same ZeRO-3 config (actor and critic at ZeRO-3) on 1 and on 2 ranks, one step."""
+    """The same ZeRO-3 config (actor and critic at ZeRO-3) on 1 and on 2 ranks, one step;
+    and on 2 ranks with every role's micro-batches packed by tokens ("tokens")."""
     tmp = tmp_path_factory.mktemp("zero3")
     z3 = {"zero_stage": 3}
+    base = ppo_config(assets, tmp)
     runs = {}
-    for nproc in (1, 2):
-        runs[nproc] = _ppo(assets, tmp, f"n{nproc}", nproc,
-                           actor={**ppo_config(assets, tmp)["actor"], **z3},
-                           critic={**ppo_config(assets, tmp)["critic"], **z3},
-                           ppo={"steps": 1, "rollout_batch_size": 8})[0]
+    for name, nproc, packing in ((1, 1, {}), (2, 2, {}), ("tokens", 2, BY_TOKENS)):
+        runs[name] = _ppo(assets, tmp, f"n{name}", nproc,
+                          actor={**base["actor"], **z3, **packing},
+                          critic={**base["critic"], **z3, **packing},
+                          ref={**base["ref"], **packing}, reward={**base["reward"], **packing},
+                          ppo={"steps": 1, "rollout_batch_size": 8})[0]
     return runs
 
 
@@ -80,23 +88,27 @@ def test_ppo_zero3_sensible(zero3_runs):
     assert metrics[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_one_rank_equals_two_ranks(zero3_runs):
+@pytest.mark.parametrize("other", [2, "tokens"])
+def test_one_rank_equals_two_ranks(zero3_runs, other):
+    """2 ranks (micro-batches by rows, or packed by tokens: another number of passes on each
+    rank, in another row order) take the same step as 1 rank: the loss is normalised by the
+    global token count, not per pass."""
     def samples(out):
         rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
         return {r["prompt_index"]: r for r in rows}
 
-    one, two = samples(zero3_runs[1]), samples(zero3_runs[2])
+    one, two = samples(zero3_runs[1]), samples(zero3_runs[other])
     assert sorted(one) == sorted(two) and len(one) == 8
     for index in one:  # token-identical rollouts, scores equal up to float round-off
         assert one[index]["response_ids"] == two[index]["response_ids"]
         assert one[index]["score"] == pytest.approx(two[index]["score"], abs=1e-5)
     a = AutoModelForCausalLM.from_pretrained(zero3_runs[1] / "actor").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(zero3_runs[2] / "actor").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(zero3_runs[other] / "actor").state_dict()
     assert a.keys() == b.keys()
     for name, value in a.items():  # actor after the first update
         torch.testing.assert_close(value, b[name], atol=1e-5, rtol=0)
     m1 = read_metrics(zero3_runs[1] / "metrics.jsonl")[0]
-    m2 = read_metrics(zero3_runs[2] / "metrics.jsonl")[0]
+    m2 = read_metrics(zero3_runs[other] / "metrics.jsonl")[0]
     for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
         assert m1[key] == pytest.approx(m2[key], abs=1e-5), key
 
@@ -109,11 +121,16 @@ def test_update_moves_the_actor(assets, zero3_runs):
     assert 1e-5 < change < 0.1  # one AdamW step of lr 1e-3 moves a weight by about lr
 
 
-def test_reward_position_and_uneven_lengths_zero3(assets, tmp_path):
+@pytest.mark.parametrize("packing", [{}, BY_TOKENS], ids=["rows", "tokens"])
+def test_reward_position_and_uneven_lengths_zero3(assets, tmp_path, packing):
+    """Packed by tokens, rank 0's short rows fit one pass and rank 1's long rows need several:
+    the ranks must still run equally many ZeRO-3 forwards, or they hang."""
     z3 = {"zero_stage": 3}
     base = ppo_config(assets, tmp_path / "out")
-    cfg = ppo_config(assets, tmp_path / "out", actor={**base["actor"], **z3},
-                     critic={**base["critic"], **z3}, ppo={"steps": 2, "rollout_batch_size": 8})
+    cfg = ppo_config(assets, tmp_path / "out", actor={**base["actor"], **z3, **packing},
+                     critic={**base["critic"], **z3, **packing},
+                     ref={**base["ref"], **packing}, reward={**base["reward"], **packing},
+                     ppo={"steps": 2, "rollout_batch_size": 8})
     path = write_yaml(cfg, tmp_path / "cfg.yaml")
     result_path = tmp_path / "result.json"
     proc = run_deepspeed(2, ["tests/dist/ppo_checks.py", str(path), str(result_path)],

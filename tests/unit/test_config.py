@@ -8,6 +8,7 @@ import yaml
 from ds_rlhf.config import (
     ConfigError,
     PPORunConfig,
+    SFTRunConfig,
     derive_sizes,
     load_config,
     parse_overrides,
@@ -69,6 +70,7 @@ def test_defaults_follow_the_spec():
     (["--critic.offload_params", "true"], "critic.offload_params"),  # needs ZeRO-3
     (["--actor.lr", "-1"], "actor.lr"),
     (["--data.datasets", "[]"], "data.datasets"),
+    (["--reward.micro_batch_tokens", "-1"], "reward.micro_batch_tokens"),
 ])
 def test_bad_input_names_the_field(base_yaml, override, field):
     with pytest.raises(ConfigError) as e:
@@ -103,6 +105,26 @@ def test_batch_arithmetic_errors_name_the_field(base_yaml, world_size, override,
     with pytest.raises(ConfigError) as e:
         derive_sizes(cfg, world_size)
     assert field in str(e.value)
+
+
+def test_token_micro_batches_need_room_for_the_longest_sequence(base_yaml):
+    # Defaults: data.max_prompt_len 256 + generation.max_new_tokens 128 = 384 tokens.
+    with pytest.raises(ConfigError, match="critic.micro_batch_tokens: 383 cannot hold one "
+                       "sequence .* raise it to at least 384"):
+        load_config(base_yaml, ["--critic.micro_batch_tokens", "383"])
+    cfg = load_config(base_yaml, ["--critic.micro_batch_tokens", "384",
+                                  "--critic.micro_batch_size", "3"])
+    s = derive_sizes(cfg, world_size=2)  # micro_batch_size 3 is unused: no divisibility error
+    # The number of packed micro-batches varies per step; DeepSpeed accumulates over them
+    # with explicit boundaries, so its own accumulation count is 1.
+    assert (s.actor_grad_accum, s.critic_grad_accum) == (2, 1)
+
+
+def test_supervised_steps_refuse_token_micro_batches():
+    with pytest.raises(ConfigError, match="model.micro_batch_tokens: `ds-rlhf sft` batches by "
+                       "rows; unset it and use model.micro_batch_size"):
+        load_config(None, {"model.model.path": "/models/base", "model.micro_batch_tokens": 512,
+                           "data.datasets": [{"path": "sft.jsonl"}]}, cls=SFTRunConfig)
 
 
 def test_deepspeed_config_agrees_with_run_config(base_yaml):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from ds_rlhf.rollout import Rollout
+from ds_rlhf.rollout import Rollout, pack_by_tokens, split_to_count
 
 
 def make_rollout(batch=3, prompt_width=4, response_width=5, offset=0):
@@ -128,3 +128,47 @@ def test_trim_drops_columns_that_are_padding_in_every_row():
     assert t.old_logprobs.tolist() == [[0.0, 1.0], [5.0, 6.0]]
     assert t.scores.tolist() == [1.0, 2.0] and t.values is None
     assert t.response_lengths.tolist() == r.response_lengths.tolist()
+
+
+def _cost(idx, prompt_lengths, response_lengths):
+    """Padded tokens of a micro-batch after trim: rows x (longest prompt + longest response)."""
+    return len(idx) * (int(prompt_lengths[idx].max()) + int(response_lengths[idx].max()))
+
+
+def test_pack_by_tokens_first_fit_decreasing_by_hand():
+    prompt_lengths = torch.tensor([3, 2, 5, 1, 2])
+    response_lengths = torch.tensor([4, 1, 3, 1, 6])  # totals 7, 3, 8, 2, 8
+    groups = pack_by_tokens(prompt_lengths, response_lengths, max_tokens=16)
+    # Longest first: row 2 (5+3) opens group A, row 4 (2+6) can't join A (2 x (5+6) = 22),
+    # opens B; row 0 (3+4) fits neither (18, 18), opens C; row 1 (2+1) joins A (2 x 8 = 16);
+    # row 3 (1+1) can't join A (3 x 8 = 24) but joins B (2 x (2+6) = 16).
+    assert [g.tolist() for g in groups] == [[2, 1], [4, 3], [0]]
+    assert [_cost(g, prompt_lengths, response_lengths) for g in groups] == [16, 16, 7]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_by_tokens_covers_every_row_once_within_budget(seed):
+    gen = torch.Generator().manual_seed(seed)
+    prompt_lengths = torch.randint(1, 64, (40,), generator=gen)
+    response_lengths = torch.randint(0, 64, (40,), generator=gen)
+    groups = pack_by_tokens(prompt_lengths, response_lengths, max_tokens=256)
+    assert sorted(torch.cat(groups).tolist()) == list(range(40))
+    for g in groups:
+        assert _cost(g, prompt_lengths, response_lengths.clamp(min=1)) <= 256
+    # Fewer passes than one row at a time, and no more than a row budget of the worst case
+    # (256 // 127 = 2 rows per micro-batch) would need.
+    assert len(groups) <= 20
+
+
+def test_pack_by_tokens_overlong_row_alone():
+    groups = pack_by_tokens(torch.tensor([2, 30, 2]), torch.tensor([2, 30, 2]), max_tokens=16)
+    assert [g.tolist() for g in groups] == [[1], [0, 2]]
+
+
+def test_split_to_count_splits_the_largest_until_count():
+    groups = [torch.tensor([0, 1, 2, 3]), torch.tensor([4])]
+    assert [g.tolist() for g in split_to_count(groups, 2)] == [[0, 1, 2, 3], [4]]
+    assert [g.tolist() for g in split_to_count(groups, 3)] == [[0, 1], [2, 3], [4]]
+    assert [g.tolist() for g in split_to_count(groups, 5)] == [[0], [1], [2], [3], [4]]
+    with pytest.raises(ValueError, match="cannot split 5 rows into 6"):
+        split_to_count(groups, 6)
