@@ -26,18 +26,8 @@ fi
 CMD=$1 CONFIG=$2
 shift 2
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # `-m ds_rlhf` works without pip install -e
-PYTHON=${PYTHON:-python3}
-if [ -z "${GPU:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then GPU=1; else GPU=0; fi
-fi
-if [ "$GPU" = 0 ]; then
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  NPROC=${NPROC:-2}
-else
-  NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
-fi
-export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+. "$REPO/launch/env.sh"  # PYTHONPATH, PYTHON, GPU and the CPU settings
+if [ "$GPU" = 0 ]; then NPROC=${NPROC:-2}; else NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}; fi
 MASTER_PORT=${MASTER_PORT:-29500}
 
 case "${LAUNCHER:-deepspeed}" in
