@@ -120,10 +120,11 @@ def pack_by_tokens(prompt_lengths: Tensor, response_lengths: Tensor,
     """
     prompt_lengths = prompt_lengths.tolist()
     response_lengths = [max(r, 1) for r in response_lengths.tolist()]  # trim keeps >= 1 column
-    totals = torch.tensor([p + r for p, r in zip(prompt_lengths, response_lengths, strict=True)])
+    longest_first = sorted(range(len(prompt_lengths)), reverse=True,  # stable: ties keep order
+                           key=lambda i: prompt_lengths[i] + response_lengths[i])
     groups: list[list[int]] = []
     widths: list[tuple[int, int]] = []  # (longest prompt, longest response) of each group
-    for i in torch.argsort(totals, descending=True, stable=True).tolist():
+    for i in longest_first:
         p, r = prompt_lengths[i], response_lengths[i]
         for k, (wp, wr) in enumerate(widths):
             if (len(groups[k]) + 1) * (max(wp, p) + max(wr, r)) <= max_tokens:
