@@ -30,7 +30,7 @@ import torch
 import transformers
 
 from ds_rlhf import generation
-from ds_rlhf.config import TrainEngineConfig
+from ds_rlhf.config import DistributedConfig, TrainEngineConfig
 from ds_rlhf.coordinator import setup_distributed_env, start_distributed, stop_distributed
 from ds_rlhf.engines.hybrid import HybridEngine
 from ds_rlhf.engines.roles import init_engine
@@ -38,7 +38,7 @@ from ds_rlhf.engines.roles import init_engine
 
 def bench_generation(args) -> dict:
     setup_distributed_env()
-    coord = start_distributed()
+    coord = start_distributed(DistributedConfig().timeout_minutes)
     accelerator = deepspeed.get_accelerator()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     config = transformers.LlamaConfig(

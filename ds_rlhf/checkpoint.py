@@ -1,15 +1,22 @@
-"""Checkpoints, auto-resume and preemption, shared by the PPO, SFT and RM trainers.
+"""Checkpoints, auto-resume and preemption, shared by the trainers (PPO, SFT, RM...).
 
 Layout under `<output_dir>/checkpoints/`:
 
     step_<N>/<engine>/...        DeepSpeed engine checkpoints (model, optimizer, scheduler)
     step_<N>/rng_rank<r>.pt      each rank's RNG states
+    step_<N>/manifest.json       every file above: size, and sha256 for files up to 64 MiB
     step_<N>/trainer_state.json  step, sampler, KL controller, W&B run id... written last
     latest                       "step_<N>", replaced atomically once step_<N> is complete
 
 A step directory without trainer_state.json is incomplete (a crash during save) and is never
-loaded: resume falls back to the newest complete one. Old checkpoints are deleted only after
+loaded. Before loading, a checkpoint is checked against its manifest (missing or truncated
+files, changed small files, unreadable trainer state); resume takes the newest checkpoint that
+passes and says once which file made it skip the others. Old checkpoints are deleted only after
 the new one is complete. Frozen models are not saved; their sources are in config.yaml.
+
+Before a save, rank 0 checks the free space against the size of the last checkpoint; a save
+that fails (full disk or another OS error) on any rank stops every rank with one message naming
+the path, the free space and the previous checkpoint, which stays intact.
 
 Preemption: SIGTERM or SIGUSR1 only sets a flag. At the next step boundary the trainer asks
 all ranks (`Coordinator.any`), and if any was signalled they save together and exit 0.
@@ -17,6 +24,7 @@ all ranks (`Coordinator.any`), and if any was signalled they save together and e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,16 +33,25 @@ import shutil
 import signal
 from pathlib import Path
 
+import psutil
 import torch
 
+from ds_rlhf import lock
 from ds_rlhf.config import UserInputError
+from ds_rlhf.coordinator import set_phase
 
 LATEST = "latest"
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+# Files up to this size are hashed as well as sized (sha256 runs at ~0.8 GiB/s on one CPU
+# core, so ~80 ms each): RNG states, trainer state, small models. Bigger files (the model and
+# optimizer shards) are checked by size only, which catches the truncation of an interrupted
+# copy or a full disk without reading the whole checkpoint twice per save and resume.
+HASH_MAX_BYTES = 64 << 20
 
 
 class CheckpointError(UserInputError):
-    """A checkpoint that cannot be resumed here; the message says why and what to do."""
+    """A checkpoint that cannot be resumed or saved here; the message says why and what to do."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -52,19 +69,100 @@ def _complete_steps(root: Path) -> list[Path]:
     return sorted((d for d in found if (d / STATE).is_file()), key=lambda d: int(d.name[5:]))
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _data_files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*")
+                  if p.is_file() and p.name not in (STATE, MANIFEST))
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Size (and sha256 when small) of every file the ranks wrote into `step_dir`."""
+    files = {}
+    for path in _data_files(step_dir):
+        size = path.stat().st_size
+        files[str(path.relative_to(step_dir))] = (
+            {"size": size, "sha256": _sha256(path)} if size <= HASH_MAX_BYTES else {"size": size})
+    _write_atomic(step_dir / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+
+
+def verify(step_dir: Path) -> str | None:
+    """None if `step_dir` matches its manifest, else what is wrong, naming the file."""
+    try:
+        _read_json(step_dir / STATE)
+        if not (step_dir / MANIFEST).is_file():
+            return None  # written before manifests existed: nothing to compare with
+        files = _read_json(step_dir / MANIFEST)["files"]
+    except CheckpointError as e:
+        return str(e)
+    for name, want in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path} has {size} bytes, the manifest says {want['size']} (truncated?)"
+        if "sha256" in want and _sha256(path) != want["sha256"]:
+            return f"{path} differs from the manifest (sha256)"
+    return None
+
+
 def find_resume(output_dir: str | Path) -> Path | None:
-    """The step directory to resume from: `latest` if complete, else the newest complete one."""
+    """The newest complete checkpoint that passes `verify`: the one `latest` names, else the
+    newest other. One line names the file that made it skip newer ones."""
     root = checkpoint_root(output_dir)
-    complete = _complete_steps(root)
+    candidates = _complete_steps(root)[::-1]
     latest = root / LATEST
     if latest.is_file():
         named = root / latest.read_text().strip()
-        if (named / STATE).is_file():
-            return named
-        if complete:
+        if named in candidates:  # normally the newest already; an older one if moved by hand
+            candidates.remove(named)
+            candidates.insert(0, named)
+        elif candidates:
             print(f"checkpoint: {named} is incomplete (interrupted save); resuming from "
-                  f"{complete[-1]}", flush=True)
-    return complete[-1] if complete else None
+                  f"{candidates[0]}", flush=True)
+    problems = []
+    for step_dir in candidates:
+        problem = verify(step_dir)
+        if problem is None:
+            if problems:
+                print(f"checkpoint: skipping damaged {'; '.join(problems)}; resuming from "
+                      f"{step_dir}", flush=True)
+            return step_dir
+        problems.append(f"{step_dir.name} ({problem})")
+    if problems:
+        raise CheckpointError(
+            f"no intact checkpoint in {root}: {'; '.join(problems)}. Restore the file, move the "
+            "damaged step directories away, or start over with another output_dir (or "
+            "checkpoint.resume: false); nothing was changed or deleted")
+    return None
+
+
+def open_run(output_dir: str | Path, resume: bool, coord) -> tuple[Path | None, dict | None]:
+    """Lock the output directory for this run, then pick the checkpoint to resume from (see
+    `resume_point`); rank 0 does both and every rank gets the answer or the refusal. Call it
+    right after `start_distributed`, before anything in the output directory is touched."""
+    def claim() -> tuple[Path | None, dict | None]:
+        lock.acquire(output_dir)
+        return resume_point(output_dir, resume, coord.world_size)
+
+    set_phase("start (lock the output_dir, pick the checkpoint)")
+    chosen = coord.on_main(claim)
+    set_phase("start (build the engines, load the checkpoint)")
+    return chosen
 
 
 def resume_point(output_dir: str | Path, resume: bool,
@@ -76,7 +174,7 @@ def resume_point(output_dir: str | Path, resume: bool,
 
 def read_state(step_dir: Path, world_size: int) -> dict:
     """The trainer state of a checkpoint, after checking it fits this run."""
-    state = json.loads((step_dir / STATE).read_text())
+    state = _read_json(step_dir / STATE)
     saved = state["world_size"]
     if saved != world_size:
         raise CheckpointError(
@@ -104,19 +202,64 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _mib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _previous(root: Path) -> str:
+    done = _complete_steps(root)
+    return (f"the previous checkpoint {done[-1]} is intact" if done
+            else "no checkpoint was saved before")
+
+
+def _prepare_save(root: Path, step_dir: Path) -> None:
+    """Rank 0, before a save: remove a leftover of an interrupted save of this step, and check
+    that the free space can hold another checkpoint as big as the last one."""
+    if step_dir.exists():
+        shutil.rmtree(step_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    done = _complete_steps(root)
+    if not done:
+        return
+    needed, free = _dir_bytes(done[-1]), shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointError(
+            f"no space to save {step_dir}: {_mib(free)} free on {root}, and the last "
+            f"checkpoint ({done[-1].name}) took {_mib(needed)}. Nothing was written; "
+            f"{_previous(root)}. Free space (or lower checkpoint.keep_last), then run the same "
+            "command to resume from it")
+
+
 def save(output_dir: str | Path, step: int, engines: dict, state: dict, coord,
          keep_last: int) -> Path:
     """Save on every rank (collective). `state` must be JSON-serialisable."""
     root = checkpoint_root(output_dir)
     step_dir = root / f"step_{step}"
-    if coord.is_main and step_dir.exists():  # a leftover of an interrupted save of this step
-        shutil.rmtree(step_dir)
-    coord.barrier()
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(step_dir), tag=name, save_latest=False)
-    torch.save(_rng_state(), step_dir / f"rng_rank{coord.rank}.pt")
+    set_phase(f"save step {step}")
+    coord.on_main(lambda: _prepare_save(root, step_dir))
+    error = None
+    try:
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(step_dir), tag=name, save_latest=False)
+        torch.save(_rng_state(), step_dir / f"rng_rank{coord.rank}.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        error = f"rank {coord.rank}: {str(e).strip().splitlines()[-1]}"
+    errors = [e for e in coord.gather_objects([error]) if e]
+    if errors:  # every rank stops here together, with the same message
+        if coord.is_main:
+            shutil.rmtree(step_dir, ignore_errors=True)  # the partial save, to free its space
+        raise CheckpointError(
+            f"saving {step_dir} failed ({'; '.join(errors)}); "
+            f"{_mib(shutil.disk_usage(root).free)} free on {root} (no space left is the usual "
+            f"cause). {_previous(root)[0].upper()}{_previous(root)[1:]}: free space, then run "
+            "the same command to resume from it")
     coord.barrier()  # every rank's shards are on disk
     if coord.is_main:
+        write_manifest(step_dir)
         _write_atomic(step_dir / STATE, json.dumps(
             {**state, "step": step, "world_size": coord.world_size}, indent=1))
         _write_atomic(root / LATEST, step_dir.name)
@@ -138,8 +281,26 @@ def load(step_dir: Path, engines: dict, coord) -> None:
         _set_rng_state(torch.load(rng, weights_only=False))
 
 
+def _deepspeed_command() -> psutil.Process | None:
+    """The `deepspeed` command that started this worker, when it did: our parent is the
+    per-node launcher (deepspeed.launcher.launch) and its parent the command (runner)."""
+    try:
+        launcher = psutil.Process().parent()
+        if launcher is None or "deepspeed.launcher.launch" not in " ".join(launcher.cmdline()):
+            return None
+        return launcher.parent()
+    except psutil.Error:
+        return None
+
+
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm's early warning); read at step boundaries."""
+    """Set by SIGTERM / SIGUSR1 (Slurm's early warning); read at step boundaries.
+
+    Also set when the `deepspeed` command that started this worker is gone. That command
+    handles no signal in a single-node run: SIGTERM or SIGUSR1 to it (what `kill PID`, a
+    scheduler or `timeout` sends) ends it at once and leaves its launcher and the workers
+    running, orphaned. Its going is taken as the same request: save at the next step, exit.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -147,12 +308,28 @@ class PreemptionFlag:
         self.signalled: int | None = None
         for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
+        self.command = _deepspeed_command()
 
     def _handler(self, signum, frame) -> None:
         self.signalled = signum
 
     def __bool__(self) -> bool:
+        if self.signalled is None and self.command is not None and not self.command.is_running():
+            print(f"the deepspeed command (PID {self.command.pid}) is gone; stopping as if it "
+                  "had forwarded its signal", flush=True)
+            self.signalled = signal.SIGTERM
         return self.signalled is not None
+
+
+def preempted_exit(saved: int, is_main: bool) -> None:
+    """The last word of a preempted run: what was saved, if anything."""
+    if not is_main:
+        return
+    if saved:
+        print(f"preempted: saved step {saved}; run the same command to resume", flush=True)
+    else:
+        print("preempted: stopped before the first step; nothing to save, run the same command "
+              "to start", flush=True)
 
 
 _FLAG: PreemptionFlag | None = None

@@ -8,11 +8,16 @@
 
 Any `--section.key VALUE` (or `--section.key=VALUE`) overrides the YAML; values are parsed as
 YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank=N` from the deepspeed launcher is accepted.
+
+Exit codes: 0 finished, or stopped by a signal (see "preempted:"); 2 bad input (config, data,
+checkpoint, output_dir in use, no space for a checkpoint); 3 non-finite loss; 4 another rank
+stalled past distributed.timeout_minutes or died.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ds_rlhf.config import (
@@ -84,15 +89,54 @@ def main(argv: list[str] | None = None) -> int:
     preemption_flag()  # SIGTERM / SIGUSR1 from here on mean "save at the next step boundary"
     try:
         RUNNERS[args.command](cfg)
-    except UserInputError as e:  # checks that need data, tokenizers or the world size
-        print(f"ds-rlhf {args.command}: error: {e}", file=sys.stderr)
+    except UserInputError as e:  # checks that need data, tokenizers, the world size, the
+        # output_dir or a checkpoint: raised by every rank together (Coordinator.on_main)
+        _print_once(f"ds-rlhf {args.command}: error: {e}")
+        stop_distributed()
         return 2
     except NonFiniteError as e:  # every rank raises it together
         print(f"ds-rlhf {args.command}: stopped: {e}", file=sys.stderr)
         stop_distributed()
         return 3
+    except RuntimeError as e:
+        if not _collective_failure(e):
+            raise
+        _exit_after_collective_failure(args.command, cfg, e)
     stop_distributed()
     return 0
+
+
+def _print_once(message: str) -> None:
+    """An error every rank hit: rank 0 says it (RANK is unset in a single process)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
+# How gloo and NCCL report a peer that stopped answering or went away.
+_COLLECTIVE_ERRORS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset",
+                      "Watchdog caught collective operation timeout")
+
+
+def _collective_failure(e: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or any(m in str(e) for m in _COLLECTIVE_ERRORS)
+
+
+def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:
+    """Another rank stalled (past distributed.timeout_minutes) or died: say where this rank was
+    waiting and leave at once (exit 4), without the collectives of a normal exit, which would
+    wait for the missing rank again."""
+    from ds_rlhf.coordinator import current_phase
+
+    first = next((line for line in str(e).splitlines() if line.strip()), repr(e))
+    print(f"ds-rlhf {command}: error: rank {os.environ.get('RANK', '0')} gave up waiting for "
+          f"the other ranks in phase '{current_phase()}': another rank stalled for longer than "
+          f"distributed.timeout_minutes={cfg.distributed.timeout_minutes} or died ({first}). The "
+          "last checkpoint is intact; check that rank's log, then run the same command to "
+          "resume", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(4)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the ranks wait for each other."""
+
+    timeout_minutes: float = 30.0  # a collective (or the start-up rendezvous) waiting longer
+    # for another rank ends the run with an error naming the phase. Longer than any legitimate
+    # wait: a rank waits while others load big models, generate long responses or save/export
+    # (rank 0 alone writes the HF export); raise it when those take more than ~20 minutes
+
+
+@dataclass
 class PPORunConfig:
     """Step 3: PPO with actor, critic, reference and reward engines."""
 
@@ -216,6 +226,7 @@ class PPORunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the algorithm
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # logging
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # timeouts
 
 
 @dataclass
@@ -241,6 +252,7 @@ class SFTRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
     train_on_prompt: bool = False  # also train on prompt tokens (default: completion + EOS)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # timeouts
 
 
 @dataclass
@@ -255,6 +267,7 @@ class RMRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
     margin: float = 0.0  # loss -logsigmoid(r_chosen - r_rejected - margin) (Llama 2, eq. 2)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # timeouts
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,12 +478,18 @@ def _check_supervised(cfg: SFTRunConfig | RMRunConfig) -> None:
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only before and after)")
     _require(t.log_every >= 1, "train.log_every", "must be at least 1")
     _check_checkpoint(cfg.checkpoint)
+    _check_distributed(cfg.distributed)
     _check_data(cfg.data, _STEP_FORMATS[step], f"`ds-rlhf {step}`")
 
 
 def _check_checkpoint(c: CheckpointConfig) -> None:
     _require(c.save_every >= 0, "checkpoint.save_every", "must be >= 0 (0: only at the end)")
     _require(c.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+
+
+def _check_distributed(d: DistributedConfig) -> None:
+    _require(d.timeout_minutes > 0, "distributed.timeout_minutes", "must be > 0 (minutes a rank "
+             f"waits for the others before the run stops), got {d.timeout_minutes}")
 
 
 def _check_data(d: DataConfig, formats: tuple[str, ...], reader: str) -> None:
@@ -531,6 +550,7 @@ def check_values(cfg: Any) -> None:
                  f"cannot hold one sequence of data.max_prompt_len + generation.max_new_tokens = "
                  f"{longest} tokens; raise it to at least {longest}")
     _check_checkpoint(cfg.checkpoint)
+    _check_distributed(cfg.distributed)
     _check_data(d, _STEP_FORMATS["ppo"], "PPO")
     cfg.tracking.check()
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,11 +40,31 @@ def setup_distributed_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
-def start_distributed() -> Coordinator:
-    """deepspeed.init_distributed (gloo on CPU, nccl on GPU), this rank's device, a Coordinator."""
+T = TypeVar("T")
+_PHASE = ["start"]  # what this rank is doing, named when a collective fails (see cli.py)
+
+
+def set_phase(name: str) -> None:
+    """Name what this rank does now ("step 3 generate", "save step 4"...): when a collective
+    times out or a peer vanishes, the error says where this rank was waiting."""
+    _PHASE[0] = name
+
+
+def current_phase() -> str:
+    return _PHASE[0]
+
+
+def start_distributed(timeout_minutes: float) -> Coordinator:
+    """deepspeed.init_distributed (gloo on CPU, nccl on GPU), this rank's device, a Coordinator.
+
+    Every collective, the rendezvous included, gives up after `timeout_minutes`
+    (distributed.timeout_minutes): a stalled or vanished rank then ends the others instead of
+    leaving them waiting silently.
+    """
     import deepspeed  # here, so that importing this module stays cheap
 
-    deepspeed.init_distributed()
+    set_phase("start (rendezvous of the ranks)")
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
@@ -168,3 +191,24 @@ class Coordinator:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """`fn()` on rank 0 only; its result, or the UserInputError it raised, on every rank.
+
+        For what one process must do for the run (lock the output directory, pick and verify
+        the checkpoint, check free space): the others learn the outcome, and a refusal stops
+        every rank with the same message instead of leaving them waiting in a collective.
+        """
+        from ds_rlhf.config import UserInputError
+
+        out: list = [None]
+        if self.is_main:
+            try:
+                out = [(True, fn())]
+            except UserInputError as e:
+                out = [(False, e)]
+        dist.broadcast_object_list(out, src=0, device=self.device)
+        ok, value = out[0]
+        if not ok:
+            raise value
+        return value

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,13 +23,17 @@ if TYPE_CHECKING:
 
 
 class Timer:
-    """Wall-clock seconds per named phase: `with timer("generate"): ...`."""
+    """Wall-clock seconds per named phase: `with timer("generate"): ...`. `on_enter(name)` is
+    called as each phase starts (the trainers name the phase for error messages with it)."""
 
-    def __init__(self):
+    def __init__(self, on_enter: Callable[[str], None] | None = None):
         self.seconds: dict[str, float] = {}
+        self.on_enter = on_enter
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.on_enter is not None:
+            self.on_enter(name)
         start = time.perf_counter()
         try:
             yield

@@ -33,6 +33,7 @@ from ds_rlhf.config import (
 from ds_rlhf.coordinator import (
     Coordinator,
     PromptSampler,
+    set_phase,
     setup_distributed_env,
     start_distributed,
 )
@@ -91,9 +92,9 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
           world_size: int) -> Session:
     """init_distributed, save config.yaml, build the ZeRO engine, load the newest checkpoint
     of OUTPUT_DIR/checkpoints if there is one (and checkpoint.resume is on)."""
-    resume_dir, state = checkpoint.resume_point(cfg.output_dir, cfg.checkpoint.resume, world_size)
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
-    coord = start_distributed()
+    coord = start_distributed(cfg.distributed.timeout_minutes)
+    resume_dir, state = checkpoint.open_run(cfg.output_dir, cfg.checkpoint.resume, coord)
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
     engine = init_engine(build_model(), cfg.model, grad_accum, world_size)
@@ -187,6 +188,7 @@ def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
             saved = step
 
     def run_eval() -> dict[str, float]:
+        set_phase(f"eval after step {step}")
         start = time.perf_counter()
         metrics = evaluate()
         if coord.is_main:
@@ -201,11 +203,10 @@ def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
     while step < total_steps:
         if coord.any(bool(session.preempted)):  # all ranks agree, then save together
             save()
-            if coord.is_main:
-                print(f"preempted: saved step {step}; run the same command to resume",
-                      flush=True)
+            checkpoint.preempted_exit(saved, coord.is_main)
             return None
         step += 1
+        set_phase(f"step {step} train")
         start = time.perf_counter()
         lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
         rows = coord.shard(sampler.next_batch())
@@ -230,6 +231,7 @@ def finish(cfg: RunConfig, coord: Coordinator, engine, hf_model: nn.Module, toke
            final: dict[str, float], step: int) -> None:
     """HF export to OUTPUT_DIR/model and the last eval metrics to OUTPUT_DIR/eval.json."""
     out = Path(cfg.output_dir)
+    set_phase("export")
     export_hf(engine, hf_model, tokenizer, out / "model", coord.is_main)
     if coord.is_main:
         if final:

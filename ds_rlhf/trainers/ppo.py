@@ -22,6 +22,7 @@ from ds_rlhf.config import ConfigError, PPORunConfig, Sizes, derive_sizes, save_
 from ds_rlhf.coordinator import (
     Coordinator,
     PromptSampler,
+    set_phase,
     setup_distributed_env,
     start_distributed,
 )
@@ -55,9 +56,7 @@ class PPOTrainer:
         while self.step < self.cfg.ppo.steps:
             if self.coord.any(bool(self.preempted)):  # all ranks agree, then save together
                 self.save()
-                if self.coord.is_main:
-                    print(f"preempted: saved step {self.step}; run the same command to resume",
-                          flush=True)
+                checkpoint.preempted_exit(self.saved_step, self.coord.is_main)
                 return False
             self.step += 1
             self.tracker.log(self.step, self.ppo_step(self.step))
@@ -86,7 +85,8 @@ class PPOTrainer:
         self.step = self.saved_step = state["step"]
 
     def ppo_step(self, step: int) -> dict[str, float]:
-        cfg, timer, start = self.cfg, Timer(), time.perf_counter()
+        cfg, start = self.cfg, time.perf_counter()
+        timer = Timer(on_enter=lambda name: set_phase(f"step {step} {name}"))
 
         # 1. This rank's equal share of the next global batch of prompts.
         prompt_index = self.coord.shard(self.sampler.next_batch())
@@ -247,10 +247,10 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     tokenizer = _tokenizers(cfg)
     prompts = load_prompts(cfg.data, tokenizer, split="train")
     sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
-    resume_dir, state = checkpoint.resume_point(cfg.output_dir, cfg.checkpoint.resume, world_size)
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
 
-    coord = start_distributed()
+    coord = start_distributed(cfg.distributed.timeout_minutes)
+    resume_dir, state = checkpoint.open_run(cfg.output_dir, cfg.checkpoint.resume, coord)
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
         if prompts.num_filtered:
@@ -303,6 +303,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
 def run(cfg: PPORunConfig) -> PPOTrainer:
     trainer = build_ppo(cfg)
     if trainer.train():
+        set_phase("export")
         out = Path(cfg.output_dir)
         trainer.actor.export(out / "actor", trainer.tokenizer, trainer.coord.is_main)
         if cfg.checkpoint.export_critic:
