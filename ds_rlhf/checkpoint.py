@@ -173,19 +173,66 @@ def resume_point(output_dir: str | Path, resume: bool,
 
 
 def read_state(step_dir: Path, world_size: int) -> dict:
-    """The trainer state of a checkpoint, after checking it fits this run."""
+    """The trainer state of a checkpoint, after checking it fits this run: one written by
+    another number of ranks is converted to DeepSpeed's universal format first (see
+    `to_universal`), or refused with the reason when it cannot be."""
     state = _read_json(step_dir / STATE)
     saved = state["world_size"]
     if saved != world_size:
-        raise CheckpointError(
-            f"{step_dir} was written by {saved} ranks but this run has {world_size}. DeepSpeed "
-            "ZeRO checkpoints hold one partition per rank and load only with the same number "
-            f"of ranks: restart with {saved} ranks. To change the number of ranks, DeepSpeed "
-            "converts such checkpoints to its rank-independent 'universal' format (python -m "
-            "deepspeed.checkpoint.ds_to_universal --input_folder STEP/actor --output_folder "
-            "STEP/actor_universal), which ds-rlhf does not load yet. To start over, use a new "
-            "output_dir; nothing was changed or deleted.")
+        try:
+            to_universal(step_dir, saved, world_size)
+        except Exception as e:  # DeepSpeed's converter raises anything from asserts to OSError
+            raise CheckpointError(
+                f"{step_dir} was written by {saved} ranks but this run has {world_size}, and "
+                f"DeepSpeed's conversion to its rank-independent universal format failed ({e}). "
+                f"Restart with {saved} ranks, or use a new output_dir to start over; nothing was "
+                "changed or deleted.") from None
     return state
+
+
+UNIVERSAL = "universal"  # step_<N>/universal/<engine>/: DeepSpeed's rank-independent copy
+
+
+def is_universal(state: dict | None, world_size: int) -> bool:
+    """Whether this checkpoint loads through its universal copy: it was written by another
+    number of ranks. Engines must then be built with DeepSpeed's `load_universal` flag."""
+    return state is not None and state["world_size"] != world_size
+
+
+def to_universal(step_dir: Path, saved: int, world_size: int) -> None:
+    """Rank 0: convert each engine checkpoint of `step_dir` (the subdirectories holding ZeRO
+    optimizer shards) with DeepSpeed's ds_to_universal into step_dir/universal/, once.
+
+    The universal format holds every parameter and its optimizer states whole (fp32), so
+    DeepSpeed re-partitions them over any number of ranks at load (Lian et al. 2024,
+    "Universal Checkpointing"). `inject_missing_state` adds the metadata it needs that engines
+    do not save unless configured for it. Serial (one worker): it runs in a trainer process.
+    """
+    out = step_dir / UNIVERSAL
+    if out.is_dir():
+        return
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    print(f"checkpoint: {step_dir} was written by {saved} ranks; converting it to DeepSpeed's "
+          f"universal format to resume on {world_size}", flush=True)
+    tmp = step_dir / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    engines = sorted(d for d in step_dir.iterdir()
+                     if d.is_dir() and any(d.glob("*_optim_states.pt")))
+    if not engines:
+        raise CheckpointError(f"{step_dir}: no ZeRO optimizer shards to convert")
+    log = io.StringIO()
+    for engine in engines:
+        args = argparse.Namespace(
+            input_folder=str(engine), output_folder=str(tmp / engine.name), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    os.replace(tmp, out)  # complete or absent
 
 
 def _rng_state() -> dict:
@@ -269,15 +316,19 @@ def save(output_dir: str | Path, step: int, engines: dict, state: dict, coord,
     return step_dir
 
 
-def load(step_dir: Path, engines: dict, coord) -> None:
-    """Load engine states (into freshly built engines) and this rank's RNG states."""
+def load(step_dir: Path, engines: dict, coord, state: dict) -> None:
+    """Load engine states (into freshly built engines) and this rank's RNG states; through the
+    universal copy when the checkpoint has another world size (see `is_universal`)."""
+    set_phase(f"load {step_dir}")
+    universal = is_universal(state, coord.world_size)
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
+        path, _ = engine.load_checkpoint(str(step_dir / UNIVERSAL if universal else step_dir),
+                                         tag=name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"{step_dir / name}: DeepSpeed found no checkpoint to load")
     rng = step_dir / f"rng_rank{coord.rank}.pt"
-    if rng.is_file():
+    if rng.is_file():  # a rank the writing run did not have keeps its own seeds
         _set_rng_state(torch.load(rng, weights_only=False))
 
 

@@ -36,8 +36,9 @@ def load_template(name: str) -> dict:
 
 
 def deepspeed_config(engine: EngineConfig, micro_batch_size: int, grad_accum: int,
-                     world_size: int, on_cpu: bool) -> dict:
-    """The DeepSpeed config of one engine; trained iff `engine` is a TrainEngineConfig."""
+                     world_size: int, on_cpu: bool, load_universal: bool = False) -> dict:
+    """The DeepSpeed config of one engine; trained iff `engine` is a TrainEngineConfig.
+    `load_universal`: the engine will load a universal checkpoint (another world size)."""
     trainable = isinstance(engine, TrainEngineConfig)
     config = copy.deepcopy(load_template(template_name(engine, trainable)))
     zero = config.setdefault("zero_optimization", {})
@@ -73,4 +74,6 @@ def deepspeed_config(engine: EngineConfig, micro_batch_size: int, grad_accum: in
                            "warmup_num_steps": engine.warmup_steps, "warmup_type": "linear"},
             }
         config["gradient_clipping"] = engine.grad_clip
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return config

@@ -30,13 +30,14 @@ from ds_rlhf.rollout import Rollout, pack_by_tokens, split_to_count
 
 
 def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, world_size: int,
-                micro_batch_size: int | None = None):
+                micro_batch_size: int | None = None, load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine; frozen roles (plain EngineConfig) get no optimizer.
-    `micro_batch_size` (default: the config's) only feeds DeepSpeed's sample counters."""
+    `micro_batch_size` (default: the config's) only feeds DeepSpeed's sample counters;
+    `load_universal`: it will resume from a universal checkpoint (checkpoint.is_universal)."""
     trainable = isinstance(engine_cfg, TrainEngineConfig)
     on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
     ds_config = deepspeed_config(engine_cfg, micro_batch_size or engine_cfg.micro_batch_size,
-                                 grad_accum, world_size, on_cpu)
+                                 grad_accum, world_size, on_cpu, load_universal)
     if not trainable:
         model.requires_grad_(False)
         model.eval()

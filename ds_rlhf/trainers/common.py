@@ -97,9 +97,10 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
     resume_dir, state = checkpoint.open_run(cfg.output_dir, cfg.checkpoint.resume, coord)
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
-    engine = init_engine(build_model(), cfg.model, grad_accum, world_size)
+    engine = init_engine(build_model(), cfg.model, grad_accum, world_size,
+                         load_universal=checkpoint.is_universal(state, world_size))
     if resume_dir is not None:
-        checkpoint.load(resume_dir, {"model": engine}, coord)
+        checkpoint.load(resume_dir, {"model": engine}, coord, state)
         if coord.is_main:
             print(f"resumed from {resume_dir} at step {state['step']}", flush=True)
     return Session(coord, engine, preempted, state)

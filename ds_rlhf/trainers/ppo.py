@@ -79,7 +79,7 @@ class PPOTrainer:
         self.saved_step = self.step
 
     def resume(self, step_dir, state: dict) -> None:
-        checkpoint.load(step_dir, self.engines(), self.coord)
+        checkpoint.load(step_dir, self.engines(), self.coord, state)
         self.sampler.load_state_dict(state["sampler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.step = self.saved_step = state["step"]
@@ -258,14 +258,17 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
                   f"{cfg.data.max_prompt_len} tokens", flush=True)
 
     pad = tokenizer.pad_token_id
+    universal = checkpoint.is_universal(state, world_size)  # resuming from another world size
     actor_engine = init_engine(
         models.build_causal_lm(cfg.actor.model, "actor", cfg.actor.dtype, cfg.seed),
         cfg.actor, sizes.actor_grad_accum, world_size,
-        micro_batch_size=sizes.minibatch_per_rank // sizes.actor_grad_accum)
+        micro_batch_size=sizes.minibatch_per_rank // sizes.actor_grad_accum,
+        load_universal=universal)
     critic_engine = init_engine(
         models.build_scalar_model(cfg.critic.model, "critic", cfg.critic.dtype, cfg.seed, pad),
         cfg.critic, sizes.critic_grad_accum, world_size,
-        micro_batch_size=sizes.minibatch_per_rank // sizes.critic_grad_accum)
+        micro_batch_size=sizes.minibatch_per_rank // sizes.critic_grad_accum,
+        load_universal=universal)
     ref_model = cfg.ref.model if (cfg.ref.model.path or cfg.ref.model.init) else cfg.actor.model
     ref_engine = init_engine(
         models.build_causal_lm(ref_model, "ref", cfg.ref.dtype, cfg.seed), cfg.ref, 1, world_size)
