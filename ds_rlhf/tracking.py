@@ -90,6 +90,8 @@ class Tracker:
             _truncate_after(self.samples_path, start_step)
         if tracking is not None and tracking.wandb_project is not None:
             self._init_wandb(tracking, config)
+            if start_step > 0:
+                self._relog_to_wandb()
 
     def _init_wandb(self, tracking: TrackingConfig, config: Any) -> None:
         import wandb
@@ -103,6 +105,19 @@ class Tracker:
             group=tracking.wandb_group, name=tracking.wandb_name,
             tags=list(tracking.wandb_tags) or None, config=config, id=self.run_id,
             resume="allow", dir=str(self.output_dir))
+
+    def _relog_to_wandb(self) -> None:
+        """Send W&B the steps of metrics.jsonl (already cut at the checkpoint) that its run
+        lacks. W&B drops what a killed process had not sent yet, and keeps only steps above
+        the last it has (`run.step` is the next one: 0 offline, where the server sorts it out
+        at sync), so this makes the resumed run hold every step its checkpoint covers."""
+        if not self.path.is_file():
+            return
+        first = self.wandb_run.step
+        for row in read_metrics(self.path):
+            if row["step"] >= first:
+                self.wandb_run.log({k: v for k, v in row.items() if k != "step"},
+                                   step=row["step"])
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:

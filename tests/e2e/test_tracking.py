@@ -15,6 +15,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,8 +60,15 @@ def _key(item) -> str:
 
 
 def read_run(run_dir: Path) -> dict:
-    """What an offline run logged: its run record, config, history rows by step."""
+    """What an offline run logged: its run record, config, history rows by step.
+
+    `run.finish()` can return before wandb-core has written the records (seen under pytest's
+    output capture): wait for the run's last record, `exit`, to be on disk first."""
     [log] = run_dir.glob("run-*.wandb")
+    deadline = time.time() + 30
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(log)):
+        assert time.time() < deadline, f"{log} has no exit record"
+        time.sleep(0.1)
     out: dict = {"run": None, "config": {}, "history": {}}
     for record in wandb_records(log):
         kind = record.WhichOneof("record_type")
@@ -172,6 +180,28 @@ def test_resume_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert len(runs) == 2  # one directory per process, both for the same W&B run
     logged = [read_run(d) for d in runs]
     assert [r["run"].run_id for r in logged] == [run_id, run_id]
-    steps = sorted(s for r in logged for s in r["history"])
-    assert steps == [1, 2]
+    # offline, the resumed process cannot ask W&B what it holds: it sends step 1 again (its
+    # checkpoint's steps, from metrics.jsonl), then step 2
+    assert [sorted(r["history"]) for r in logged] == [[1], [1, 2]]
     assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_resumed_run_sends_wandb_the_steps_a_killed_run_lost(tmp_path, monkeypatch):
+    """kill -9 loses what W&B had not sent yet; metrics.jsonl has every step (a line per step).
+    The resumed run sends W&B the steps up to its checkpoint again, then goes on."""
+    from ds_rlhf.config import TrackingConfig
+    from ds_rlhf.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    killed = Tracker(tmp_path, True, 1, 4)  # steps 1-3 reached metrics.jsonl, none reached W&B
+    for step in (1, 2, 3):
+        killed.log(step, {"objective/scores": float(step)})
+    resumed = Tracker(tmp_path, True, 1, 4, start_step=2, run_id="abcd1234", config={},
+                      tracking=TrackingConfig(wandb_project="ds-rlhf-tests"))
+    resumed.log(3, {"objective/scores": 30.0})  # step 3 again, from the step-2 checkpoint
+    resumed.finish()
+    [run_dir] = offline_runs(tmp_path, "abcd1234")
+    history = read_run(run_dir)["history"]
+    assert sorted(history) == [1, 2, 3]
+    assert [history[s]["objective/scores"] for s in (1, 2, 3)] == [1.0, 2.0, 30.0]

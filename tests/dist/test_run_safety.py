@@ -1,0 +1,249 @@
+"""What happens when things go wrong around a run, through the real launcher on CPU ranks:
+a damaged checkpoint, a second run on the same output_dir, a stalled rank, a full disk, another
+world size on resume, and the `deepspeed` command itself being stopped.
+
+One 2-rank PPO run with a checkpoint every step (`base`) serves several checks: copies of its
+output_dir are damaged, locked, or resumed on 1 rank.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ds_rlhf.demo.task import all_prompts
+from ds_rlhf.tracking import read_metrics
+from tests.conftest import REPO, cpu_env, free_port, ppo_config, run_deepspeed, tiny_init, write_yaml
+
+pytestmark = pytest.mark.dist
+STEPS = 3
+SAME = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/policy_avg",
+        "loss/value_avg", "policy/approxkl_avg", "response_length/mean")
+
+
+def _popen(nproc: int, args: list[str], log: Path, **env) -> subprocess.Popen:
+    """The deepspeed command in the background, its output to `log`."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(free_port()), "--module", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(**env), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen | None, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc is None or proc.poll() is None, f"exited before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _workers(launcher_pid: int) -> list[psutil.Process]:
+    """The rank processes under a deepspeed command, by rank."""
+    procs = [p for p in psutil.Process(launcher_pid).children(recursive=True)
+             if "--local_rank=" in " ".join(p.cmdline())]
+    return sorted(procs, key=lambda p: " ".join(p.cmdline()).split("--local_rank=")[1])
+
+
+def _snapshot(out: Path) -> dict:
+    return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in out.rglob("*") if p.is_file()}
+
+
+def _same_actor(a: Path, b: Path, atol: float) -> None:
+    sa = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    sb = AutoModelForCausalLM.from_pretrained(b).state_dict()
+    assert sa.keys() == sb.keys()
+    for name, value in sa.items():
+        torch.testing.assert_close(value, sb[name], atol=atol, rtol=0)
+
+
+def _resume_copy(src: Path, dst: Path, step: int) -> None:
+    """dst as src's run was when preempted at `step`: that checkpoint and the metrics to it."""
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / f"step_{step}", dst / "checkpoints" / f"step_{step}")
+    (dst / "checkpoints" / "latest").write_text(f"step_{step}")
+    rows = (src / "metrics.jsonl").read_text().splitlines()[:step]
+    (dst / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def base(assets, tmp_path_factory) -> dict:
+    """PPO, 2 ranks, STEPS steps, a checkpoint after every step (all kept)."""
+    tmp = tmp_path_factory.mktemp("safety")
+    cfg = ppo_config(assets, tmp / "base", ppo={"steps": STEPS},
+                     checkpoint={"save_every": 1, "keep_last": STEPS})
+    proc = run_deepspeed(2, ["ds_rlhf", "ppo", "--config", str(write_yaml(cfg, tmp / "b.yaml"))])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"tmp": tmp, "out": tmp / "base", "cfg": cfg}
+
+
+def test_damaged_checkpoint_falls_back_and_a_second_run_is_refused(base, assets):
+    tmp, out = base["tmp"], base["tmp"] / "damaged"
+    shutil.copytree(base["out"], out,  # without the export, which the run writes again
+                    ignore=lambda d, _: ["actor", "run.lock"] if Path(d) == base["out"] else [])
+    broken = out / "checkpoints" / f"step_{STEPS}" / "actor" / "mp_rank_00_model_states.pt"
+    size = broken.stat().st_size
+    with broken.open("r+b") as f:  # an interrupted copy: the second half is gone
+        f.truncate(size // 2)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text("".join(x + "\n" for x in metrics.read_text().splitlines()[:2]))
+    cfg = write_yaml({**base["cfg"], "output_dir": str(out)}, tmp / "damaged.yaml")
+
+    log = tmp / "first.log"
+    first = _popen(2, ["ds_rlhf", "ppo", "--config", str(cfg)], log)
+    _wait_for(lambda: "resumed from" in log.read_text(), first, "the resume")
+    ranks = _workers(first.pid)
+    for p in ranks:  # hold the first run still while the second one tries
+        p.send_signal(signal.SIGSTOP)
+    try:
+        before = _snapshot(out)
+        second = run_deepspeed(2, ["ds_rlhf", "ppo", "--config", str(cfg)], timeout=240)
+        assert _snapshot(out) == before  # nothing read-and-rewritten, truncated or deleted
+    finally:
+        for p in ranks:
+            p.send_signal(signal.SIGCONT)
+    text = second.stdout + second.stderr
+    refusal = (f"is in use by another run: PID {ranks[0].pid} on host "
+               f"{socket.gethostname()}")
+    assert text.count(refusal) == 1, text[-3000:]  # one line, from rank 0 only
+    assert "exits with return code = 2" in text and "Traceback" not in text
+
+    assert first.wait(timeout=240) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("skipping damaged") == 1
+    assert f"{broken} has {size // 2} bytes, the manifest says {size}" in text
+    assert f"resumed from {out / 'checkpoints' / 'step_2'} at step 2" in text
+    full, resumed = read_metrics(base["out"] / "metrics.jsonl"), read_metrics(metrics)
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(full, resumed, strict=True):
+        for key in SAME:
+            assert a[key] == b[key], (a["step"], key)  # same world size: bit-identical
+    assert (out / "run.lock").read_text() == ""  # released at the end
+
+
+def test_ppo_resumes_on_another_world_size(base):
+    """Preempted at step 1 on 2 ranks, resumed on 1: the same run as uninterrupted on 2."""
+    out = base["tmp"] / "elastic"
+    _resume_copy(base["out"], out, 1)
+    cfg = write_yaml({**base["cfg"], "output_dir": str(out)}, base["tmp"] / "elastic.yaml")
+    proc = run_deepspeed(1, ["ds_rlhf", "ppo", "--config", str(cfg)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "was written by 2 ranks; converting it to DeepSpeed's universal format" in proc.stdout
+    full, resumed = read_metrics(base["out"] / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(full, resumed, strict=True):
+        for key in SAME:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    _same_actor(base["out"] / "actor", out / "actor", atol=1e-5)
+    state = json.loads((out / "checkpoints" / f"step_{STEPS}" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["sampler"] == json.loads(
+        (base["out"] / "checkpoints" / f"step_{STEPS}" / "trainer_state.json").read_text()
+    )["sampler"]
+
+
+def test_sft_resumes_on_another_world_size(assets, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": f" {item}"}) + "\n"
+                            for p, item in all_prompts()[:64]))
+
+    def config(out: Path) -> Path:
+        return write_yaml({
+            "output_dir": str(out), "seed": 3,
+            "model": {"model": {"init": tiny_init(assets["vocab_size"]),
+                                "tokenizer": assets["tokenizer"]},
+                      "zero_stage": 2, "micro_batch_size": 2, "lr": 1e-2},
+            "data": {"datasets": [{"path": str(data), "format": "prompt_completion"}],
+                     "max_prompt_len": 16, "max_len": 24},
+            "train": {"max_steps": STEPS, "batch_size": 8, "log_every": 1},
+            "checkpoint": {"save_every": 1, "keep_last": STEPS}}, out.with_suffix(".yaml"))
+
+    two = run_deepspeed(2, ["ds_rlhf", "sft", "--config", str(config(tmp_path / "two"))])
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    _resume_copy(tmp_path / "two", tmp_path / "one", 1)
+    one = run_deepspeed(1, ["ds_rlhf", "sft", "--config", str(config(tmp_path / "one"))])
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(
+        tmp_path / "one" / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(1, STEPS + 1))
+    for x, y in zip(a, b, strict=True):
+        assert y["train/loss"] == pytest.approx(x["train/loss"], abs=1e-5), x["step"]
+    _same_actor(tmp_path / "two" / "model", tmp_path / "one" / "model", atol=1e-5)
+
+
+def test_stalled_rank_ends_every_rank_within_the_timeout(assets, tmp_path):
+    timeout_s = 18
+    cfg = write_yaml(ppo_config(assets, tmp_path / "out", ppo={"steps": 50},
+                                distributed={"timeout_minutes": timeout_s / 60}),
+                     tmp_path / "c.yaml")
+    log = tmp_path / "stall.log"
+    launcher = _popen(2, ["ds_rlhf", "ppo", "--config", str(cfg)], log)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 1, launcher,
+              "step 1")
+    rank0, rank1 = _workers(launcher.pid)
+    rank1.send_signal(signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        rank0.wait(timeout=timeout_s + 30)
+        waited = time.time() - stopped
+    finally:
+        rank1.send_signal(signal.SIGCONT)  # back, it finds its peer gone and leaves as well
+    assert launcher.wait(timeout=60) != 0
+    text = log.read_text()
+    assert timeout_s - 1 < waited < timeout_s + 30, waited
+    assert "rank 0 gave up waiting for the other ranks in phase 'step " in text, text[-3000:]
+    assert "distributed.timeout_minutes=0.3" in text and "exits with return code = 4" in text
+
+
+def test_full_disk_stops_with_the_path_and_the_space(assets, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        out = disk / "run"
+        cfg = write_yaml(ppo_config(assets, out, checkpoint={"save_every": 1}),
+                         tmp_path / "c.yaml")
+        proc = run_deepspeed(2, ["ds_rlhf", "ppo", "--config", str(cfg)], timeout=240)
+        text = proc.stdout + proc.stderr
+        step_dir = out / "checkpoints" / "step_1"
+        assert proc.returncode != 0 and "exits with return code = 2" in text, text[-3000:]
+        assert text.count(f"error: saving {step_dir} failed (") == 1, text[-3000:]
+        assert f"free on {out / 'checkpoints'} (no space left" in text
+        assert "No checkpoint was saved before" in text and "Traceback" not in text
+        assert not step_dir.exists()  # the partial save is removed, freeing its space
+        assert len(read_metrics(out / "metrics.jsonl")) == 1
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_stopping_the_deepspeed_command_stops_the_run(assets, tmp_path):
+    """SIGTERM to `deepspeed` ends it at once (it forwards nothing in a single-node run); its
+    workers notice at the next step boundary. Here that is before the first step."""
+    out = tmp_path / "out"
+    cfg = write_yaml(ppo_config(assets, out), tmp_path / "c.yaml")
+    log = tmp_path / "log"
+    runner = _popen(1, ["ds_rlhf", "ppo", "--config", str(cfg)], log)
+    lock = out / "run.lock"
+    _wait_for(lambda: lock.is_file() and lock.read_text(), runner, "the run's start")
+    [worker] = _workers(runner.pid)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == -signal.SIGTERM
+    worker.wait(timeout=120)
+    text = log.read_text()
+    assert "the deepspeed command (PID" in text and "is gone" in text, text[-3000:]
+    assert "preempted: stopped before the first step; nothing to save" in text
+    assert "saved step" not in text and not (out / "checkpoints").exists()
