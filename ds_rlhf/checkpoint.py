@@ -332,25 +332,31 @@ def load(step_dir: Path, engines: dict, coord, state: dict) -> None:
         _set_rng_state(torch.load(rng, weights_only=False))
 
 
-def _deepspeed_command() -> psutil.Process | None:
-    """The `deepspeed` command that started this worker, when it did: our parent is the
-    per-node launcher (deepspeed.launcher.launch) and its parent the command (runner)."""
+def _launching_command() -> psutil.Process | None:
+    """The command that started this worker, when a launcher did: with `deepspeed`, our parent
+    is its per-node launcher (deepspeed.launcher.launch) and the command its parent; with
+    torchrun, our parent."""
     try:
-        launcher = psutil.Process().parent()
-        if launcher is None or "deepspeed.launcher.launch" not in " ".join(launcher.cmdline()):
-            return None
-        return launcher.parent()
+        parent = psutil.Process().parent()
+        command = " ".join(parent.cmdline()) if parent is not None else ""
+        if "deepspeed.launcher.launch" in command:
+            return parent.parent()
+        if "torch.distributed.run" in command or "torchrun" in command:
+            return parent
     except psutil.Error:
-        return None
+        pass
+    return None
 
 
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1 (Slurm's early warning); read at step boundaries.
 
-    Also set when the `deepspeed` command that started this worker is gone. That command
-    handles no signal in a single-node run: SIGTERM or SIGUSR1 to it (what `kill PID`, a
-    scheduler or `timeout` sends) ends it at once and leaves its launcher and the workers
-    running, orphaned. Its going is taken as the same request: save at the next step, exit.
+    Also set when the command that started this worker (`deepspeed`, torchrun) is gone. The
+    `deepspeed` command handles no signal in a single-node run: SIGTERM or SIGUSR1 to it (what
+    `kill PID`, a scheduler or `timeout` sends) ends it at once and leaves its launcher and the
+    workers running, orphaned; torchrun dies of SIGUSR1 the same way. Its going is taken as the
+    same request: save at the next step boundary, exit. This covers the launch/ scripts, which
+    exec the command.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -359,15 +365,15 @@ class PreemptionFlag:
         self.signalled: int | None = None
         for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
-        self.command = _deepspeed_command()
+        self.command = _launching_command()
 
     def _handler(self, signum, frame) -> None:
         self.signalled = signum
 
     def __bool__(self) -> bool:
         if self.signalled is None and self.command is not None and not self.command.is_running():
-            print(f"the deepspeed command (PID {self.command.pid}) is gone; stopping as if it "
-                  "had forwarded its signal", flush=True)
+            print(f"the launching command (PID {self.command.pid}) is gone; stopping as if it "
+                  "had forwarded a signal", flush=True)
             self.signalled = signal.SIGTERM
         return self.signalled is not None
 
