@@ -225,13 +225,19 @@ def to_universal(step_dir: Path, saved: int, world_size: int) -> None:
                      if d.is_dir() and any(d.glob("*_optim_states.pt")))
     if not engines:
         raise CheckpointError(f"{step_dir}: no ZeRO optimizer shards to convert")
-    log = io.StringIO()
-    for engine in engines:
-        args = argparse.Namespace(
-            input_folder=str(engine), output_folder=str(tmp / engine.name), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            ds_to_universal.main(args)
+    log = io.StringIO()  # its progress lines, shown only when it fails
+    try:
+        for engine in engines:
+            args = argparse.Namespace(
+                input_folder=str(engine), output_folder=str(tmp / engine.name),
+                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=True)
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(log.getvalue()[-2000:], flush=True)
+        raise
     os.replace(tmp, out)  # complete or absent
 
 

@@ -7,7 +7,8 @@
 #
 # COMMAND is sft, rm or ppo; CONFIG and the dotted overrides are those of `ds-rlhf`. Paths are
 # relative to the directory you run this from. Running the same command again resumes from
-# OUTPUT_DIR/checkpoints/latest; SIGTERM/SIGUSR1 to the workers save at the next step and exit 0.
+# OUTPUT_DIR/checkpoints/latest; SIGTERM/SIGUSR1 to the workers, or to this script (it becomes
+# the launcher command, whose end the workers notice), save at the next step and exit 0.
 #
 # Variables:
 #   NPROC        ranks on this node (default: every GPU nvidia-smi lists; 2 on CPU)

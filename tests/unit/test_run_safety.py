@@ -99,3 +99,16 @@ def test_no_space_for_another_checkpoint_is_refused_before_writing(tmp_path):
     assert f"free on {tmp_path / 'checkpoints'}, and the last checkpoint (step_2) took" in message
     assert f"the previous checkpoint {tmp_path / 'checkpoints' / 'step_2'} is intact" in message
     assert not (root / "step_4").exists()
+
+
+def test_a_checkpoint_that_cannot_be_converted_is_refused_with_the_reason(tmp_path):
+    _step(tmp_path, 2, {"model/mp_rank_00_model_states.pt": b"x"})  # ZeRO-0: no shards
+    state = tmp_path / "checkpoints" / "step_2" / "trainer_state.json"
+    state.write_text(json.dumps({"step": 2, "world_size": 2}))
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.read_state(state.parent, 1)
+    assert f"{state.parent} was written by 2 ranks but this run has 1" in str(e.value)
+    assert "no ZeRO optimizer shards to convert" in str(e.value)
+    assert "Restart with 2 ranks" in str(e.value)
+    assert not (state.parent / "universal").exists()
+    assert checkpoint.read_state(state.parent, 2)["step"] == 2
