@@ -38,7 +38,7 @@ import torch
 
 from ds_rlhf import lock
 from ds_rlhf.config import UserInputError
-from ds_rlhf.coordinator import set_phase
+from ds_rlhf.coordinator import is_collective_failure, set_phase
 
 LATEST = "latest"
 STATE = "trainer_state.json"
@@ -287,6 +287,38 @@ def _prepare_save(root: Path, step_dir: Path) -> None:
             "command to resume from it")
 
 
+def _write_error(e: Exception, rank: int) -> str:
+    if is_collective_failure(e):
+        raise e  # a stalled or lost rank, not a write error: see cli.py
+    return f"rank {rank}: {str(e).strip().splitlines()[-1]}"
+
+
+class _GuardedWrites:
+    """An engine's DeepSpeed checkpoint engine during a save, with failed writes recorded
+    instead of raised (torch.save reports a full disk as RuntimeError). A rank that raised
+    between the barriers inside `save_checkpoint` would leave the others waiting in one until
+    the timeout; recorded, it goes on through them, and every rank learns of it after."""
+
+    def __init__(self, inner, rank: int):
+        self.inner, self.rank = inner, rank
+        self.error: str | None = None
+        self.makedirs = self.wrap(inner.makedirs)
+        self.save = self.wrap(inner.save)
+
+    def wrap(self, write):
+        def guarded(*args, **kwargs) -> None:
+            if self.error is not None:
+                return  # after the first failure, write nothing more
+            try:
+                write(*args, **kwargs)
+            except (OSError, RuntimeError) as e:
+                self.error = _write_error(e, self.rank)
+        return guarded
+
+    def __getattr__(self, name):  # create, commit, load...: DeepSpeed's own
+        return getattr(self.inner, name)
+
+
 def save(output_dir: str | Path, step: int, engines: dict, state: dict, coord,
          keep_last: int) -> Path:
     """Save on every rank (collective). `state` must be JSON-serialisable."""
@@ -295,12 +327,22 @@ def save(output_dir: str | Path, step: int, engines: dict, state: dict, coord,
     set_phase(f"save step {step}")
     coord.on_main(lambda: _prepare_save(root, step_dir))
     error = None
-    try:
-        for name, engine in engines.items():
+    for name, engine in engines.items():
+        guard = _GuardedWrites(engine.checkpoint_engine, coord.rank)
+        # DeepSpeed writes through its checkpoint engine, and copies zero_to_fp32.py (rank 0)
+        engine.checkpoint_engine = guard
+        engine._copy_recovery_script = guard.wrap(engine._copy_recovery_script)
+        try:
             engine.save_checkpoint(str(step_dir), tag=name, save_latest=False)
-        torch.save(_rng_state(), step_dir / f"rng_rank{coord.rank}.pt")
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        error = f"rank {coord.rank}: {str(e).strip().splitlines()[-1]}"
+        finally:
+            engine.checkpoint_engine = guard.inner
+            del engine._copy_recovery_script  # back to the class's method
+        error = error or guard.error
+    if error is None:
+        try:
+            torch.save(_rng_state(), step_dir / f"rng_rank{coord.rank}.pt")
+        except (OSError, RuntimeError) as e:
+            error = _write_error(e, coord.rank)
     errors = [e for e in coord.gather_objects([error]) if e]
     if errors:  # every rank stops here together, with the same message
         if coord.is_main:

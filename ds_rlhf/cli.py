@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         stop_distributed()
         return 3
     except RuntimeError as e:
-        if not _collective_failure(e):
+        from ds_rlhf.coordinator import is_collective_failure
+
+        if not is_collective_failure(e):
             raise
         _exit_after_collective_failure(args.command, cfg, e)
     stop_distributed()
@@ -110,17 +112,6 @@ def _print_once(message: str) -> None:
     """An error every rank hit: rank 0 says it (RANK is unset in a single process)."""
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr)
-
-
-# How gloo and NCCL report a peer that stopped answering or went away.
-_COLLECTIVE_ERRORS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset",
-                      "Watchdog caught collective operation timeout")
-
-
-def _collective_failure(e: RuntimeError) -> bool:
-    import torch.distributed as dist
-
-    return isinstance(e, dist.DistError) or any(m in str(e) for m in _COLLECTIVE_ERRORS)
 
 
 def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:

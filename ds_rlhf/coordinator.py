@@ -54,6 +54,17 @@ def current_phase() -> str:
     return _PHASE[0]
 
 
+# How gloo and NCCL report a peer that stopped answering or went away.
+_COLLECTIVE_ERRORS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset",
+                      "Watchdog caught collective operation timeout")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective that gave up on another rank (timeout or lost peer)."""
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _COLLECTIVE_ERRORS))
+
+
 def start_distributed(timeout_minutes: float) -> Coordinator:
     """deepspeed.init_distributed (gloo on CPU, nccl on GPU), this rank's device, a Coordinator.
 
