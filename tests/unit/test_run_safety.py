@@ -14,6 +14,16 @@ import pytest
 
 from ds_rlhf import checkpoint, lock
 from ds_rlhf.checkpoint import CheckpointError, find_resume, verify, write_manifest
+from ds_rlhf.config import (
+    ConfigError,
+    PPORunConfig,
+    RMRunConfig,
+    SFTRunConfig,
+    TrainEngineConfig,
+    load_config,
+)
+from ds_rlhf.engines.ds_config import deepspeed_config
+from tests.conftest import ppo_config, write_yaml
 
 HOLD = ("import sys, time; from ds_rlhf import lock; lock.acquire(sys.argv[1]); "
         "print('held', flush=True); time.sleep(60)")
@@ -112,3 +122,23 @@ def test_a_checkpoint_that_cannot_be_converted_is_refused_with_the_reason(tmp_pa
     assert "Restart with 2 ranks" in str(e.value)
     assert not (state.parent / "universal").exists()
     assert checkpoint.read_state(state.parent, 2)["step"] == 2
+
+
+def test_every_run_has_a_collective_timeout(assets, tmp_path):
+    for cls in (PPORunConfig, SFTRunConfig, RMRunConfig):
+        assert cls().distributed.timeout_minutes == 30.0
+    path = write_yaml(ppo_config(assets, tmp_path), tmp_path / "c.yaml")
+    assert load_config(path, ["--distributed.timeout_minutes", "0.5"]).distributed \
+        .timeout_minutes == 0.5
+    with pytest.raises(ConfigError, match="distributed.timeout_minutes: must be > 0"):
+        load_config(path, ["--distributed.timeout_minutes", "0"])
+
+
+def test_universal_loading_is_asked_of_deepspeed_only_on_another_world_size():
+    engine = TrainEngineConfig()
+    assert "checkpoint" not in deepspeed_config(engine, 2, 1, 2, on_cpu=True)
+    assert deepspeed_config(engine, 2, 1, 2, on_cpu=True, load_universal=True)["checkpoint"] \
+        == {"load_universal": True}
+    state = {"world_size": 2}
+    assert not checkpoint.is_universal(None, 1) and not checkpoint.is_universal(state, 2)
+    assert checkpoint.is_universal(state, 1)
