@@ -92,7 +92,7 @@ def test_other_world_size_converts_to_universal_and_resumes(runs):
     step_dir = runs["cut"] / "checkpoints" / f"step_{STEPS}"
     assert f"{step_dir} was written by 2 ranks; converting it" in proc.stdout
     assert f"resumed from {step_dir} at step {STEPS}" in proc.stdout
-    assert {p.name for p in (step_dir / "universal").iterdir()} == {"actor", "critic"}
+    assert {"actor", "critic"} <= {p.name for p in (step_dir / "universal").iterdir()}
     assert (step_dir / "trainer_state.json").is_file()
 
 
