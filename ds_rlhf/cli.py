@@ -123,8 +123,8 @@ def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:
     first = next((line for line in str(e).splitlines() if line.strip()), repr(e))
     print(f"ds-rlhf {command}: error: rank {os.environ.get('RANK', '0')} gave up waiting for "
           f"the other ranks in phase '{current_phase()}': another rank stalled for longer than "
-          f"distributed.timeout_minutes={cfg.distributed.timeout_minutes} or died ({first}). The "
-          "last checkpoint is intact; check that rank's log, then run the same command to "
+          f"distributed.timeout_minutes={cfg.distributed.timeout_minutes} or died ({first}). "
+          "Saved checkpoints are intact; check that rank's log, then run the same command to "
           "resume", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(4)
