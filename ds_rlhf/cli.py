@@ -13,6 +13,7 @@ YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank=N` from the deepspeed laun
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ds_rlhf.config import (
@@ -49,6 +50,15 @@ def _run_rm(cfg: RMRunConfig) -> None:
 RUNNERS = {"sft": _run_sft, "rm": _run_rm, "ppo": _run_ppo}
 
 
+def _fail(command: str, label: str, error: Exception, code: int) -> int:
+    """Print the error once, on rank 0 (every rank meets the same config and data, and
+    raises the same error), and return the exit code for every rank."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank == "0":
+        print(f"ds-rlhf {command}: {label}: {error}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The deepspeed launcher puts --local_rank=N before our arguments; LOCAL_RANK is in the
@@ -72,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, cls=COMMANDS[args.command])
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from ds_rlhf.checks import check_inputs
+
+        check_inputs(cfg)  # every model, tokenizer and dataset, before anything is written
     except UserInputError as e:
-        print(f"ds-rlhf {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+        return _fail(args.command, "error", e, 2)
     from ds_rlhf.checkpoint import preemption_flag
     from ds_rlhf.coordinator import stop_distributed
 
@@ -85,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         RUNNERS[args.command](cfg)
     except UserInputError as e:  # checks that need data, tokenizers or the world size
-        print(f"ds-rlhf {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, "error", e, 2)
     except NonFiniteError as e:  # every rank raises it together
-        print(f"ds-rlhf {args.command}: stopped: {e}", file=sys.stderr)
+        code = _fail(args.command, "stopped", e, 3)
         stop_distributed()
-        return 3
+        return code
     stop_distributed()
     return 0
 
