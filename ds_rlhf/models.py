@@ -35,6 +35,10 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # HF's messages span lines; ours are one line
+
+
 def hf_config(model_cfg: ModelConfig, role: str, **overrides) -> transformers.PretrainedConfig:
     """The HF config of a role, from its checkpoint or from `model.init`, dropout off."""
     if model_cfg.path is not None:
@@ -42,7 +46,7 @@ def hf_config(model_cfg: ModelConfig, role: str, **overrides) -> transformers.Pr
             config = transformers.AutoConfig.from_pretrained(model_cfg.path, **overrides)
         except (OSError, ValueError) as e:  # unreadable config.json, unknown model_type...
             raise ConfigError(f"{role}.model.path: cannot read the model config of "
-                              f"{model_cfg.path!r}: {e}") from None
+                              f"{model_cfg.path!r}: {_one_line(e)}") from None
     else:
         init = dict(model_cfg.init or {})
         if "model_type" not in init:
@@ -62,7 +66,7 @@ def load_tokenizer(model_cfg: ModelConfig, role: str):
     except (OSError, ValueError) as e:  # a model directory without tokenizer files...
         field = "tokenizer" if model_cfg.tokenizer else "path"
         raise ConfigError(f"{role}.model.{field}: cannot load a tokenizer from {source!r} "
-                          f"({type(e).__name__}: {e}); set {role}.model.tokenizer to a "
+                          f"({type(e).__name__}: {_one_line(e)}); set {role}.model.tokenizer to a "
                           "directory written by tokenizer.save_pretrained or a hub name") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"{role}.model.tokenizer: tokenizer {source!r} has no EOS token, so "

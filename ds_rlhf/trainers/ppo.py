@@ -134,7 +134,8 @@ class PPOTrainer:
         metrics["train/nonfinite_score_rows"] = num_dropped
         if samples is not None:
             self.tracker.log_samples(self.coord.gather_objects(samples))
-        self.kl_ctl.update(metrics["objective/kl"], cfg.ppo.rollout_batch_size)
+        if num_dropped < cfg.ppo.rollout_batch_size:  # else no KL was measured (NaN)
+            self.kl_ctl.update(metrics["objective/kl"], cfg.ppo.rollout_batch_size)
         metrics.update(train_stats)
         timer.seconds["step"] = time.perf_counter() - start
         # The switch into and out of generation mode (ZeRO-3 gather) is part of "generate".
@@ -142,7 +143,7 @@ class PPOTrainer:
         timer.seconds["generate"] -= timer.seconds["switch"]
         t = timer.seconds
         t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]
-        t["train"] = t["actor_train"] + t["critic_train"]
+        t["train"] = t.get("actor_train", 0.0) + t.get("critic_train", 0.0)  # 0: all skipped
         metrics.update({f"timing/{k}": v for k, v in t.items()})
         metrics["perf/samples_per_s"] = cfg.ppo.rollout_batch_size / timer.seconds["step"]
         metrics["perf/tokens_per_s"] = metrics["response_length/mean"] * \
