@@ -209,7 +209,7 @@ class PPOTrainer:
         """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle."""
         p, size = self.cfg.ppo, self.sizes.minibatch_per_rank
         shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = {"tokens": 0.0}  # stays 0 when every minibatch is empty
         for _ in range(p.ppo_epochs):
             order = torch.randperm(len(rollout), generator=shuffle)
             for k in range(p.num_minibatches):
