@@ -11,6 +11,8 @@ a warm-up scheduler):
 2. The next step trains the actor, at the learning rate of its third step.
 3. Every score NaN: each step drops every row and trains nothing, and after
    ppo.max_untrained_steps such steps the run stops with NonFiniteError.
+4. Under ppo.nonfinite: stop, one NaN score stops the step on every rank (NonFiniteError,
+   which `ds-rlhf` turns into exit code 3: see tests/dist/test_faults.py).
 Rank 0 writes what each rank saw to RESULT.json.
 """
 
@@ -86,6 +88,18 @@ def main() -> None:
     except NonFiniteError as e:
         out["stopped"] = {"message": str(e), "steps": trainer.step - start,
                           "actor_steps": actor.global_steps}
+
+    # 4. ppo.nonfinite: stop, one NaN row (on rank 1 only).
+    trainer.cfg.ppo.nonfinite = "stop"
+    rank = trainer.coord.rank
+    RewardModel.scores = lambda self, rollout: torch.tensor(
+        [float("nan") if rank == 1 and i == 0 else 0.5 for i in range(len(rollout))])
+    try:
+        trainer.step += 1
+        trainer.ppo_step(trainer.step)
+        out["stop"] = None
+    except NonFiniteError as e:
+        out["stop"] = str(e)
     ranks = trainer.coord.gather_objects([out])
     if trainer.coord.is_main:
         Path(args[1]).write_text(json.dumps(ranks))
