@@ -54,6 +54,15 @@ def _run_rm(cfg: RMRunConfig) -> None:
 RUNNERS = {"sft": _run_sft, "rm": _run_rm, "ppo": _run_ppo}
 
 
+def _fail(command: str, label: str, error: Exception, code: int) -> int:
+    """Print the error once, on rank 0 (every rank meets the same config and data, and
+    raises the same error), and return the exit code for every rank."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank == "0":
+        print(f"ds-rlhf {command}: {label}: {error}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The deepspeed launcher puts --local_rank=N before our arguments; LOCAL_RANK is in the
@@ -77,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides, cls=COMMANDS[args.command])
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from ds_rlhf.checks import check_inputs
+
+        check_inputs(cfg)  # every model, tokenizer and dataset, before anything is written
     except UserInputError as e:
-        print(f"ds-rlhf {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+        return _fail(args.command, "error", e, 2)
     from ds_rlhf.checkpoint import preemption_flag
     from ds_rlhf.coordinator import stop_distributed
 
@@ -91,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         RUNNERS[args.command](cfg)
     except UserInputError as e:  # checks that need data, tokenizers, the world size, the
         # output_dir or a checkpoint: raised by every rank together (Coordinator.on_main)
-        _print_once(f"ds-rlhf {args.command}: error: {e}")
+        code = _fail(args.command, "error", e, 2)
         stop_distributed()
-        return 2
+        return code
     except NonFiniteError as e:  # every rank raises it together
-        print(f"ds-rlhf {args.command}: stopped: {e}", file=sys.stderr)
+        code = _fail(args.command, "stopped", e, 3)
         stop_distributed()
-        return 3
+        return code
     except RuntimeError as e:
         from ds_rlhf.coordinator import is_collective_failure
 
@@ -106,12 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         _exit_after_collective_failure(args.command, cfg, e)
     stop_distributed()
     return 0
-
-
-def _print_once(message: str) -> None:
-    """An error every rank hit: rank 0 says it (RANK is unset in a single process)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr)
 
 
 def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:

@@ -154,8 +154,11 @@ class PPOConfig:
     whiten_advantages: bool = True  # whiten advantages over the global rollout batch
     score_clip: float | None = None  # clamp reward-model scores to [-c, c] when set
     missing_eos_penalty: float | None = None  # subtract from scores of responses without EOS
-    nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss on any rank: skip that
-    # micro-batch on every rank (counted in train/skipped_microbatches), or stop with exit 3
+    nonfinite: Literal["skip", "stop"] = "skip"  # NaN/inf reward scores: drop those rows
+    # from the update (train/nonfinite_score_rows); a NaN/inf loss on any rank: skip that
+    # micro-batch on every rank (train/skipped_microbatches). "stop": exit 3 on either
+    max_untrained_steps: int = 3  # stop with exit 3 after this many PPO steps in a row that
+    # took no optimizer step (every row dropped or every micro-batch skipped); 0 never stops
 
 
 @dataclass
@@ -367,6 +370,12 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_position(e: yaml.YAMLError) -> str:
+    """', line L, column C' of a YAML error (1-based), or '' when it has no position."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`['--ppo.kl_coef', '0.1', '--seed=3']` -> `{'ppo.kl_coef': 0.1, 'seed': 3}` (YAML values)."""
     out: dict[str, Any] = {}
@@ -382,7 +391,12 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"--{key} needs a value, e.g. --{key}=VALUE")
             raw = args[i + 1]
             i += 1
-        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--{key} {raw!r}{_yaml_position(e)}: not a valid YAML value: "
+                              f"{getattr(e, 'problem', None) or e}; quote text that holds "
+                              "':', '#', brackets or braces") from None
         i += 1
     return out
 
@@ -396,7 +410,14 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; "
                               "pass --config PATH to a YAML file")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start}); save the config file as UTF-8") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}{_yaml_position(e)}: not valid YAML: "
+                              f"{getattr(e, 'problem', None) or e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     if isinstance(overrides, list):
@@ -537,6 +558,11 @@ def check_values(cfg: Any) -> None:
     _require(p.ppo_epochs >= 1, "ppo.ppo_epochs", "must be at least 1")
     _require(p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
     _require(p.kl_target is None or p.kl_target > 0, "ppo.kl_target", "must be > 0 or null")
+    _require(p.kl_target is None or p.kl_coef > 0, "ppo.kl_coef", "must be > 0 with "
+             "ppo.kl_target: the adaptive controller scales kl_coef by a factor, so 0 stays 0; "
+             "set an initial kl_coef > 0 or unset kl_target")
+    _require(p.max_untrained_steps >= 0, "ppo.max_untrained_steps", "must be >= 0 (0: never "
+             "stop)")
     _require(p.kl_horizon >= 1, "ppo.kl_horizon", "must be at least 1")
     _require(p.clip_eps > 0, "ppo.clip_eps", "must be > 0")
     _require(p.value_clip_eps > 0, "ppo.value_clip_eps", "must be > 0")

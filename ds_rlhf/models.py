@@ -35,10 +35,18 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # HF's messages span lines; ours are one line
+
+
 def hf_config(model_cfg: ModelConfig, role: str, **overrides) -> transformers.PretrainedConfig:
     """The HF config of a role, from its checkpoint or from `model.init`, dropout off."""
     if model_cfg.path is not None:
-        config = transformers.AutoConfig.from_pretrained(model_cfg.path, **overrides)
+        try:
+            config = transformers.AutoConfig.from_pretrained(model_cfg.path, **overrides)
+        except (OSError, ValueError) as e:  # unreadable config.json, unknown model_type...
+            raise ConfigError(f"{role}.model.path: cannot read the model config of "
+                              f"{model_cfg.path!r}: {_one_line(e)}") from None
     else:
         init = dict(model_cfg.init or {})
         if "model_type" not in init:
@@ -53,7 +61,13 @@ def load_tokenizer(model_cfg: ModelConfig, role: str):
     if source is None:
         raise ConfigError(f"{role}.model.tokenizer: a model built from `init` needs a tokenizer "
                           "path (a directory written by save_pretrained, or a hub name)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:  # a model directory without tokenizer files...
+        field = "tokenizer" if model_cfg.tokenizer else "path"
+        raise ConfigError(f"{role}.model.{field}: cannot load a tokenizer from {source!r} "
+                          f"({type(e).__name__}: {_one_line(e)}); set {role}.model.tokenizer to a "
+                          "directory written by tokenizer.save_pretrained or a hub name") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"{role}.model.tokenizer: tokenizer {source!r} has no EOS token, so "
                           "responses could never end; use a tokenizer with an eos_token")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,7 +124,7 @@ class Tracker:
         if not self.is_main:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json_line({"step": step, **metrics}))
         if self.wandb_run is not None:
             self.wandb_run.log(dict(metrics), step=step)
         cells = [f"{label} {metrics[k]:.4g}" for label, k in CONSOLE.items() if k in metrics]
@@ -137,7 +138,7 @@ class Tracker:
             return
         with self.samples_path.open("a") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_line(row))
         if self.wandb_run is not None:
             import wandb
 
@@ -150,6 +151,15 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One strict JSON line: NaN and inf (which json.dumps writes as the non-JSON NaN and
+    Infinity) become null, so any JSON reader can read metrics.jsonl and samples.jsonl."""
+    def finite(value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return json.dumps({key: finite(value) for key, value in row.items()}, allow_nan=False) + "\n"
 
 
 def _truncate_after(path: Path, step: int) -> None:

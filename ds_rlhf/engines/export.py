@@ -1,11 +1,14 @@
 """Whole-model weights out of an engine: ZeRO-3 partitions gathered, LoRA adapters merged.
 
 `merged_weights` feeds both the HybridEngine's plain generation copy and the HF-format
-export (save_pretrained + tokenizer), so the two always see the same weights.
+export (save_pretrained + tokenizer), so the two always see the same weights. Exported
+reward models and critics get a pad token that is not EOS (see classifier_tokenizer), so HF's
+standard pooled forward scores the token training scored.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +43,8 @@ def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             params = [base.weight, a, b] + ([base.bias] if base.bias is not None else [])
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 delta = (b.data.float() @ a.data.float()) * sub.scaling[ADAPTER]
+                if getattr(sub, "fan_in_fan_out", False):  # Conv1D (GPT-2 family) stores
+                    delta = delta.T  # W as [in, out]; peft sets this flag for such layers
                 yield key("weight"), (base.weight.data.float() + delta).to(base.weight.dtype)
                 if base.bias is not None:
                     yield key("bias"), base.bias.data
@@ -66,6 +71,41 @@ def export_hf(engine, hf_model: nn.Module, tokenizer, path: str | Path, is_main:
         if is_main:
             state[name] = tensor.detach().cpu().clone()
     if is_main:
-        hf_model.save_pretrained(path, state_dict=state)
+        config, saved_pad = hf_model.config, hf_model.config.pad_token_id
+        if hasattr(hf_model, "score"):  # a sequence classifier: reward model or critic
+            tokenizer = classifier_tokenizer(tokenizer, config.vocab_size)
+            config.pad_token_id = tokenizer.pad_token_id
+        try:
+            hf_model.save_pretrained(path, state_dict=state)
+        finally:
+            config.pad_token_id = saved_pad  # the training model keeps its config
         tokenizer.save_pretrained(path)
     torch.distributed.barrier()
+
+
+def classifier_tokenizer(tokenizer, vocab_size: int):
+    """The tokenizer to ship with an exported reward model or critic.
+
+    HF's ForSequenceClassification scores the rightmost token that is not
+    `config.pad_token_id`, whatever the attention_mask says. With pad == EOS (what
+    models.load_tokenizer sets when a tokenizer has no pad) a batch padded the standard way
+    would be scored one token before the EOS, where training scores the EOS (found from
+    lengths). So the export pads with a token that is not EOS: unk or another special token,
+    else a new "<pad>" when the embedding has a free row for it (vocab_size > len(tokenizer)).
+    The training tokenizer is left as it is; a copy is returned.
+    """
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer
+    out = copy.deepcopy(tokenizer)
+    specials = [out.unk_token] + list(out.all_special_tokens)
+    spare = [t for t in specials if t is not None and t != out.eos_token]
+    if spare:
+        out.pad_token = spare[0]
+    elif len(out) < vocab_size:
+        out.add_special_tokens({"pad_token": "<pad>"})
+    else:  # no token to spare and no free row: keep pad == EOS, and say what it means
+        print("export: the pad token stays EOS (the tokenizer has no other special token "
+              "and the embedding no free row): HF's ForSequenceClassification would score a "
+              "padded batch one token before the EOS; score such exports one row at a time",
+              flush=True)
+    return out

@@ -47,7 +47,10 @@ def _plain_copy(module: nn.Module, device: torch.device, into: nn.Module | None 
         with torch.device("meta"):  # no memory and no random init for weights we overwrite
             copy = transformers.AutoModelForCausalLM.from_config(module.config, dtype=dtype)
         copy.to_empty(device=device)
-    targets = {**dict(copy.named_parameters()), **dict(copy.named_buffers())}
+        copy.tie_weights()  # to_empty gives tied weights (embeddings, LM head) separate storage
+    # Tied weights appear under each of their names (filled twice with the same values).
+    targets = {**dict(copy.named_parameters(remove_duplicate=False)),
+               **dict(copy.named_buffers())}
     for name, tensor in merged_weights(module):
         targets[name].data.copy_(tensor)
     # What merged_weights does not carry: non-persistent buffers (rotary inv_freq) and plain

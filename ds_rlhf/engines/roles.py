@@ -57,9 +57,14 @@ def add_lora(hf_model: nn.Module, rank: int, alpha: float) -> None:
     """Inject LoRA adapters (Hu et al. 2021) into every linear layer but the LM head, in place,
     and train only them (plus a scalar head, which is new and small)."""
     from peft import LoraConfig, inject_adapter_in_model
+    from transformers.pytorch_utils import Conv1D
 
+    # GPT-2-family layers are Conv1D, weights stored [in, out]: peft calls that fan_in_fan_out
+    # (it would set the flag itself, with a warning); merged_weights honours it.
+    conv1d = any(isinstance(m, Conv1D) for m in hf_model.modules())
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                       target_modules="all-linear"), hf_model)
+                                       target_modules="all-linear", fan_in_fan_out=conv1d),
+                            hf_model)
     for name, p in hf_model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("score."))
 
@@ -173,18 +178,26 @@ class _Trainable:
     def _run(self, minibatch: Rollout, num_tokens: float, loss_fn) -> dict[str, float]:
         """Returns sums over this rank's micro-batches, token-weighted where they are means."""
         denominator = self._loss_denominator(num_tokens)
-        totals: dict[str, float] = {"skipped_microbatches": 0.0}
+        totals: dict[str, float] = {"skipped_microbatches": 0.0, "optimizer_steps": 0.0}
         micro_batches = self.batcher.split(minibatch)
+        num_skipped = 0
         for i, idx in enumerate(micro_batches):
             chunk = minibatch.select(idx)
             self.skipped = 0
-            # The optimizer steps after the last micro-batch, however many there are (packed
-            # by tokens, their number changes from step to step).
-            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss, stats, output = loss_fn(chunk, denominator)
             loss = self._guard(loss, output)
+            num_skipped += self.skipped
+            # The optimizer steps after the last micro-batch, however many there are (packed
+            # by tokens, their number changes from step to step), unless every micro-batch
+            # was skipped (on every rank: _guard agrees). Then no boundary is declared: the
+            # zero gradients stay accumulated, and neither AdamW (whose momentum would move
+            # the weights) nor the scheduler steps. Declared here, before the backward,
+            # which is where DeepSpeed reads it.
+            stepping = i == len(micro_batches) - 1 and num_skipped < len(micro_batches)
+            self.engine.set_gradient_accumulation_boundary(stepping)
             self.engine.backward(loss)
             self.engine.step()
+            totals["optimizer_steps"] += stepping / self.coord.world_size  # summed later
             if self.skipped:
                 totals["skipped_microbatches"] += 1 / self.coord.world_size  # summed later
                 continue

@@ -28,6 +28,7 @@ from ds_rlhf.coordinator import (
 )
 from ds_rlhf.data import PromptSet, collate_left, load_prompts
 from ds_rlhf.engines.roles import Actor, Critic, MicroBatcher, Reference, RewardModel, init_engine
+from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.rollout import Rollout
 from ds_rlhf.tracking import Timer, Tracker
 
@@ -49,6 +50,7 @@ class PPOTrainer:
     preempted: checkpoint.PreemptionFlag
     step: int = 0  # PPO steps completed
     saved_step: int = 0  # the step of the newest checkpoint (0: none)
+    untrained_steps: int = 0  # PPO steps in a row that took no optimizer step
 
     def train(self) -> bool:
         """Run to ppo.steps; returns False when stopped early by a preemption signal."""
@@ -59,7 +61,9 @@ class PPOTrainer:
                 checkpoint.preempted_exit(self.saved_step, self.coord.is_main)
                 return False
             self.step += 1
-            self.tracker.log(self.step, self.ppo_step(self.step))
+            metrics = self.ppo_step(self.step)
+            self.tracker.log(self.step, metrics)
+            self.check_progress(metrics)
             if every and self.step % every == 0:
                 self.save()
         self.save()
@@ -103,7 +107,12 @@ class PPOTrainer:
         with timer("values"):
             rollout.values = self.critic.values(rollout)
         with timer("reward"):
-            rollout.scores = self.adjust_scores(self.reward.scores(rollout), rollout)
+            scores = self.reward.scores(rollout)
+            nonfinite = ~torch.isfinite(scores)  # before score_clip makes inf finite
+            rollout.scores = self.adjust_scores(scores, rollout)
+        every = cfg.tracking.sample_every
+        samples = self.samples(rollout, step) if every and step % every == 0 else None
+        num_dropped = self.drop_rows(nonfinite, rollout)
 
         # 3. Per-token rewards (score at the last token, KL penalty everywhere), GAE.
         with timer("advantages"):
@@ -122,10 +131,11 @@ class PPOTrainer:
 
         # 5. KL controller, metrics, samples.
         metrics = self.rollout_metrics(rollout, kl)
-        every = cfg.tracking.sample_every
-        if every and step % every == 0:
-            self.tracker.log_samples(self.coord.gather_objects(self.samples(rollout, step)))
-        self.kl_ctl.update(metrics["objective/kl"], cfg.ppo.rollout_batch_size)
+        metrics["train/nonfinite_score_rows"] = num_dropped
+        if samples is not None:
+            self.tracker.log_samples(self.coord.gather_objects(samples))
+        if num_dropped < cfg.ppo.rollout_batch_size:  # else no KL was measured (NaN)
+            self.kl_ctl.update(metrics["objective/kl"], cfg.ppo.rollout_batch_size)
         metrics.update(train_stats)
         timer.seconds["step"] = time.perf_counter() - start
         # The switch into and out of generation mode (ZeRO-3 gather) is part of "generate".
@@ -133,7 +143,7 @@ class PPOTrainer:
         timer.seconds["generate"] -= timer.seconds["switch"]
         t = timer.seconds
         t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]
-        t["train"] = t["actor_train"] + t["critic_train"]
+        t["train"] = t.get("actor_train", 0.0) + t.get("critic_train", 0.0)  # 0: all skipped
         metrics.update({f"timing/{k}": v for k, v in t.items()})
         metrics["perf/samples_per_s"] = cfg.ppo.rollout_batch_size / timer.seconds["step"]
         metrics["perf/tokens_per_s"] = metrics["response_length/mean"] * \
@@ -147,8 +157,40 @@ class PPOTrainer:
             rows.append({"step": step, "prompt_index": int(rollout.prompt_index[i]),
                          "prompt": self.prompts.texts[int(rollout.prompt_index[i])],
                          "response": self.tokenizer.decode(response), "response_ids": response,
-                         "score": float(rollout.scores[i])})
+                         "score": float(rollout.scores[i])})  # NaN: null in samples.jsonl
         return rows
+
+    def drop_rows(self, bad: torch.Tensor, rollout: Rollout) -> int:
+        """Rows `bad` ([B] bool: a NaN/inf reward score) leave the update, in place: their
+        response mask is zeroed (no tokens in the losses, GAE, whitening or the global token
+        counts) and their score set to 0. The rows stay, so every rank still runs the same
+        micro-batches. Returns the number of such rows over all ranks; under
+        ppo.nonfinite: stop, any one stops the run (every rank sees the same count)."""
+        num_bad = int(self.coord.sum(bad.sum().double()).item())
+        if num_bad and self.cfg.ppo.nonfinite == "stop":
+            raise NonFiniteError(
+                f"the reward model gave NaN/inf scores to {num_bad} of "
+                f"{self.cfg.ppo.rollout_batch_size} rows at PPO step {self.step}; the last "
+                "checkpoint is intact. Check the reward model, or set ppo.nonfinite: skip to "
+                "drop such rows from the update")
+        rollout.response_mask[bad] = 0
+        rollout.scores[bad] = 0.0
+        return num_bad
+
+    def check_progress(self, metrics: dict[str, float]) -> None:
+        """Stop (exit 3) after ppo.max_untrained_steps PPO steps in a row without an optimizer
+        step: a run that skips everything must not finish as if it had trained."""
+        num_updates = self.cfg.ppo.ppo_epochs * self.cfg.ppo.num_minibatches
+        trained = metrics["train/skipped_minibatches"] < num_updates
+        self.untrained_steps = 0 if trained else self.untrained_steps + 1
+        limit = self.cfg.ppo.max_untrained_steps
+        if limit and self.untrained_steps >= limit:
+            raise NonFiniteError(
+                f"no optimizer step in the last {self.untrained_steps} PPO steps (up to step "
+                f"{self.step}): every row had a NaN/inf score or every micro-batch a NaN/inf "
+                f"loss (see train/nonfinite_score_rows and train/skipped_microbatches in "
+                f"{Path(self.cfg.output_dir) / 'metrics.jsonl'}); the last checkpoint is "
+                "intact. Check the reward model and the learning rate")
 
     def adjust_scores(self, scores: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         p = self.cfg.ppo
@@ -167,12 +209,14 @@ class PPOTrainer:
         """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle."""
         p, size = self.cfg.ppo, self.sizes.minibatch_per_rank
         shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = {"tokens": 0.0}  # stays 0 when every minibatch is empty
         for _ in range(p.ppo_epochs):
             order = torch.randperm(len(rollout), generator=shuffle)
             for k in range(p.num_minibatches):
                 minibatch = rollout.select(order[k * size:(k + 1) * size])
                 num_tokens = self.coord.sum(minibatch.response_mask.sum()).item()
+                if num_tokens == 0:  # every row dropped on every rank: no pass, no step
+                    continue
                 with timer("actor_train"):
                     actor_stats = self.actor.train_step(minibatch, num_tokens)
                 with timer("critic_train"):
@@ -185,10 +229,13 @@ class PPOTrainer:
         num_updates, tokens = p.ppo_epochs * p.num_minibatches, max(g["tokens"], 1.0)
         g = {key: g.get(key, 0.0) for key in (  # a key is missing if every micro-batch skipped
             "actor/skipped_microbatches", "critic/skipped_microbatches", "actor/loss",
-            "critic/loss", "actor/approx_kl", "actor/clipfrac", "actor/ratio", "critic/clipfrac")}
+            "critic/loss", "actor/approx_kl", "actor/clipfrac", "actor/ratio", "critic/clipfrac",
+            "actor/optimizer_steps")}
         return {
             "train/skipped_microbatches": g["actor/skipped_microbatches"]
             + g["critic/skipped_microbatches"],
+            # the actor's minibatches that took no optimizer step (all rows or passes skipped)
+            "train/skipped_minibatches": num_updates - round(g["actor/optimizer_steps"]),
             "loss/policy_avg": g["actor/loss"] / num_updates,
             "loss/value_avg": g["critic/loss"] / num_updates,
             "policy/approxkl_avg": g["actor/approx_kl"] / tokens,
@@ -202,12 +249,13 @@ class PPOTrainer:
         kl_seq = kl.sum(1).double()  # kl is already zero on padding
         has_eos = self.ends_with_eos(rollout)
         max_new = self.cfg.generation.max_new_tokens
-        local = torch.stack([
-            torch.tensor(float(len(rollout)), dtype=torch.float64), rollout.scores.double().sum(),
+        local = torch.stack([  # rows dropped for a NaN/inf score have no tokens: not counted
+            (lengths > 0).double().sum(), rollout.scores.double().sum(),
             kl_seq.sum(), (rollout.scores.double() - self.kl_ctl.value * kl_seq).sum(),
             lengths.sum(), has_eos.double().sum(), ((lengths >= max_new) & ~has_eos).double().sum(),
         ])
         n, scores, kl_sum, rlhf, length, eos, clipped = self.coord.sum(local).tolist()
+        n = n or float("nan")  # every row dropped: means are undefined (null in metrics.jsonl)
         return {
             "objective/scores": scores / n, "objective/kl": kl_sum / n,
             "objective/rlhf_reward": rlhf / n, "objective/kl_coef": self.kl_ctl.value,

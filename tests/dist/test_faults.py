@@ -37,6 +37,6 @@ def test_nan_loss_on_one_rank_stops_all_with_exit_code_3(assets, tmp_path):
     out, proc = _inject(assets, tmp_path, "stop")
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
-    assert log.count("stopped: non-finite loss on 1 rank(s)") == 2  # both ranks, same message
+    assert log.count("stopped: non-finite loss on 1 rank(s)") == 1  # printed once, by rank 0
     assert "exits with return code = 3" in log
     assert len(read_metrics(out / "metrics.jsonl")) == 1  # step 1 logged, step 2 never

@@ -190,6 +190,17 @@ def test_rm_export_loads_as_classifier_and_reward_model(rm_run):
             hidden = classifier.model(torch.tensor([row])).last_hidden_state
             assert _score(classifier.score(hidden).squeeze(-1)) == pytest.approx(expected,
                                                                                  abs=1e-5)
+        # Called the standard way on a right-padded batch of EOS-terminated rows of different
+        # lengths, padded with the exported tokenizer's pad (not EOS: HF pools at the last
+        # token that is not pad), the classifier scores the EOS as training did.
+        rows, pad = pairs.chosen_ids[:8], tokenizer.pad_token_id
+        assert pad != tokenizer.eos_token_id and classifier.config.pad_token_id == pad
+        assert all(r[-1] == tokenizer.eos_token_id for r in rows) and len(set(map(len, rows))) > 1
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        standard = classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        assert standard.tolist() == pytest.approx(chosen[:8], abs=1e-5)
     c, r = torch.tensor(chosen), torch.tensor(rejected)
     saved = json.loads((out / "eval.json").read_text())
     assert float((c > r).float().mean()) == pytest.approx(saved["accuracy"], abs=1e-6)

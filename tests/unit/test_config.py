@@ -71,6 +71,9 @@ def test_defaults_follow_the_spec():
     (["--actor.lr", "-1"], "actor.lr"),
     (["--data.datasets", "[]"], "data.datasets"),
     (["--reward.micro_batch_tokens", "-1"], "reward.micro_batch_tokens"),
+    # the adaptive controller multiplies kl_coef: from 0 it would stay 0
+    (["--ppo.kl_coef", "0", "--ppo.kl_target", "6"], "ppo.kl_coef"),
+    (["--ppo.max_untrained_steps", "-1"], "ppo.max_untrained_steps"),
 ])
 def test_bad_input_names_the_field(base_yaml, override, field):
     with pytest.raises(ConfigError) as e:

@@ -168,3 +168,25 @@ def test_plot_errors(tmp_path, capsys):
     assert cli_main(["plot", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ds-rlhf plot: error:") and "nope" in err
+
+
+def test_non_finite_values_are_written_as_null_and_plotted_around(tmp_path, capsys):
+    """json.dumps writes NaN / Infinity, which no strict JSON reader accepts: null instead."""
+    tracker = Tracker(tmp_path, is_main=True, log_every=1, total_steps=3)
+    tracker.log(1, _metrics(1))
+    tracker.log(2, {**_metrics(2), "objective/scores": float("nan"),
+                    "objective/kl": float("inf")})
+    tracker.log(3, _metrics(3))
+    tracker.log_samples([{**_rows(2)[0], "score": float("nan")}])
+
+    def refuse(name):
+        raise ValueError(name)
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert rows[1]["objective/scores"] is None and rows[1]["objective/kl"] is None
+    assert rows[1]["loss/value_avg"] == 0.1  # the finite ones stay
+    sample = json.loads((tmp_path / "samples.jsonl").read_text(), parse_constant=refuse)
+    assert sample["score"] is None
+    assert "step 2/3 | score nan | kl inf" in capsys.readouterr().out  # the console says so
+    assert plot_metrics(tmp_path).read_bytes().startswith(PNG_MAGIC)  # nulls are skipped
