@@ -274,6 +274,14 @@ class DPOConfig:
 
 
 @dataclass
+class DPOTrackingConfig(TrackingConfig):
+    """TrackingConfig of DPO runs: its W&B fields; DPO samples no responses and prints a
+    console line every train.log_every steps, so sample_every stays 0 and log_every 1."""
+
+    sample_every: int = 0  # must stay 0: DPO generates no responses
+
+
+@dataclass
 class DPORunConfig:
     """Offline preference optimisation of a causal LM against a frozen reference."""
 
@@ -287,8 +295,7 @@ class DPORunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # preference pairs, eval hold-out
     train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
     dpo: DPOConfig = field(default_factory=DPOConfig)  # the loss
-    tracking: TrackingConfig = field(  # W&B; the console follows train.log_every
-        default_factory=lambda: TrackingConfig(sample_every=0))
+    tracking: DPOTrackingConfig = field(default_factory=DPOTrackingConfig)  # W&B
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
 
 
@@ -529,10 +536,10 @@ def _check_dpo(cfg: DPORunConfig) -> None:
              f"is defined for loss_type sigmoid only, not {d.loss_type}; set it to 0")
     _require(d.sft_coef >= 0, "dpo.sft_coef", f"must be >= 0, got {d.sft_coef}")
     _check_train(cfg.train)
-    _require(cfg.tracking.sample_every == 0, "tracking.sample_every", "DPO samples no "
-             "responses; set it to 0")
+    _require(cfg.tracking.sample_every == 0, "tracking.sample_every", "DPO generates no "
+             "responses to sample; remove it")
     _require(cfg.tracking.log_every == 1, "tracking.log_every", "DPO prints a console line "
-             "every train.log_every steps; set that instead and leave this at 1")
+             "every train.log_every steps; remove it and set train.log_every")
     cfg.tracking.check()
     _check_checkpoint(cfg.checkpoint)
     _require(not cfg.checkpoint.export_critic, "checkpoint.export_critic", "DPO has no critic; "
