@@ -10,6 +10,7 @@
 #   OUTPUT_DIR  where everything goes (default outputs/demo); summary.json at its top
 #   GPU         1 to run on GPUs (default 0: CPU ranks with DS_ACCELERATOR=cpu, gloo)
 #   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
+#   MASTER_PORT rendezvous port of the ranks (default 29500; give two demos at once two ports)
 # Configs: ds_rlhf/demo/{sft,rm,ppo,dpo}.yaml; this script only fills in the paths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ export TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-disabled}
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore::FutureWarning
 DATA=$OUT/data
 # The launcher's own INFO lines are noise here; errors still show.
-launch() { deepspeed --num_gpus "$NPROC" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
+launch() { deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
 
 echo "== data: $DATA"
 python -m ds_rlhf.demo.make_data "$DATA"

@@ -65,7 +65,8 @@ def sequence_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]
     """
     device = model.device
     mask = batch.response_mask.to(device)
-    first = int(mask.float().argmax(1).min())  # the earliest response token of the batch
+    # The earliest response token of the batch (never token 0: nothing predicts it).
+    first = max(int(mask.float().argmax(1).min()), 1)
     width = batch.input_ids.shape[1]
     logits = model(input_ids=batch.input_ids.to(device),
                    attention_mask=batch.attention_mask.to(device),

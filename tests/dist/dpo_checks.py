@@ -5,7 +5,8 @@
 RUNS.json is a list of {"name", "config" (a DPORunConfig as a dict), "reference" ("own": as
 the trainer builds it; "engine": a frozen reference engine of the policy's initial model,
 replacing the LoRA policy's adapters-off reference), "preempt_at" (optional: rank 1 gets
-SIGUSR1 after that step, the run saves and stops, and a freshly built trainer resumes it)}.
+SIGUSR1 after that step, the run saves and stops, and a freshly built trainer resumes it),
+"nan_at" (optional: rank 1's loss turns NaN at its nth micro-batch; every rank must stop)}.
 Each run trains, evaluates and exports OUTPUT_DIR/model; rank 0 writes what it saw of each
 run's reference to RESULT.json. Building several trainers in one process saves a launcher
 start (about 10 s) per run.
@@ -21,6 +22,7 @@ from ds_rlhf import checkpoint, models
 from ds_rlhf.config import DPORunConfig, load_config
 from ds_rlhf.coordinator import stop_distributed
 from ds_rlhf.engines.roles import init_engine
+from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.trainers.dpo import Reference, build_dpo
 
 
@@ -41,6 +43,20 @@ def preempt_after(trainer, step: int) -> None:
         return metrics
 
     trainer.train_step = step_then_signal
+
+
+def poison(trainer, nth: int) -> None:
+    """Rank 1's loss is NaN at its nth micro-batch (rank 0's stays finite)."""
+    pair_losses, calls = trainer.pair_losses, [0]
+
+    def poisoned(*args):
+        losses, stats = pair_losses(*args)
+        calls[0] += 1
+        if trainer.session.coord.rank == 1 and calls[0] == nth:
+            losses = losses * float("nan")
+        return losses, stats
+
+    trainer.pair_losses = poisoned
 
 
 def release(trainer) -> None:
@@ -71,6 +87,14 @@ def main() -> None:
             checkpoint.preemption_flag().signalled = None  # a new process would start clean
             trainer = build_dpo(cfg)
             seen[run["name"]]["resumed_at"] = trainer.session.resume_state["step"]
+        if run.get("nan_at"):
+            poison(trainer, run["nan_at"])
+            try:
+                trainer.fit()
+            except NonFiniteError as e:
+                seen[run["name"]]["stopped"] = str(e)
+            release(trainer)
+            continue
         final = trainer.fit()
         trainer.finish(final)
         release(trainer)

@@ -88,6 +88,8 @@ def runs(assets, pairs, tmp_path_factory) -> dict:
         run("straight", dpo=ipo, train=resumable),
         {**run("cut", dpo=ipo, train=resumable, tracking={"wandb_project": "ds-rlhf-tests"},
                checkpoint={"keep_last": 1}), "preempt_at": 2},
+        # 2 micro-batches per step and rank: the 3rd is the first of step 2.
+        {**run("nan", train={"eval_every": 0}, checkpoint={"save_every": 1}), "nan_at": 3},
     ]
     seen, stdout = _launch(2, two_ranks, tmp, WANDB_MODE="offline", WANDB_SILENT="true")
     one_rank, _ = _launch(1, [run("n1", dpo=smoothed)], tmp)
@@ -195,6 +197,16 @@ def test_preempted_and_resumed_run_is_bit_identical(runs):
     history = {s: row for d in halves for s, row in read_run(d)["history"].items()}
     assert sorted(history) == [0, 1, 2, 3, 4]
     assert history[4]["rewards/accuracies"] == pytest.approx(cut[4]["rewards/accuracies"])
+
+
+def test_nonfinite_loss_on_one_rank_stops_every_rank(runs):
+    # Rank 0's loss was finite: it stopped because the ranks agree, before any gradient.
+    assert runs["seen"]["nan"]["stopped"].startswith(
+        "non-finite loss on 1 rank(s) at optimizer step 2; the last checkpoint is intact")
+    root = runs["tmp"] / "nan" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_1"
+    assert (root / "step_1" / "trainer_state.json").is_file()
+    assert not (runs["tmp"] / "nan" / "model").exists()
 
 
 def test_export_loads_and_generates_and_plot_draws_the_metrics(runs, tmp_path):
