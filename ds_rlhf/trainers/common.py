@@ -113,7 +113,7 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
 
 
 def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
-                  coord: Coordinator) -> dict[str, float]:
+                  coord: Coordinator, lr_field: str = "model.lr") -> dict[str, float]:
     """One optimizer step over this rank's micro-batches, normalised by a global count.
 
     `loss_fn(batch)` gives the *sum* of per-token (SFT) or per-pair (RM) losses and `num_global`
@@ -123,7 +123,8 @@ def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
     sum(losses) / num_global whatever the number of ranks or micro-batches.
     Returns this rank's sums ("loss" and the stats); `Coordinator.sum_dict` totals them.
     A non-finite loss on any rank stops every rank before its gradient exists (exit code 3):
-    in SFT and reward training it means broken data or divergence, not a rare bad sample.
+    in SFT, reward and DPO training it means broken data or divergence, not a rare bad
+    sample. `lr_field` names the learning rate in the error.
     """
     scale = coord.world_size * len(batches) / max(num_global, 1.0)
     totals: dict[str, float] = {}
@@ -134,7 +135,7 @@ def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
             raise NonFiniteError(
                 f"non-finite loss on {int(bad.item())} rank(s) at optimizer step "
                 f"{engine.global_steps + 1}; the last checkpoint is intact. Check the data for "
-                "empty targets or bad values, or lower model.lr")
+                f"empty targets or bad values, or lower {lr_field}")
         engine.backward(loss_sum * scale)
         engine.step()
         for key, value in {"loss": loss_sum.item(), **stats}.items():

@@ -206,7 +206,8 @@ class DPOTrainer:
             losses, stats = self.pair_losses(*item)
             return losses.sum(), {k: v.sum().item() for k, v in stats.items()}
 
-        sums = coord.sum_dict(common.backward_step(engine, batches, loss_fn, n, coord))
+        sums = coord.sum_dict(common.backward_step(engine, batches, loss_fn, n, coord,
+                                                   lr_field="policy.lr"))
         return {"train/loss": sums.pop("loss") / n, **{k: v / n for k, v in sums.items()}}
 
     def evaluate(self) -> dict[str, float]:

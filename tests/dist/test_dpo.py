@@ -89,7 +89,7 @@ def runs(assets, pairs, tmp_path_factory) -> dict:
         {**run("cut", dpo=ipo, train=resumable, tracking={"wandb_project": "ds-rlhf-tests"},
                checkpoint={"keep_last": 1}), "preempt_at": 2},
         # 2 micro-batches per step and rank: the 3rd is the first of step 2.
-        {**run("nan", train={"eval_every": 0}, checkpoint={"save_every": 1}), "nan_at": 3},
+        {**run("nan", data={"eval_fraction": 0.0}, checkpoint={"save_every": 1}), "nan_at": 3},
     ]
     seen, stdout = _launch(2, two_ranks, tmp, WANDB_MODE="offline", WANDB_SILENT="true")
     one_rank, _ = _launch(1, [run("n1", dpo=smoothed)], tmp)
@@ -203,6 +203,7 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(runs):
     # Rank 0's loss was finite: it stopped because the ranks agree, before any gradient.
     assert runs["seen"]["nan"]["stopped"].startswith(
         "non-finite loss on 1 rank(s) at optimizer step 2; the last checkpoint is intact")
+    assert runs["seen"]["nan"]["stopped"].endswith("or lower policy.lr")
     root = runs["tmp"] / "nan" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_1"
     assert (root / "step_1" / "trainer_state.json").is_file()
