@@ -160,6 +160,8 @@ def check_reference(cfg: DPORunConfig, tokenizer) -> ModelConfig:
 
 @dataclass
 class DPOTrainer:
+    """A built DPO run: `fit()` trains on the shared supervised loop, `finish()` exports."""
+
     cfg: DPORunConfig
     session: common.Session
     tokenizer: object
@@ -240,9 +242,9 @@ def build_dpo(cfg: DPORunConfig) -> DPOTrainer:
     world_size, grad_accum = common.check_sizes(cfg)
     tokenizer = models.load_tokenizer(cfg.policy.model, "policy")
     ref_model = check_reference(cfg, tokenizer)
-    train_set, eval_set = (PairSplit(load_preferences(cfg.data, tokenizer, split,
-                                                  overlong_pairs="error"))
-                           for split in ("train", "eval"))
+    train_set, eval_set = (
+        PairSplit(load_preferences(cfg.data, tokenizer, split, overlong_pairs="error"))
+        for split in ("train", "eval"))
     total_steps = common.num_steps(cfg.train, len(train_set))
 
     session = common.start(
