@@ -83,6 +83,7 @@ def runs(assets, pairs, tmp_path_factory) -> dict:
             dpo={"loss_type": "hinge", "beta": 0.5, "sft_coef": 0.5}),
         run("lora_engine", "engine", policy=lora, train={"max_steps": 3}),
         run("lora", policy=lora, train={"max_steps": 3}),
+        run("lora_zero2", policy={**lora, "zero_stage": 2}, train={"max_steps": 3}),
         run("lora_precompute", policy=lora, train={"max_steps": 3},
             dpo={"beta": 0.5, "precompute_ref": True}),
         run("straight", dpo=ipo, train=resumable),
@@ -167,7 +168,9 @@ def test_lora_reference_is_the_policy_without_adapters(runs):
     seen = runs["seen"]
     assert seen["lora"]["reference_is_policy"] and not seen["lora_engine"]["reference_is_policy"]
     assert seen["lora_precompute"]["precomputed"]
-    for name in ("lora", "lora_precompute"):  # the same steps as a separate frozen engine
+    # The same steps as a separate frozen engine; at ZeRO-2 too, where switching the adapters
+    # off and on again every step must leave DeepSpeed's gradient hooks working.
+    for name in ("lora", "lora_precompute", "lora_zero2"):
         assert_same_steps(runs, name, "lora_engine")
         assert_same_weights(runs, name, "lora_engine")
     # The reference stays the initial model while the adapters move the policy away from it.
