@@ -329,3 +329,55 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
             f"and labels {tuple(labels.shape)}"
         )
     return _LogprobsFromLogits.apply(logits, labels.long(), float(temperature))
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Offline preference losses on (chosen, rejected) pairs, one per pair.
+
+    Inputs are [N], one log-probability per sequence: the response tokens' logprobs summed
+    (the trainer averages them over tokens for "ipo", as the IPO paper does). With
+      h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    the losses are
+      "sigmoid": -(1 - ls) * logsigmoid(beta * h) - ls * logsigmoid(-beta * h)
+                 DPO, Rafailov et al. 2023, eq. 7; ls = label_smoothing, the conservative
+                 DPO of Mitchell 2023 (ls is the assumed share of flipped labels)
+      "ipo":     (h - 1 / (2 * beta)) ** 2          IPO, Azar et al. 2023 (empirical loss)
+      "hinge":   relu(1 - beta * h)                 SLiC-HF, Zhao et al. 2023 (calibration loss)
+    Returns ``(losses, chosen_rewards, rejected_rewards)``, each [N] float32; the implicit
+    rewards beta * (logps - ref_logps) (Rafailov et al. 2023, section 5) carry no gradient.
+    The reference log-probabilities never carry gradient. The trainer averages ``losses``
+    over the global batch of pairs.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
+    if not 0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"):
+        raise ValueError(f"label_smoothing must be in [0, 0.5) and is defined for loss_type "
+                         f"'sigmoid' only, got {label_smoothing} with {loss_type!r}")
+    chosen_logps, rejected_logps = chosen_logps.float(), rejected_logps.float()
+    ref_chosen_logps = ref_chosen_logps.detach().float()
+    ref_rejected_logps = ref_rejected_logps.detach().float()
+    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        logsigmoid = torch.nn.functional.logsigmoid
+        losses = (-(1 - label_smoothing) * logsigmoid(beta * h)
+                  - label_smoothing * logsigmoid(-beta * h))
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * h)
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards

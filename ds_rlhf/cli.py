@@ -1,6 +1,6 @@
 """The `ds-rlhf` command.
 
-    ds-rlhf {sft,rm,ppo} --config run.yaml [--section.key VALUE ...] [--print-config]
+    ds-rlhf {sft,rm,ppo,dpo} --config run.yaml [--section.key VALUE ...] [--print-config]
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module ds_rlhf ppo --config run.yaml
     torchrun --nproc_per_node 2 -m ds_rlhf ppo --config run.yaml
     ds-rlhf plot RUN_DIR [--out plot.png]       # curves of RUN_DIR/metrics.jsonl as a PNG
@@ -21,6 +21,7 @@ import os
 import sys
 
 from ds_rlhf.config import (
+    DPORunConfig,
     PPORunConfig,
     RMRunConfig,
     SFTRunConfig,
@@ -30,7 +31,7 @@ from ds_rlhf.config import (
 )
 from ds_rlhf.errors import NonFiniteError
 
-COMMANDS = {"sft": SFTRunConfig, "rm": RMRunConfig, "ppo": PPORunConfig}
+COMMANDS = {"sft": SFTRunConfig, "rm": RMRunConfig, "ppo": PPORunConfig, "dpo": DPORunConfig}
 
 
 def _run_ppo(cfg: PPORunConfig) -> None:
@@ -51,7 +52,13 @@ def _run_rm(cfg: RMRunConfig) -> None:
     reward.run(cfg)
 
 
-RUNNERS = {"sft": _run_sft, "rm": _run_rm, "ppo": _run_ppo}
+def _run_dpo(cfg: DPORunConfig) -> None:
+    from ds_rlhf.trainers import dpo
+
+    dpo.run(cfg)
+
+
+RUNNERS = {"sft": _run_sft, "rm": _run_rm, "ppo": _run_ppo, "dpo": _run_dpo}
 
 
 def _fail(command: str, label: str, error: Exception, code: int) -> int:

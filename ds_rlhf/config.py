@@ -112,7 +112,8 @@ class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=list)  # mixed by weight with seed
     max_prompt_len: int = 256  # prompt tokens at most (see overlong_prompts)
     max_len: int = 512  # prompt + completion tokens: longer SFT rows cut, longer pairs dropped
-    overlong_prompts: Literal["error", "filter"] = "error"  # over max_prompt_len: raise or drop
+    overlong_prompts: Literal["error", "filter"] = "error"  # over max_prompt_len (and DPO pairs
+    # over max_len): raise or drop
     eval_fraction: float = 0.0  # seeded eval share of datasets without eval_split (0: none)
     seed: int = 0  # seed of the mixing, the eval hold-out and the samplers' epoch shuffles
 
@@ -269,6 +270,48 @@ class RMRunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # preference pairs, eval hold-out
     train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
     margin: float = 0.0  # loss -logsigmoid(r_chosen - r_rejected - margin) (Llama 2, eq. 2)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # timeouts
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (see algo.dpo_loss for the formulas)."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO (Rafailov et al. 2023),
+    # IPO (Azar et al. 2023; log-probs averaged over tokens) or hinge (SLiC, Zhao et al. 2023)
+    beta: float = 0.1  # KL strength: the implicit reward is beta * log(pi / pi_ref)
+    label_smoothing: float = 0.0  # sigmoid only: assumed share of flipped labels in [0, 0.5)
+    # (conservative DPO)
+    sft_coef: float = 0.0  # add sft_coef x the chosen response's per-token NLL to each pair's
+    # loss (RPO, Pang et al. 2024); 0: pure preference loss
+    precompute_ref: bool = False  # reference log-probs of every pair in one pass before
+    # training, then the reference engine is freed (less memory while training)
+
+
+@dataclass
+class DPOTrackingConfig(TrackingConfig):
+    """TrackingConfig of DPO runs: its W&B fields; DPO samples no responses and prints a
+    console line every train.log_every steps, so sample_every stays 0 and log_every 1."""
+
+    sample_every: int = 0  # must stay 0: DPO generates no responses
+
+
+@dataclass
+class DPORunConfig:
+    """Offline preference optimisation of a causal LM against a frozen reference."""
+
+    output_dir: str = "runs/dpo"  # metrics.jsonl, config.yaml, eval.json and model/ go here
+    seed: int = 42  # seed for model init
+    policy: TrainEngineConfig = field(default_factory=TrainEngineConfig)  # the trained causal
+    # LM (usually the SFT model); micro_batch_size counts pairs: a forward runs 2x that many rows
+    ref: EngineConfig = field(default_factory=EngineConfig)  # frozen reference; its model
+    # defaults to the policy's. With policy.lora_rank > 0 it is the policy with its adapters
+    # off (no second model; leave ref.model unset); micro_batch_size counts pairs
+    data: DataConfig = field(default_factory=DataConfig)  # preference pairs, eval hold-out
+    train: TrainConfig = field(default_factory=TrainConfig)  # loop length, batch, cadence
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # the loss
+    tracking: DPOTrackingConfig = field(default_factory=DPOTrackingConfig)  # W&B
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # timeouts
 
@@ -481,6 +524,7 @@ _STEP_FORMATS = {  # row formats each step can read (see DatasetSpec)
     "sft": ("prompt_completion", "text", "messages", "preference", "hh"),
     "rm": ("preference", "hh"),
 }
+_STEP_FORMATS["dpo"] = _STEP_FORMATS["rm"]  # DPO reads every pair format the reward model reads
 
 
 def _check_supervised(cfg: SFTRunConfig | RMRunConfig) -> None:
@@ -492,15 +536,52 @@ def _check_supervised(cfg: SFTRunConfig | RMRunConfig) -> None:
     _require(cfg.model.model.path is not None or cfg.model.model.init is not None, "model.model",
              "no weights given; set model.model.path (hub name or directory) or "
              "model.model.init")
-    t = cfg.train
+    _check_train(cfg.train)
+    _check_checkpoint(cfg.checkpoint)
+    _check_distributed(cfg.distributed)
+    _check_data(cfg.data, _STEP_FORMATS[step], f"`ds-rlhf {step}`")
+
+
+def _check_train(t: TrainConfig) -> None:
     _require(t.epochs >= 1, "train.epochs", "must be at least 1")
     _require(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0: train.epochs decide)")
     _require(t.batch_size >= 1, "train.batch_size", "must be at least 1")
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only before and after)")
     _require(t.log_every >= 1, "train.log_every", "must be at least 1")
+
+
+def _check_dpo(cfg: DPORunConfig) -> None:
+    """check_values of DPO runs."""
+    _check_engine(cfg.policy, "policy", trainable=True)
+    _check_engine(cfg.ref, "ref", trainable=False)
+    for role in ("policy", "ref"):
+        _require(getattr(cfg, role).micro_batch_tokens == 0, f"{role}.micro_batch_tokens",
+                 f"`ds-rlhf dpo` batches by pairs; unset it and use {role}.micro_batch_size")
+    _require(cfg.policy.model.path is not None or cfg.policy.model.init is not None,
+             "policy.model", "no weights given; set policy.model.path (usually the SFT model's "
+             "directory) or policy.model.init")
+    ref = cfg.ref.model
+    _require(not cfg.policy.lora_rank or (ref.path is None and ref.init is None), "ref.model",
+             "with policy.lora_rank > 0 the reference is the policy with its adapters off (no "
+             "second model); unset ref.model, or set policy.lora_rank: 0")
+    d = cfg.dpo
+    _require(d.beta > 0, "dpo.beta", f"must be > 0, got {d.beta}; typical values are 0.01-0.5")
+    _require(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got "
+             f"{d.label_smoothing}")
+    _require(not d.label_smoothing or d.loss_type == "sigmoid", "dpo.label_smoothing",
+             f"is defined for loss_type sigmoid only, not {d.loss_type}; set it to 0")
+    _require(d.sft_coef >= 0, "dpo.sft_coef", f"must be >= 0, got {d.sft_coef}")
+    _check_train(cfg.train)
+    _require(cfg.tracking.sample_every == 0, "tracking.sample_every", "DPO generates no "
+             "responses to sample; remove it")
+    _require(cfg.tracking.log_every == 1, "tracking.log_every", "DPO prints a console line "
+             "every train.log_every steps; remove it and set train.log_every")
+    cfg.tracking.check()
     _check_checkpoint(cfg.checkpoint)
     _check_distributed(cfg.distributed)
-    _check_data(cfg.data, _STEP_FORMATS[step], f"`ds-rlhf {step}`")
+    _require(not cfg.checkpoint.export_critic, "checkpoint.export_critic", "DPO has no critic; "
+             "set it to false (the policy is exported to OUTPUT_DIR/model)")
+    _check_data(cfg.data, _STEP_FORMATS["dpo"], "`ds-rlhf dpo`")
 
 
 def _check_checkpoint(c: CheckpointConfig) -> None:
@@ -536,6 +617,8 @@ def check_values(cfg: Any) -> None:
     """Checks that need no world size. Raises ConfigError naming the field and the fix."""
     if isinstance(cfg, (SFTRunConfig, RMRunConfig)):
         return _check_supervised(cfg)
+    if isinstance(cfg, DPORunConfig):
+        return _check_dpo(cfg)
     if not isinstance(cfg, PPORunConfig):
         return
     for role, trainable in (("actor", True), ("critic", True), ("ref", False), ("reward", False)):

@@ -76,16 +76,17 @@ def load_tokenizer(model_cfg: ModelConfig, role: str):
     return tokenizer
 
 
-def check_same_tokenizer(actor_tok, other_tok, role: str) -> None:
-    """Scores and values are read from the actor's token ids, so the vocabularies must agree."""
+def check_same_tokenizer(actor_tok, other_tok, role: str, actor: str = "actor") -> None:
+    """Scores, values and reference logprobs are read from the actor's (the policy's) token
+    ids, so the vocabularies must agree; `actor` names that role in the error."""
     a, b = actor_tok.get_vocab(), other_tok.get_vocab()
     if a == b and actor_tok.eos_token_id == other_tok.eos_token_id:
         return
     diff = sorted(set(a.items()) ^ set(b.items()))[:3]
     raise ConfigError(
-        f"{role}.model: its tokenizer differs from the actor's (vocab sizes {len(a)} vs {len(b)}, "
-        f"eos ids {actor_tok.eos_token_id} vs {other_tok.eos_token_id}, e.g. {diff}); it must read "
-        "the actor's token ids: train it from a model with the actor's tokenizer")
+        f"{role}.model: its tokenizer differs from the {actor}'s (vocab sizes {len(a)} vs "
+        f"{len(b)}, eos ids {actor_tok.eos_token_id} vs {other_tok.eos_token_id}, e.g. {diff}); "
+        f"it must read the {actor}'s token ids: use a model with the {actor}'s tokenizer")
 
 
 def build_causal_lm(model_cfg: ModelConfig, role: str, dtype: str, seed: int) -> nn.Module:

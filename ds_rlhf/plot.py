@@ -5,7 +5,8 @@
     ds-rlhf plot runs/ppo --keys objective/kl,val/ratio
 
 One panel per quantity (reward, KL, losses, response length for PPO; loss and accuracy for SFT
-and the reward model), each against step; keys that the file lacks are skipped.
+and the reward model; implicit rewards, accuracy and log-probs for DPO), each against step;
+keys that the file lacks are skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ PANELS: list[tuple[str, list[str]]] = [
     ("loss", ["train/loss", "eval/loss"]),
     ("accuracy", ["train/accuracy", "eval/accuracy"]),
     ("reward-model scores", ["eval/chosen_mean", "eval/rejected_mean"]),
+    ("DPO implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+    ("DPO preference accuracy", ["rewards/accuracies", "eval/rewards/accuracies"]),
+    ("DPO log-probabilities", ["logps/chosen", "logps/rejected"]),
 ]
 
 

@@ -46,7 +46,9 @@ class Timer:
 CONSOLE = {"score": "objective/scores", "kl": "objective/kl", "pg_loss": "loss/policy_avg",
            "vf_loss": "loss/value_avg", "clipfrac": "policy/clipfrac_avg",
            "resp_len": "response_length/mean",  # PPO; then SFT and the reward model:
-           "loss": "train/loss", "acc": "train/accuracy", "lr": "train/lr", "sec": "timing/step"}
+           "loss": "train/loss", "acc": "train/accuracy",  # then DPO:
+           "pref_acc": "rewards/accuracies", "margin": "rewards/margins",
+           "lr": "train/lr", "sec": "timing/step"}
 
 # The columns of the W&B sample table (the keys of the rows given to `log_samples`).
 TABLE_COLUMNS = ["step", "prompt", "response", "score"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole InstructGPT pipeline on the bundled demo task: SFT -> reward model -> PPO, then
-# the SFT and PPO policies scored with the task's gold scorer on held-out prompts.
+# The whole InstructGPT pipeline on the bundled demo task: SFT -> reward model -> PPO, and DPO
+# from the same SFT model on the same preference pairs; then the SFT, PPO and DPO policies
+# scored with the task's gold scorer on held-out prompts.
 #
 #   bash launch/demo.sh
 #
@@ -9,7 +10,8 @@
 #   OUTPUT_DIR  where everything goes (default outputs/demo); summary.json at its top
 #   GPU         1 to run on GPUs (default 0: CPU ranks with DS_ACCELERATOR=cpu, gloo)
 #   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
-# Configs: ds_rlhf/demo/{sft,rm,ppo}.yaml; this script only fills in the paths.
+#   MASTER_PORT rendezvous port of the ranks (default 29500; give two demos at once two ports)
+# Configs: ds_rlhf/demo/{sft,rm,ppo,dpo}.yaml; this script only fills in the paths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
@@ -23,7 +25,7 @@ export TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-disabled}
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore::FutureWarning
 DATA=$OUT/data
 # The launcher's own INFO lines are noise here; errors still show.
-launch() { deepspeed --num_gpus "$NPROC" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
+launch() { deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
 
 echo "== data: $DATA"
 python -m ds_rlhf.demo.make_data "$DATA"
@@ -41,6 +43,10 @@ launch ppo --config ds_rlhf/demo/ppo.yaml --output_dir "$OUT/ppo" \
   --actor.model.path "$OUT/sft/model" --critic.model.path "$OUT/rm/model" \
   --reward.model.path "$OUT/rm/model" --data.datasets "[{path: $DATA/prompts.jsonl, format: prompt}]" \
   ${PPO_STEPS:+--ppo.steps "$PPO_STEPS"}
+
+echo "== DPO from the SFT model on the same preference pairs"
+launch dpo --config ds_rlhf/demo/dpo.yaml --output_dir "$OUT/dpo" \
+  --policy.model.path "$OUT/sft/model" --data.datasets "[{path: $DATA/prefs.jsonl, format: preference}]"
 
 echo "== evaluation on held-out prompts"
 python -m ds_rlhf.demo.evaluate "$OUT" --start-time "$START"

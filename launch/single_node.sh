@@ -5,7 +5,7 @@
 #   launch/single_node.sh ppo run.yaml --ppo.steps 100          # all GPUs of this machine
 #   GPU=0 NPROC=2 launch/single_node.sh ppo run.yaml            # 2 CPU ranks (gloo)
 #
-# COMMAND is sft, rm or ppo; CONFIG and the dotted overrides are those of `ds-rlhf`. Paths are
+# COMMAND is sft, rm, ppo or dpo; CONFIG and the dotted overrides are those of `ds-rlhf`. Paths are
 # relative to the directory you run this from. Running the same command again resumes from
 # OUTPUT_DIR/checkpoints/latest; SIGTERM/SIGUSR1 to the workers, or to this script (it becomes
 # the launcher command, whose end the workers notice), save at the next step and exit 0.

@@ -251,8 +251,27 @@ def load_sft(cfg: DataConfig, tokenizer: Any, split: Split = "train",
                   num_truncated)
 
 
-def load_preferences(cfg: DataConfig, tokenizer: Any, split: Split = "train") -> PreferenceSet:
-    """Chosen/rejected pairs (formats preference and hh) for the reward model."""
+def _check_pair_lens(cfg: DataConfig, index: int, rows: list[int], lengths: list[int],
+                     keep: list[bool]) -> None:
+    """Raise on a kept pair with a side over data.max_len unless overlong_prompts is filter."""
+    over = [k and n > cfg.max_len for n, k in zip(lengths, keep, strict=True)]
+    if any(over) and cfg.overlong_prompts == "error":
+        k = over.index(True)
+        raise DataError(
+            f"{where(cfg.datasets[index], index)} row {rows[k]}: a side of the pair has "
+            f"{lengths[k]} tokens (prompt + response + EOS), more than data.max_len="
+            f"{cfg.max_len} ({sum(over)} of {len(rows)} pairs are over it); raise data.max_len "
+            "(up to the model's max_position_embeddings) or set data.overlong_prompts: filter "
+            "to drop such pairs")
+
+
+def load_preferences(cfg: DataConfig, tokenizer: Any, split: Split = "train",
+                     overlong_pairs: Literal["filter", "error"] = "filter") -> PreferenceSet:
+    """Chosen/rejected pairs (formats preference and hh) for the reward model and DPO.
+
+    A pair with a side over data.max_len is dropped (`overlong_pairs="filter"`, the reward
+    model), or (`"error"`, DPO) raises unless data.overlong_prompts is filter.
+    """
 
     def rows_fn(index: int, table: Any, rows: list[int]) -> tuple[list, int]:
         spec, eos = cfg.datasets[index], tokenizer.eos_token_id
@@ -261,11 +280,12 @@ def load_preferences(cfg: DataConfig, tokenizer: Any, split: Split = "train") ->
         keep = _check_prompt_lens(cfg, index, rows, [len(x) for x in p_ids])
         c_ids = _encode_responses(tokenizer, prompts, p_ids, chosen, special=True)
         r_ids = _encode_responses(tokenizer, prompts, p_ids, rejected, special=True)
-        out = []
-        for p, c, j, k in zip(p_ids, c_ids, r_ids, keep, strict=True):
-            c, j = p + c + [eos], p + j + [eos]
-            if k and max(len(c), len(j)) <= cfg.max_len:
-                out.append((c, j, len(p)))
+        pairs = [(p + c + [eos], p + j + [eos], len(p))
+                 for p, c, j in zip(p_ids, c_ids, r_ids, strict=True)]
+        if overlong_pairs == "error":
+            _check_pair_lens(cfg, index, rows, [max(len(c), len(j)) for c, j, _ in pairs], keep)
+        out = [(c, j, n) for (c, j, n), k in zip(pairs, keep, strict=True)
+               if k and max(len(c), len(j)) <= cfg.max_len]
         return out, len(rows) - len(out)
 
     examples, num_filtered = _load(cfg, tokenizer, split, rows_fn)

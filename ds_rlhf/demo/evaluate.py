@@ -1,11 +1,11 @@
-"""Score the SFT and PPO policies of the demo with the gold scorer on held-out prompts.
+"""Score the SFT, PPO and DPO policies of the demo with the gold scorer on held-out prompts.
 
     python -m ds_rlhf.demo.evaluate OUTPUT_DIR [--samples 4] [--start-time UNIX_SECONDS]
 
 Reads OUTPUT_DIR/{data/eval_prompts.jsonl, sft/model, rm/eval.json, ppo/actor,
-ppo/metrics.jsonl}; each policy samples `--samples` responses per prompt at temperature 1
-(the distribution PPO optimises), decoded and scored by `gold_score`. Writes
-OUTPUT_DIR/summary.json and prints a short summary.
+ppo/metrics.jsonl, dpo/model, dpo/eval.json}; each policy samples `--samples` responses per
+prompt at temperature 1 (the distribution PPO optimises), decoded and scored by `gold_score`.
+Writes OUTPUT_DIR/summary.json and prints a short summary.
 """
 
 from __future__ import annotations
@@ -59,19 +59,26 @@ def main(argv=None) -> dict:
                (out / "data" / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
     sft = mean_gold(out / "sft" / "model", prompts, args.samples, args.max_new_tokens)
     ppo = mean_gold(out / "ppo" / "actor", prompts, args.samples, args.max_new_tokens)
+    dpo = mean_gold(out / "dpo" / "model", prompts, args.samples, args.max_new_tokens)
     rm_eval = json.loads((out / "rm" / "eval.json").read_text())
+    dpo_eval = json.loads((out / "dpo" / "eval.json").read_text())
     ppo_metrics = read_metrics(out / "ppo" / "metrics.jsonl")
     summary = {
         "rm_eval_accuracy": rm_eval["accuracy"],
         "gold_score_sft": round(sft["gold"], 4),
         "gold_score_ppo": round(ppo["gold"], 4),
         "gold_gain": round(ppo["gold"] - sft["gold"], 4),
+        "gold_score_dpo": round(dpo["gold"], 4),
+        "gold_gain_dpo": round(dpo["gold"] - sft["gold"], 4),
+        "dpo_eval_accuracy": dpo_eval["rewards/accuracies"],
         "kl_final": ppo_metrics[-1]["objective/kl"],
         "ppo_steps": ppo_metrics[-1]["step"],
         "response_length_sft": round(sft["length"], 2),
         "response_length_ppo": round(ppo["length"], 2),
+        "response_length_dpo": round(dpo["length"], 2),
         "eval_prompts": len(prompts), "samples_per_prompt": args.samples,
         "example_sft": sft["example"], "example_ppo": ppo["example"],
+        "example_dpo": dpo["example"],
     }
     if args.start_time is not None:
         summary["wall_s"] = round(time.time() - args.start_time, 1)
@@ -80,8 +87,11 @@ def main(argv=None) -> dict:
           f"gold score, SFT policy         : {summary['gold_score_sft']:+.3f}\n"
           f"gold score, PPO policy         : {summary['gold_score_ppo']:+.3f} "
           f"(gain {summary['gold_gain']:+.3f})\n"
+          f"gold score, DPO policy         : {summary['gold_score_dpo']:+.3f} "
+          f"(gain {summary['gold_gain_dpo']:+.3f})\n"
           f"KL(PPO || SFT) at the last step: {summary['kl_final']:.3f}\n"
           f"SFT says: {summary['example_sft']}\nPPO says: {summary['example_ppo']}\n"
+          f"DPO says: {summary['example_dpo']}\n"
           + (f"wall time: {summary['wall_s']:.0f} s\n" if "wall_s" in summary else "")
           + f"summary: {out / 'summary.json'}")
     return summary

@@ -69,6 +69,23 @@ def add_lora(hf_model: nn.Module, rank: int, alpha: float) -> None:
         p.requires_grad_("lora_" in name or name.startswith("score."))
 
 
+@contextmanager
+def adapters_disabled(module: nn.Module):
+    """Run `module` as its base model: every LoRA layer's adapters off inside the block, back
+    on (and trainable) after it. What peft's `PeftModel.disable_adapter()` does, for models
+    whose adapters `add_lora` injected without a PeftModel around them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 @dataclass(frozen=True)
 class MicroBatcher:
     """Splits one rank's rows into micro-batches: `rows` at a time, or, when `tokens` > 0,

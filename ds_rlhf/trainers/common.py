@@ -1,10 +1,10 @@
-"""What the supervised loops (SFT and the reward model) share.
+"""What the supervised loops (SFT, the reward model and DPO) share.
 
 Batch arithmetic, the distributed start (with auto-resume), the loop itself (equal shards of a
 seeded per-epoch permutation, eval before / every N steps / after, metrics, checkpoints and
 preemption), the normalised backward, the eval reduction over ranks and the end of a run (HF
-export, eval.json). The step-specific maths (token NLL, pairwise loss) stays in sft.py and
-reward.py.
+export, eval.json). The step-specific maths (token NLL, pairwise loss, DPO losses) stays in
+sft.py, reward.py and dpo.py.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from torch import nn
 from ds_rlhf import checkpoint, models
 from ds_rlhf.config import (
     ConfigError,
+    DPORunConfig,
     RMRunConfig,
     SFTRunConfig,
     TrainConfig,
+    TrainEngineConfig,
     exact_div,
     save_yaml,
 )
@@ -42,9 +44,14 @@ from ds_rlhf.engines.roles import init_engine
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.tracking import Tracker
 
-RunConfig = SFTRunConfig | RMRunConfig
+RunConfig = SFTRunConfig | RMRunConfig | DPORunConfig
 # A micro-batch's loss: (sum of per-unit losses as a tensor, stats as sums of floats).
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+def trained(cfg: RunConfig) -> tuple[str, TrainEngineConfig]:
+    """(section name, settings) of the run's trained engine: `policy` in DPO, else `model`."""
+    return ("policy", cfg.policy) if isinstance(cfg, DPORunConfig) else ("model", cfg.model)
 
 
 def check_sizes(cfg: RunConfig) -> tuple[int, int]:
@@ -52,18 +59,19 @@ def check_sizes(cfg: RunConfig) -> tuple[int, int]:
     each division exact; and data.max_len within the model's positions."""
     setup_distributed_env()
     world_size = int(os.environ["WORLD_SIZE"])
-    unit = "pairs" if isinstance(cfg, RMRunConfig) else "rows"
+    role, engine_cfg = trained(cfg)
+    unit = "rows" if isinstance(cfg, SFTRunConfig) else "pairs"
     per_rank = exact_div(
         cfg.train.batch_size, world_size, "train.batch_size",
         f"every one of the {world_size} ranks must get the same number of {unit}; use a "
         f"multiple of {world_size}")
-    mbs = cfg.model.micro_batch_size
+    mbs = engine_cfg.micro_batch_size
     grad_accum = exact_div(
-        per_rank, mbs, "model.micro_batch_size",
+        per_rank, mbs, f"{role}.micro_batch_size",
         f"each rank's {per_rank} {unit} per step (train.batch_size / world size {world_size}) "
         f"must split into micro-batches of {mbs}; use a micro_batch_size that divides "
         f"{per_rank}, or change train.batch_size")
-    limit = getattr(models.hf_config(cfg.model.model, "model"), "max_position_embeddings", None)
+    limit = getattr(models.hf_config(engine_cfg.model, role), "max_position_embeddings", None)
     if limit is not None and cfg.data.max_len > limit:
         raise ConfigError(f"data.max_len: {cfg.data.max_len} exceeds the model's "
                           f"max_position_embeddings ({limit}); lower it")
@@ -97,7 +105,7 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
     resume_dir, state = checkpoint.open_run(cfg.output_dir, cfg.checkpoint.resume, coord)
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
-    engine = init_engine(build_model(), cfg.model, grad_accum, world_size,
+    engine = init_engine(build_model(), trained(cfg)[1], grad_accum, world_size,
                          load_universal=checkpoint.is_universal(state, world_size))
     if resume_dir is not None:
         checkpoint.load(resume_dir, {"model": engine}, coord, state)
@@ -107,7 +115,7 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
 
 
 def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
-                  coord: Coordinator) -> dict[str, float]:
+                  coord: Coordinator, lr_field: str = "model.lr") -> dict[str, float]:
     """One optimizer step over this rank's micro-batches, normalised by a global count.
 
     `loss_fn(batch)` gives the *sum* of per-token (SFT) or per-pair (RM) losses and `num_global`
@@ -117,7 +125,8 @@ def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
     sum(losses) / num_global whatever the number of ranks or micro-batches.
     Returns this rank's sums ("loss" and the stats); `Coordinator.sum_dict` totals them.
     A non-finite loss on any rank stops every rank before its gradient exists (exit code 3):
-    in SFT and reward training it means broken data or divergence, not a rare bad sample.
+    in SFT, reward and DPO training it means broken data or divergence, not a rare bad
+    sample. `lr_field` names the learning rate in the error.
     """
     scale = coord.world_size * len(batches) / max(num_global, 1.0)
     totals: dict[str, float] = {}
@@ -128,7 +137,7 @@ def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
             raise NonFiniteError(
                 f"non-finite loss on {int(bad.item())} rank(s) at optimizer step "
                 f"{engine.global_steps + 1}; the last checkpoint is intact. Check the data for "
-                "empty targets or bad values, or lower model.lr")
+                f"empty targets or bad values, or lower {lr_field}")
         engine.backward(loss_sum * scale)
         engine.step()
         for key, value in {"loss": loss_sum.item(), **stats}.items():
@@ -179,13 +188,18 @@ def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
     if session.resume_state is not None:
         sampler.load_state_dict(session.resume_state["sampler"])
         step = saved = session.resume_state["step"]
-    tracker = Tracker(cfg.output_dir, coord.is_main, t.log_every, total_steps, start_step=step)
+    resumed = session.resume_state or {}
+    # W&B where the run has a tracking section (DPO); SFT and RM log to metrics.jsonl only.
+    tracker = Tracker(cfg.output_dir, coord.is_main, t.log_every, total_steps, start_step=step,
+                      tracking=getattr(cfg, "tracking", None), config=cfg,
+                      run_id=resumed.get("wandb_run_id"))
 
     def save() -> None:
         nonlocal saved
         if step != saved:
             checkpoint.save(cfg.output_dir, step, {"model": engine},
-                            {"sampler": sampler.state_dict()}, coord, cfg.checkpoint.keep_last)
+                            {"sampler": sampler.state_dict(), "wandb_run_id": tracker.run_id},
+                            coord, cfg.checkpoint.keep_last)
             saved = step
 
     def run_eval() -> dict[str, float]:
@@ -205,13 +219,15 @@ def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
         if coord.any(bool(session.preempted)):  # all ranks agree, then save together
             save()
             checkpoint.preempted_exit(saved, coord.is_main)
+            tracker.finish()
             return None
         step += 1
         set_phase(f"step {step} train")
         start = time.perf_counter()
         lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses
         rows = coord.shard(sampler.next_batch())
-        metrics = {**train_step(list(rows.split(cfg.model.micro_batch_size))), "train/lr": lr}
+        micro_rows = list(rows.split(trained(cfg)[1].micro_batch_size))
+        metrics = {**train_step(micro_rows), "train/lr": lr}
         grad_norm = engine.get_global_grad_norm()  # before clipping; None where not computed
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
@@ -225,6 +241,7 @@ def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
     save()
     if evaluate and not final:  # resumed from the last step: nothing was evaluated yet
         final = run_eval()
+    tracker.finish()
     return {k: v for k, v in final.items() if k.startswith("eval/")}
 
 
