@@ -126,7 +126,9 @@ class GenerationConfig:
     temperature: float = 1.0  # also scales the logits of the logprobs used in the ratio
     top_k: int = 0  # keep the k most likely tokens; 0 keeps all
     top_p: float = 1.0  # nucleus sampling mass; 1.0 keeps all
-    batch_size: int = 8  # prompts per generate call on one rank
+    batch_size: int = 8  # rows (prompts x samples) per generate call on one rank
+    n_samples_per_prompt: int = 1  # responses per prompt (a group, for the group estimators);
+    # a step has ppo.rollout_batch_size x n rows, the n rows of a prompt on one rank
     gather_weights: bool = True  # HybridEngine: gather ZeRO-3 weights once into a plain copy;
     # false generates through the ZeRO-3 module with synced ranks (models too big to gather)
     reuse_copy: bool = False  # keep that copy between steps and refill it: faster switches,
@@ -138,7 +140,8 @@ class GenerationConfig:
 
 @dataclass
 class PPOConfig:
-    """The PPO algorithm (see ds_rlhf/algo.py for the formulas)."""
+    """The PPO algorithm and its critic-free variants (formulas: ds_rlhf/algo.py and
+    design/PPO_SPEC.md)."""
 
     steps: int = 100  # PPO steps (rollout + update) to run
     rollout_batch_size: int = 64  # prompts per step over all ranks
@@ -152,11 +155,37 @@ class PPOConfig:
     value_clip_eps: float = 0.2  # value clip around the rollout values
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
-    whiten_advantages: bool = True  # whiten advantages over the global rollout batch
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"] = "gae"  # gae: PPO with a critic;
+    # the others need no critic (grpo, dr_grpo, rloo, reinforce_pp_baseline: groups, n >= 2)
+    kl_loss_coef: float = 0.0  # weight of KL(actor || reference) as a loss term (GRPO's beta)
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token KL estimator of that term
+    clip_eps_high: float | None = None  # upper policy ratio clip (DAPO clip-higher); null:
+    # clip_eps
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = \
+        "token_mean"  # per-token losses -> minibatch loss over all ranks: / tokens, mean of
+    # row means (GRPO), / (rows x max_new_tokens) (Dr. GRPO)
+    whiten_advantages: bool = True  # whiten advantages over the global rollout batch (gae and
+    # reinforce_pp*; the group estimators never whiten)
     score_clip: float | None = None  # clamp reward-model scores to [-c, c] when set
     missing_eos_penalty: float | None = None  # subtract from scores of responses without EOS
     nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf loss on any rank: skip that
     # micro-batch on every rank (counted in train/skipped_microbatches), or stop with exit 3
+
+    @property
+    def uses_critic(self) -> bool:
+        """Only GAE learns a value function; the other estimators build no critic engine."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        """A reference engine is built only for a KL term: in the reward or in the loss."""
+        return self.kl_coef > 0 or self.kl_loss_coef > 0
+
+    @property
+    def uses_groups(self) -> bool:
+        """Estimators whose baseline is the other samples of the prompt (n >= 2)."""
+        return self.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 @dataclass
@@ -542,7 +571,7 @@ def check_values(cfg: Any) -> None:
         return
     for role, trainable in (("actor", True), ("critic", True), ("ref", False), ("reward", False)):
         _check_engine(getattr(cfg, role), role, trainable)
-    for role in ("actor", "critic"):
+    for role in ("actor", "critic") if cfg.ppo.uses_critic else ("actor",):
         m = getattr(cfg, role).model
         _require(m.path is not None or m.init is not None, f"{role}.model",
                  "no weights given; set model.path (hub name or directory) or model.init")
@@ -553,6 +582,7 @@ def check_values(cfg: Any) -> None:
     _require(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 keeps all tokens)")
     _require(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
     _require(g.batch_size >= 1, "generation.batch_size", "must be at least 1")
+    _require(g.n_samples_per_prompt >= 1, "generation.n_samples_per_prompt", "must be at least 1")
     _require(not g.compile or g.static_cache, "generation.compile",
              "needs generation.static_cache: true (compiled steps need fixed shapes)")
     _require(p.steps >= 1, "ppo.steps", "must be at least 1")
@@ -567,6 +597,18 @@ def check_values(cfg: Any) -> None:
     _require(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
     _require(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
     _require(p.score_clip is None or p.score_clip > 0, "ppo.score_clip", "must be > 0 or null")
+    _require(p.kl_loss_coef >= 0, "ppo.kl_loss_coef", "must be >= 0")
+    _require(p.clip_eps_high is None or p.clip_eps_high > 0, "ppo.clip_eps_high",
+             "must be > 0 or null (null: clip_eps)")
+    estimator = p.advantage_estimator
+    _require(not p.uses_groups or g.n_samples_per_prompt >= 2, "generation.n_samples_per_prompt",
+             f"ppo.advantage_estimator {estimator} compares the samples of a prompt; set "
+             "generation.n_samples_per_prompt to 2 or more")
+    _require(estimator not in ("grpo", "dr_grpo") or p.kl_coef == 0, "ppo.kl_coef",
+             f"{estimator} puts no KL penalty in the reward; set ppo.kl_coef: 0 and use "
+             "ppo.kl_loss_coef for a KL loss term (or rloo / reinforce_pp for a KL reward)")
+    _require(p.uses_critic or not cfg.checkpoint.export_critic, "checkpoint.export_critic",
+             f"ppo.advantage_estimator {estimator} trains no critic; unset export_critic")
     longest = d.max_prompt_len + g.max_new_tokens
     for role in ("actor", "critic", "ref", "reward"):
         tokens = getattr(cfg, role).micro_batch_tokens
@@ -625,9 +667,11 @@ class Sizes:
 
     world_size: int
     rollout_per_rank: int  # prompts each rank generates per step
+    rows_per_rank: int  # rows (prompts x samples) each rank generates per step
     minibatch_per_rank: int  # rows each rank feeds one optimizer step
     actor_grad_accum: int  # micro-batches per optimizer step (actor); 1 when packed by tokens
     critic_grad_accum: int  # micro-batches per optimizer step (critic); 1 when packed by tokens
+    # or when the estimator needs no critic
 
 
 def exact_div(a: int, b: int, what: str, fix: str) -> int:
@@ -643,13 +687,16 @@ def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
         p.rollout_batch_size, world_size, "ppo.rollout_batch_size",
         f"every one of the {world_size} ranks must get the same number of prompts; use a multiple "
         f"of {world_size}")
+    n = cfg.generation.n_samples_per_prompt
+    rows = per_rank * n
     mini = exact_div(
-        per_rank, p.num_minibatches, "ppo.rollout_batch_size / world_size",
-        f"the {per_rank} prompts of each rank must split into ppo.num_minibatches="
-        f"{p.num_minibatches} equal minibatches; change ppo.num_minibatches or "
-        "ppo.rollout_batch_size")
+        rows, p.num_minibatches,
+        "ppo.rollout_batch_size x generation.n_samples_per_prompt / world_size",
+        f"the {rows} rows of each rank ({per_rank} prompts x {n} samples) must split into "
+        f"ppo.num_minibatches={p.num_minibatches} equal minibatches; change "
+        "ppo.num_minibatches, ppo.rollout_batch_size or generation.n_samples_per_prompt")
     accum = {}
-    for role in ("actor", "critic"):
+    for role in ("actor", "critic") if p.uses_critic else ("actor",):
         if getattr(cfg, role).micro_batch_tokens:
             accum[role] = 1  # their number varies: DeepSpeed is told the boundary per step
             continue
@@ -658,4 +705,4 @@ def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
             mini, mbs, f"{role}.micro_batch_size",
             f"each rank's minibatch of {mini} rows must split into micro-batches of {mbs}; "
             f"use a micro_batch_size that divides {mini}")
-    return Sizes(world_size, per_rank, mini, accum["actor"], accum["critic"])
+    return Sizes(world_size, per_rank, rows, mini, accum["actor"], accum.get("critic", 1))
