@@ -56,27 +56,32 @@ def mean_gold(model_dir: Path, prompts: list[str], samples: int, max_new_tokens:
             "length": sum(lengths) / len(lengths), "example": f"{prompts[0]} {texts[0]}"}
 
 
-def greedy_accuracy(model_dir: Path, rows: list[dict], max_new_tokens: int) -> dict:
-    """Share of held-out prompts whose greedy answer the task's reward function accepts."""
+def greedy_answers(model_dir: Path, rows: list[dict], max_new_tokens: int) -> tuple[
+        list[str], list[float]]:
+    """Each held-out prompt's greedy answer, and 1.0 where the task's reward function
+    accepts it."""
     prompts = [r["prompt"] for r in rows]
     texts, _ = responses(model_dir, prompts, 1, max_new_tokens, greedy=True)
-    right = largest.reward(prompts, texts, [r["answer"] for r in rows])
-    return {"accuracy": sum(right) / len(right), "example": f"{prompts[0]} {texts[0]}"}
+    return texts, largest.reward(prompts, texts, [r["answer"] for r in rows])
 
 
 def main_grpo(out: Path, start_time: float | None, max_new_tokens: int) -> dict:
     """The verifiable-reward demo (ds_rlhf/demo/largest.py): SFT vs GRPO, greedy, held out."""
     rows = [json.loads(x) for x in
             (out / "data" / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
-    sft = greedy_accuracy(out / "sft" / "model", rows, max_new_tokens)
-    rl = greedy_accuracy(out / "grpo" / "actor", rows, max_new_tokens)
+    sft, sft_right = greedy_answers(out / "sft" / "model", rows, max_new_tokens)
+    rl, rl_right = greedy_answers(out / "grpo" / "actor", rows, max_new_tokens)
+    accuracy_sft, accuracy_rl = sum(sft_right) / len(rows), sum(rl_right) / len(rows)
+    # the example: the first prompt that RL fixed, if any (the accuracies tell the rest)
+    k = next((i for i, (a, b) in enumerate(zip(sft_right, rl_right, strict=True)) if b > a), 0)
     metrics = read_metrics(out / "grpo" / "metrics.jsonl")
     summary = {
-        "accuracy_sft": round(sft["accuracy"], 4), "accuracy_rl": round(rl["accuracy"], 4),
-        "accuracy_gain": round(rl["accuracy"] - sft["accuracy"], 4),
+        "accuracy_sft": round(accuracy_sft, 4), "accuracy_rl": round(accuracy_rl, 4),
+        "accuracy_gain": round(accuracy_rl - accuracy_sft, 4),
         "estimator": _config_value(out / "grpo", "ppo", "advantage_estimator"),
         "rl_steps": metrics[-1]["step"], "eval_prompts": len(rows),
-        "example_sft": sft["example"], "example_rl": rl["example"],
+        "example_sft": f"{rows[k]['prompt']} {sft[k]}",
+        "example_rl": f"{rows[k]['prompt']} {rl[k]}",
     }
     if start_time is not None:
         summary["wall_s"] = round(time.time() - start_time, 1)
