@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         RUNNERS[args.command](cfg)
     except UserInputError as e:  # checks that need data, tokenizers or the world size
         print(f"ds-rlhf {args.command}: error: {e}", file=sys.stderr)
+        if getattr(e, "every_rank", False):  # raised on all ranks together: leave together
+            stop_distributed()
         return 2
     except NonFiniteError as e:  # every rank raises it together
         print(f"ds-rlhf {args.command}: stopped: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,6 +230,44 @@ class CheckpointConfig:
 
 
 @dataclass
+class RewardEngineConfig(EngineConfig):
+    """The frozen reward model as one of the run's rewards (see ds_rlhf/rewards.py)."""
+
+    weight: float = 1.0  # its weight in the sequence score sum_k weight_k * r_k
+    name: str = "reward_model"  # its metric name: rewards/<name>/mean
+
+
+@dataclass
+class RewardSpec:
+    """A reward besides the reward model: a Python function or an HTTP reward server.
+
+    Set exactly one of `function` and `url`; see ds_rlhf/rewards.py for both protocols.
+    """
+
+    function: str | None = None  # "package.module:function" or "path/to/file.py:function",
+    # called fn(prompts, completions, **columns) -> list[float] (TRL's signature)
+    url: str | None = None  # reward server endpoint speaking OpenRLHF's remote reward model
+    # protocol: POST {"query", "prompts", "labels"} -> {"rewards"}
+    name: str = ""  # metric name rewards/<name>/mean; default: the function's name, or "server"
+    weight: float = 1.0  # its weight in the sequence score sum_k weight_k * r_k
+    label_column: str | None = None  # server: the prompt dataset column sent as "labels"
+    # (OpenRLHF's --label_key); unset sends "" for every row
+    token_env: str | None = None  # server: environment variable holding a bearer token
+    timeout: float = 30.0  # server: seconds to wait for one answer
+    max_retries: int = 3  # server: retries of a failed request (timeout, connection, 5xx,
+    # invalid answer), with exponential backoff; 4xx answers are not retried
+    backoff: float = 1.0  # server: seconds before the first retry, doubled for each next one
+    batch_size: int = 64  # server: rows per request
+
+    @property
+    def display_name(self) -> str:
+        """`name`, or the function's name, or "server"."""
+        if self.name:
+            return self.name
+        return self.function.rpartition(":")[2] if self.function else "server"
+
+
+@dataclass
 class PPORunConfig:
     """Step 3: PPO with actor, critic, reference and reward engines."""
 
@@ -238,8 +277,11 @@ class PPORunConfig:
     critic: TrainEngineConfig = field(default_factory=TrainEngineConfig)  # the value model
     ref: EngineConfig = field(default_factory=EngineConfig)  # frozen reference; its model
     # defaults to the actor's
-    reward: EngineConfig = field(default_factory=EngineConfig)  # frozen reward model
-    # (AutoModelForSequenceClassification, num_labels=1)
+    reward: RewardEngineConfig = field(default_factory=RewardEngineConfig)  # frozen reward
+    # model (AutoModelForSequenceClassification, num_labels=1); built only when its
+    # model.path or model.init is set
+    rewards: list[RewardSpec] = field(default_factory=list)  # reward functions and servers,
+    # added to the reward model's score by weight
     data: DataConfig = field(default_factory=DataConfig)  # prompt data
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the algorithm
@@ -529,10 +571,11 @@ def check_values(cfg: Any) -> None:
         return
     for role, trainable in (("actor", True), ("critic", True), ("ref", False), ("reward", False)):
         _check_engine(getattr(cfg, role), role, trainable)
-    for role in ("actor", "critic", "reward") if cfg.ppo.uses_critic else ("actor", "reward"):
+    for role in ("actor", "critic") if cfg.ppo.uses_critic else ("actor",):
         m = getattr(cfg, role).model
         _require(m.path is not None or m.init is not None, f"{role}.model",
                  "no weights given; set model.path (hub name or directory) or model.init")
+    _check_rewards(cfg)
     g, p, d = cfg.generation, cfg.ppo, cfg.data
     _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be at least 1")
     _require(g.temperature > 0, "generation.temperature", "must be > 0 (it divides the logits)")
@@ -575,6 +618,47 @@ def check_values(cfg: Any) -> None:
     _check_checkpoint(cfg.checkpoint)
     _check_data(d, _STEP_FORMATS["ppo"], "PPO")
     cfg.tracking.check()
+
+
+_SERVER_FIELDS = ("label_column", "token_env", "timeout", "max_retries", "backoff", "batch_size")
+
+
+def _check_rewards(cfg: PPORunConfig) -> None:
+    """At least one reward; each `rewards` entry a well-formed function or server; unique
+    names. Importing the functions and reading tokens is build_rewards' job (rewards.py)."""
+    has_model = cfg.reward.model.path is not None or cfg.reward.model.init is not None
+    _require(has_model or len(cfg.rewards) > 0, "reward.model / rewards", "no reward: set "
+             "reward.model.path (a reward model) or add a `rewards` entry (a reward function "
+             "or a reward server)")
+    names = {cfg.reward.name: "reward.name"} if has_model else {}
+    _require(cfg.reward.name != "", "reward.name", "is empty; name the reward model's reward")
+    _require(math.isfinite(cfg.reward.weight), "reward.weight", "must be a finite number")
+    default = RewardSpec()
+    for i, spec in enumerate(cfg.rewards):
+        at = f"rewards[{i}]"
+        _require((spec.function is None) != (spec.url is None), at, "set exactly one of "
+                 "`function` (package.module:function or path/file.py:function) and `url`")
+        if spec.function is not None:
+            module, _, fn = spec.function.rpartition(":")
+            _require(module != "" and fn.isidentifier(), f"{at}.function", f"{spec.function!r} "
+                     "is not 'package.module:function' or 'path/to/file.py:function'")
+            for name in _SERVER_FIELDS:
+                _require(getattr(spec, name) == getattr(default, name), f"{at}.{name}",
+                         "is a reward-server setting but this entry is a function; remove it")
+        else:
+            _require(spec.url.startswith(("http://", "https://")), f"{at}.url", f"{spec.url!r} "
+                     "is not an http:// or https:// URL")
+            _require(spec.token_env != "", f"{at}.token_env", "is empty; name an environment "
+                     "variable or unset it")
+            _require(spec.timeout > 0, f"{at}.timeout", "must be > 0 seconds")
+            _require(spec.max_retries >= 0, f"{at}.max_retries", "must be >= 0")
+            _require(spec.backoff >= 0, f"{at}.backoff", "must be >= 0 seconds")
+            _require(spec.batch_size >= 1, f"{at}.batch_size", "must be at least 1")
+        _require(math.isfinite(spec.weight), f"{at}.weight", "must be a finite number")
+        name = spec.display_name
+        _require(name not in names, f"{at}.name", f"{name!r} is also the name of "
+                 f"{names.get(name)}; give each reward its own name")
+        names[name] = at
 
 
 @dataclass(frozen=True)

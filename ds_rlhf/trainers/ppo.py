@@ -38,6 +38,7 @@ from ds_rlhf.engines.roles import (
     RewardModel,
     init_engine,
 )
+from ds_rlhf.rewards import Rewards, build_rewards, reward_metrics, reward_rows
 from ds_rlhf.rollout import Rollout, minibatch_schedule
 from ds_rlhf.tracking import Timer, Tracker
 
@@ -54,6 +55,7 @@ class PPOTrainer:
     critic: Critic | None  # None: a critic-free estimator
     ref: Reference | None  # None: no KL term
     reward: RewardModel | None
+    rewards: Rewards  # the reward model, functions and servers, combined by weight
     kl_ctl: algo.AdaptiveKLController | algo.FixedKLController
     tracker: Tracker
     preempted: checkpoint.PreemptionFlag
@@ -129,7 +131,9 @@ class PPOTrainer:
             with timer("values"):
                 rollout.values = self.critic.values(rollout)
         with timer("reward"):
-            rollout.scores = self.adjust_scores(self.reward.scores(rollout), rollout)
+            scores, per_reward = self.rewards.score(reward_rows(rollout, self.prompts,
+                                                                self.tokenizer))
+            rollout.scores = self.adjust_scores(scores, rollout)
 
         # 3. Per-token rewards and advantages of ppo.advantage_estimator.
         with timer("advantages"):
@@ -140,6 +144,7 @@ class PPOTrainer:
 
         # 5. KL controller, metrics, samples.
         metrics = self.rollout_metrics(rollout, kl)
+        metrics.update(reward_metrics(per_reward, rollout.scores, n, self.coord))
         every = cfg.tracking.sample_every
         if every and step % every == 0:
             self.tracker.log_samples(self.coord.gather_objects(self.samples(rollout, step)))
@@ -304,6 +309,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     _check_lengths(cfg)
     tokenizer = _tokenizers(cfg)
     prompts = load_prompts(cfg.data, tokenizer, split="train")
+    build_rewards(cfg, None)  # imports the reward functions, reads server tokens: fail early
     sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
     resume_dir, state = checkpoint.resume_point(cfg.output_dir, cfg.checkpoint.resume, world_size)
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
@@ -349,7 +355,8 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
               if p.kl_target is not None else algo.FixedKLController(p.kl_coef))
     trainer = PPOTrainer(
         cfg=cfg, sizes=sizes, coord=coord, tokenizer=tokenizer, prompts=prompts, sampler=sampler,
-        actor=actor, critic=critic, ref=ref, reward=reward, kl_ctl=kl_ctl,
+        actor=actor, critic=critic, ref=ref, reward=reward,
+        rewards=build_rewards(cfg, reward, coord), kl_ctl=kl_ctl,
         tracker=Tracker(cfg.output_dir, coord.is_main, cfg.tracking.log_every, p.steps,
                         tracking=cfg.tracking, config=cfg,
                         start_step=state["step"] if state else 0,
