@@ -35,11 +35,17 @@ def runs(assets, tmp_path_factory):
     """The runs of this file: output dirs by name. One 2-rank launch runs them in order; the
     first config ("grpo") also runs alone on 1 rank ("grpo_1rank")."""
     tmp = tmp_path_factory.mktemp("grpo")
+    (tmp / "reward_fn.py").write_text(  # a rule with spread inside groups, no model
+        "def char_code(prompts, completions, **columns):\n"
+        "    return [sum(map(ord, c)) % 7 / 7 for c in completions]\n")
     configs = {
-        # kl_coef 0 and kl_loss_coef 0: no reference; seq_mean_token_mean over the global
-        # minibatch; 2 minibatches drawn from all ranks' rows.
+        # A reward function only, kl_coef 0 and kl_loss_coef 0: the actor is the only
+        # engine. seq_mean_token_mean over the global minibatch; 2 minibatches drawn from
+        # all ranks' rows.
         "grpo": _config(assets, tmp, "grpo", 3, {**GRPO, "steps": 1,
-                                                 "loss_agg": "seq_mean_token_mean"}),
+                                                 "loss_agg": "seq_mean_token_mean"},
+                        reward={"model": {}, "zero_stage": 3},
+                        rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}]),
         # a KL loss term needs the reference; DAPO's clip-higher; Dr. GRPO's normalisation
         "grpo_kl": _config(assets, tmp, "grpo_kl", 2, {
             **GRPO, "steps": 2, "kl_loss_coef": 0.1, "kl_loss_estimator": "k2", "clip_eps_high": 0.28,
@@ -86,10 +92,10 @@ def test_engines_built_follow_the_kl_terms(runs):
     def engines(name):
         return json.loads((runs[name] / "engines.json").read_text())["engines"]
 
-    assert engines("grpo") == ["actor", "reward"]  # kl_coef 0, kl_loss_coef 0
-    assert engines("grpo_kl") == ["actor", "ref", "reward"]  # kl_loss_coef 0.1
+    assert engines("grpo") == ["actor"]  # reward function, kl_coef 0, kl_loss_coef 0
+    assert engines("grpo_kl") == ["actor", "ref", "reward"]  # kl_loss_coef 0.1, reward model
     assert engines("rloo") == ["actor", "ref", "reward"]  # kl_coef 0.05 in the reward
-    assert "engines: actor, reward (ppo.advantage_estimator grpo)" in runs["stdout"]
+    assert "engines: actor (ppo.advantage_estimator grpo)" in runs["stdout"]
     kl = read_metrics(runs["grpo_kl"] / "metrics.jsonl")
     assert kl[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # actor == reference
     assert kl[1]["policy/ref_kl_avg"] > 0  # ... until the first update (k3 >= 0)
@@ -128,6 +134,8 @@ def test_one_rank_equals_two_ranks_with_two_minibatches(runs):
     m2 = read_metrics(runs["grpo"] / "metrics.jsonl")[0]
     for key in ("objective/scores", "loss/policy_avg", "policy/approxkl_avg"):
         assert m1[key] == pytest.approx(m2[key], abs=1e-5), key
+    assert m2["policy/approxkl_avg"] > 0  # the first minibatch moved the actor
+    assert m2["rewards/char_code/mean"] == pytest.approx(m2["objective/scores"], abs=1e-6)
 
 
 def test_resumed_critic_free_run_equals_uninterrupted_run(runs):
