@@ -39,7 +39,9 @@ def test_grpo_demo_writes_the_summary(tmp_path):
     assert summary["estimator"] == "grpo" and summary["rl_steps"] == 2
     for key in ("accuracy_sft", "accuracy_rl"):
         assert 0.0 <= summary[key] <= 1.0  # a share of the 200 held-out prompts
-    assert 0.25 <= summary["accuracy_sft"] <= 0.75  # mediocre SFT: room for RL either way
+    assert 0.3 <= summary["accuracy_sft"] <= 0.7  # mediocre SFT (0.585 measured)
+    # even 2 steps of 32 prompts x 8 samples move greedy answers (0.585 -> 0.94 measured)
+    assert summary["accuracy_rl"] - summary["accuracy_sft"] >= 0.15
     assert 0 < summary["wall_s"] < 600
     assert "held-out greedy accuracy, RL policy" in proc.stdout
     metrics = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
