@@ -270,6 +270,8 @@ class ServerReward:
 
 @dataclass
 class Reward:
+    """One reward of the run."""
+
     name: str  # metric name: rewards/<name>/mean
     weight: float  # weight in the sequence score
     source: Callable[[RewardRows], Any]  # rows in, one score per row out
