@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, cpu_env
+from tests.conftest import REPO, cpu_env, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,8 @@ def test_grpo_demo_writes_the_summary(tmp_path):
     greedy evaluation). The full run's accuracies are in docs/performance.md."""
     out = tmp_path / "demo_grpo"
     proc = subprocess.run(["bash", "launch/demo.sh", "grpo"], cwd=REPO, capture_output=True,
-                          text=True, env=cpu_env(OUTPUT_DIR=str(out), GRPO_STEPS="2"),
+                          text=True, env=cpu_env(OUTPUT_DIR=str(out), GRPO_STEPS="2",
+                                                 MASTER_PORT=str(free_port())),
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
