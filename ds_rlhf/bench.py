@@ -14,7 +14,8 @@ rank, the engines built and, on GPU, the training phase's TFLOP/s and MFU (6 x p
 tokens). `--estimator` picks ppo.advantage_estimator and `--n-samples` the samples per prompt
 (--batch stays prompts per rank, so a step has batch x n rows per rank); grpo and dr_grpo run
 without a KL term (no reference engine), the others with ppo.kl_coef 0.05; a critic-free
-estimator builds no critic.
+estimator builds no critic. `--reward function` scores with a rule (`bench_reward`) instead of
+the reward model, which is then not built.
 
 `generation`: on an actor at ZeRO-3, the same prompts (fixed length: no EOS) are generated
 through the ZeRO-3 module itself (every forward all-gathers each layer, ranks in lock-step)
@@ -137,7 +138,10 @@ def _ppo_config(args, preset: dict, workdir) -> dict:
                 "micro_batch_size": args.micro_batch},
         "reward": {"zero_stage": 3 if args.zero_stage == 3 else 0, "dtype": args.dtype,
                    "micro_batch_size": args.micro_batch,
-                   "model": {"init": critic, "tokenizer": str(workdir / "tokenizer")}},
+                   "model": {"init": critic, "tokenizer": str(workdir / "tokenizer")}
+                   if args.reward == "model" else {}},
+        "rewards": [{"function": "ds_rlhf.bench:bench_reward"}] if args.reward == "function"
+        else [],
         "data": {"datasets": [{"path": str(workdir / "prompts.jsonl")}],
                  "max_prompt_len": args.prompt_len, "max_len": positions},
         "generation": {"max_new_tokens": args.response_len, "batch_size": args.gen_batch,
@@ -148,6 +152,11 @@ def _ppo_config(args, preset: dict, workdir) -> dict:
         "tracking": {"log_every": 1, "sample_every": 0},
         "checkpoint": {"resume": False},
     }
+
+
+def bench_reward(prompts, completions, **columns) -> list[float]:
+    """`--reward function`: a cheap rule with spread between samples (distinct words)."""
+    return [len(set(c.split())) / max(len(c.split()), 1) for c in completions]
 
 
 def _peak_memory_gb() -> float:
@@ -193,7 +202,7 @@ def bench_ppo(args) -> dict:
         "bench": "ppo", "preset": args.preset, "device": torch.device(coord.device).type,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "world_size": coord.world_size, "dtype": args.dtype, "zero_stage": args.zero_stage,
-        "estimator": args.estimator, "n_samples": args.n_samples,
+        "estimator": args.estimator, "n_samples": args.n_samples, "reward": args.reward,
         "engines": trainer.engine_names, "rollout_batch": samples, "prompt_len": args.prompt_len,
         "response_len": args.response_len, "measured_steps": args.steps,
         "actor_params_m": round(model_params(trainer.actor.engine) / 1e6, 1),
@@ -238,6 +247,8 @@ def main(argv=None) -> None:
                                  "reinforce_pp_baseline"])
     parser.add_argument("--n-samples", type=int, default=1,
                         help="ppo: generation.n_samples_per_prompt")
+    parser.add_argument("--reward", choices=["model", "function"], default="model",
+                        help="ppo: score with the reward model or a rule (no reward engine)")
     parser.add_argument("--warmup", type=int, default=1, help="ppo: steps not measured")
     parser.add_argument("--steps", type=int, default=2, help="ppo: measured steps")
     parser.add_argument("--layers", type=int, default=4)

@@ -591,6 +591,8 @@ def check_values(cfg: Any) -> None:
     _require(p.ppo_epochs >= 1, "ppo.ppo_epochs", "must be at least 1")
     _require(p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
     _require(p.kl_target is None or p.kl_target > 0, "ppo.kl_target", "must be > 0 or null")
+    _require(p.kl_target is None or p.kl_coef > 0, "ppo.kl_target", "the adaptive controller "
+             "steers ppo.kl_coef from its initial value; set ppo.kl_coef > 0 or unset kl_target")
     _require(p.kl_horizon >= 1, "ppo.kl_horizon", "must be at least 1")
     _require(p.clip_eps > 0, "ppo.clip_eps", "must be > 0")
     _require(p.value_clip_eps > 0, "ppo.value_clip_eps", "must be > 0")

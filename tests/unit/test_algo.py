@@ -234,14 +234,18 @@ def test_gae_by_hand():
     assert_close(returns, [[0.62928, 0.774, 1.0], [0.604, 0.2, 0.0]])
 
 
+def random_ragged(seed, width=7):
+    """(generator, lengths, mask, rewards) of 6 rows: always an empty row and a full row, the
+    rest random."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [0, width] + torch.randint(0, width + 1, (4,), generator=gen).tolist()
+    return gen, lengths, ragged_mask(lengths, width), torch.randn(6, width, generator=gen)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_gae_matches_python_loop_on_ragged_masks(seed):
-    gen = torch.Generator().manual_seed(seed)
-    width = 7
-    # always an empty row and a full row, the rest random
-    lengths = [0, width] + torch.randint(0, width + 1, (4,), generator=gen).tolist()
-    mask = ragged_mask(lengths, width)
-    rewards = torch.randn(6, width, generator=gen)
+    gen, lengths, mask, rewards = random_ragged(seed)
+    width = mask.shape[1]
     values = torch.randn(6, width, generator=gen)
     gamma, lam = [(1.0, 0.95), (0.99, 0.9), (0.9, 1.0), (1.0, 0.0)][seed]
     advantages, returns = gae(rewards, values, mask, gamma, lam)
@@ -588,11 +592,8 @@ def test_discounted_returns_by_hand():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_discounted_returns_matches_python_loop_with_inf_on_padding(seed):
-    gen = torch.Generator().manual_seed(seed)
-    width = 7
-    lengths = [0, width] + torch.randint(0, width + 1, (4,), generator=gen).tolist()
-    mask = ragged_mask(lengths, width)
-    rewards = torch.randn(6, width, generator=gen)
+    _, lengths, mask, rewards = random_ragged(seed)
+    width = mask.shape[1]
     gamma = [1.0, 0.99, 0.5][seed]
     expected = [[0.0] * width for _ in lengths]
     for i, length in enumerate(lengths):

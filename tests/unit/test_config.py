@@ -132,6 +132,7 @@ def test_critic_free_estimators_need_no_critic_and_groups(base_yaml):
     (["--ppo.clip_eps_high", "0"], "ppo.clip_eps_high: must be > 0"),
     (["--ppo.loss_agg", "sum"], "ppo.loss_agg: 'sum' is not allowed"),
     (["--critic.model.path", "null"], "critic.model: no weights given"),  # gae needs one
+    (["--ppo.kl_target", "6", "--ppo.kl_coef", "0"], "ppo.kl_target: the adaptive controller"),
 ])
 def test_critic_free_config_errors(base_yaml, override, message):
     with pytest.raises(ConfigError, match=message):
