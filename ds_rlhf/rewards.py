@@ -270,6 +270,8 @@ class ServerReward:
 
 @dataclass
 class Reward:
+    """One reward of the run."""
+
     name: str  # metric name: rewards/<name>/mean
     weight: float  # weight in the sequence score
     source: Callable[[RewardRows], Any]  # rows in, one score per row out
@@ -288,7 +290,8 @@ class Rewards:
 
         Every source runs on every rank even after one failed: the reward model is a
         collective (ZeRO-3 gathers weights), so a rank that skipped it would hang the
-        others. Then the ranks agree: if any failed, all raise the first failure's error.
+        others. Then the ranks agree: if any failed, all raise the first failing rank's
+        error (with a coord; without one, this process raises its own).
         """
         n = len(rows.prompts)
         per_reward, error = {}, None
@@ -299,9 +302,12 @@ class Rewards:
                 error = error or e
                 per_reward[r.name] = torch.zeros(n)
         if self.coord is not None and self.coord.any(error is not None):
-            messages = self.coord.gather_objects([] if error is None else [str(error)])
-            error = error or RewardError(f"{messages[0]} (on another rank)")
-            error.every_rank = True
+            # every rank raises the first failing rank's error, naming that rank
+            messages = self.coord.gather_objects(
+                [] if error is None else [f"{error} (on rank {self.coord.rank})"])
+            shared = RewardError(messages[0])
+            shared.every_rank = True
+            raise shared from error
         if error is not None:
             raise error
         scores = torch.zeros(n)

@@ -14,6 +14,7 @@
 #   GPU         1 to run on GPUs (default 0: CPU ranks with DS_ACCELERATOR=cpu, gloo)
 #   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
 #   GRPO_STEPS  GRPO steps (default: the value in ds_rlhf/demo/grpo.yaml)
+#   MASTER_PORT the ranks' rendezvous port (default 29500; pick another when it is taken)
 # Configs: ds_rlhf/demo/{sft,rm,ppo}.yaml and {largest_sft,grpo}.yaml; this script only fills
 # in the paths.
 set -euo pipefail
@@ -34,7 +35,7 @@ export TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-disabled}
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore::FutureWarning
 DATA=$OUT/data
 # The launcher's own INFO lines are noise here; errors still show.
-launch() { deepspeed --num_gpus "$NPROC" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
+launch() { deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
 
 if [ "$DEMO" = grpo ]; then
   echo "== data: $DATA"

@@ -1,18 +1,17 @@
 """Rewards: combination by weight, reward functions (both forms, every error), a real reward
 server on 127.0.0.1 (tokens, batches, retries, every bad answer), columns from a data file to
-the rows they belong to, metrics, and ranks agreeing on a failure."""
+the rows they belong to, metrics. Ranks agreeing on a failure: tests/dist/test_rewards_run.py."""
 
 from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ds_rlhf.config import (
     ConfigError,
@@ -21,6 +20,8 @@ from ds_rlhf.config import (
     PPORunConfig,
     RewardSpec,
     check_values,
+    load_config,
+    to_yaml,
 )
 from ds_rlhf.rewards import (
     RewardError,
@@ -30,6 +31,7 @@ from ds_rlhf.rewards import (
     reward_rows,
 )
 from ds_rlhf.rollout import Rollout
+from tests.conftest import RewardServer
 
 FUNCTIONS = '''
 def exact(prompts, completions, answer, **kw):
@@ -146,52 +148,9 @@ def test_reward_metrics_by_hand():
 # --------------------------------------------------------------------------------------------
 
 
-class _Server:
-    """OpenRLHF-style /get_reward: rewards = len(query); `mode` breaks it on purpose."""
-
-    def __init__(self):
-        self.mode, self.token, self.requests = "ok", None, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append((dict(self.headers), body))
-                if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
-                    return self._send(401, {"detail": "unauthorized"})
-                if server.mode == "500":
-                    return self._send(500, {"detail": "boom"})
-                if server.mode == "slow":
-                    time.sleep(0.5)
-                rewards = [float(len(q)) for q in body["query"]]
-                if server.mode == "count":
-                    rewards = rewards[1:]
-                if server.mode == "nan":
-                    rewards[-1] = float("nan")
-                self._send(200, {"rewards": rewards})
-
-            def _send(self, code, payload):
-                data = json.dumps(payload).encode()  # NaN is written as the JSON token NaN
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except BrokenPipeError:
-                    pass  # the client gave up waiting (the timeout test)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/get_reward"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 @pytest.fixture(scope="module")
 def server():
-    s = _Server()
+    s = RewardServer()
     yield s
     s.httpd.shutdown()
 
@@ -243,10 +202,12 @@ def test_bad_server_answers_one_clear_error_after_bounded_retries(fresh, mode, p
     fresh.mode = mode
     start = time.perf_counter()
     with pytest.raises(RewardError, match=problem) as e:
-        build_rewards(_cfg(_server_spec(fresh.url)), None).score(_rows(["a", "b", "c"]))
+        build_rewards(_cfg(_server_spec(fresh.url, backoff=0.05)), None).score(
+            _rows(["a", "b", "c"]))
+    seconds = time.perf_counter() - start
     assert fresh.url in str(e.value) and "after 3 attempt(s)" in str(e.value)
     assert len(fresh.requests) == 3  # 1 + max_retries, then it stops
-    assert time.perf_counter() - start < 3
+    assert 0.05 + 0.1 <= seconds < 3  # exponential backoff between the attempts
 
 
 def test_unreachable_server(monkeypatch):
@@ -292,6 +253,21 @@ def test_columns_reach_the_rows_they_belong_to(tmp_path, functions):
     assert exact.score(rows)[0].tolist() == [1.0, 0.0, 0.0]
 
 
+def test_reward_config_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "actor": {"model": {"path": "/m"}}, "critic": {"model": {"path": "/m"}},
+        "data": {"datasets": [{"path": "p.jsonl"}]},
+        "rewards": [{"function": "my.mod:fn", "weight": 2.0},
+                    {"url": "https://rm/get_reward", "token_env": "T", "batch_size": 8}]}))
+    cfg = load_config(path)
+    assert cfg.rewards[1] == RewardSpec(url="https://rm/get_reward", token_env="T", batch_size=8)
+    assert [r.display_name for r in cfg.rewards] == ["fn", "server"]
+    again = tmp_path / "again.yaml"
+    again.write_text(to_yaml(cfg))
+    assert load_config(again) == cfg
+
+
 @pytest.mark.parametrize("rewards, field", [
     ([], "reward.model / rewards"),  # no reward at all
     ([{"function": "m:f", "url": "http://x"}], "rewards[0]"),
@@ -310,46 +286,6 @@ def test_reward_config_errors_name_the_field(rewards, field):
     assert str(e.value).startswith(field)
     cfg.rewards = [RewardSpec(function="m:f"), RewardSpec(url="http://x", name="srv")]
     check_values(cfg)  # no reward model: the functions and servers are the reward
-
-
-# --------------------------------------------------------------------------------------------
-# Two ranks: a row fails on one, every rank raises the same error (no hang)
-# --------------------------------------------------------------------------------------------
-
-
-def _agree_worker(rank: int, port: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from ds_rlhf.coordinator import Coordinator
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    rewards = build_rewards(_cfg(RewardSpec(function=f"{path}:raises")), None,
-                            Coordinator(torch.device("cpu")))
-    completions = ["a", "b"] if rank == 1 else ["a", "c"]  # "b" raises, on rank 1 only
-    try:
-        rewards.score(_rows(completions))
-        result = "no error"
-    except RewardError as e:
-        result = f"{e.every_rank} {e}"
-    dist.barrier()  # would hang if one rank had gone on into another collective
-    Path(out, f"rank{rank}").write_text(result)
-    dist.destroy_process_group()
-
-
-@pytest.mark.dist
-def test_ranks_agree_on_a_failing_row(functions, tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_agree_worker, args=(port, str(functions), str(tmp_path)), nprocs=2,
-                       start_method="spawn", join=True)
-    results = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
-    assert all(r.startswith("True reward function") for r in results)
-    assert "ZeroDivisionError" in results[1] and "on row 1" in results[1]
-    assert results[0].endswith("(on another rank)") and results[1] in results[0]
 
 
 def test_ints_bools_tuples_and_tensors_are_numbers(tmp_path):
