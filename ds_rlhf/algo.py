@@ -23,6 +23,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # group_advantages' estimators
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def _stat(x: Tensor) -> float:
@@ -35,9 +37,18 @@ def _check_num_tokens(num_tokens: float | Tensor | None, mask: Tensor) -> float 
     # gives a zero loss instead of 0 / 0.
     if num_tokens is None:
         return mask.sum().clamp(min=1)
-    if not isinstance(num_tokens, Tensor) and num_tokens <= 0:
+    if bool((torch.as_tensor(num_tokens) <= 0).any()):
         raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
     return num_tokens
+
+
+def _aggregate(per_token: Tensor, mask: Tensor, num_tokens: float | Tensor | None) -> Tensor:
+    """sum(per_token * mask / num_tokens): num_tokens is a number or per-row [B, 1]
+    denominators (see loss_normalizer). Padding is selected out, never multiplied."""
+    num_tokens = _check_num_tokens(num_tokens, mask)
+    if isinstance(num_tokens, Tensor) and num_tokens.dim() > 0:
+        return torch.where(mask, per_token / num_tokens, 0.0).sum()
+    return torch.where(mask, per_token, 0.0).sum() / num_tokens
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -143,10 +154,13 @@ def gae(
     The loop runs backwards over the R positions, vectorised over the batch.
     """
     mask = mask.bool()
-    rewards, values = rewards.float(), values.float()
-    # m_{t+1} and V_{t+1} * m_{t+1}; position R has neither (zero-padded on the right).
+    # Select, never multiply: inf * 0 on padding would be NaN and flow back through A_{t+1}.
+    rewards = torch.where(mask, rewards.float(), 0.0)
+    values = torch.where(mask, values.float(), 0.0)
+    # m_{t+1} and V_{t+1} * m_{t+1} (values are 0 after the last real token); position R has
+    # neither (zero-padded on the right).
     next_mask = torch.nn.functional.pad(mask[:, 1:], (0, 1)).float()
-    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1)) * next_mask
+    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))
     deltas = rewards + gamma * next_values - values
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
@@ -164,17 +178,21 @@ def policy_loss(
     mask: Tensor,
     clip_eps: float,
     num_tokens: float | Tensor | None = None,
+    clip_eps_high: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, "Proximal Policy Optimization
     Algorithms", eq. 7), negated to be minimised, summed over tokens:
       ratio     = exp(logprobs - old_logprobs)
-      per_token = max(-A * ratio, -A * clamp(ratio, 1 - clip_eps, 1 + clip_eps))
-      loss      = sum(per_token * mask) / num_tokens
+      per_token = max(-A * ratio, -A * clamp(ratio, 1 - clip_eps, 1 + clip_eps_high))
+      loss      = sum(per_token * mask / num_tokens)
     logprobs (with grad), old_logprobs, advantages, mask: [B, R]; loss: 0-d float32.
+    ``clip_eps_high`` (None: clip_eps) is DAPO's "clip-higher" (Yu et al. 2025, eq. 10): a
+    wider upper clip lets unlikely tokens with positive advantage gain more per step.
 
     ``num_tokens`` defaults to mask.sum(). The trainer passes the valid-token count of the
-    whole optimizer mini-batch across ranks (scaled for DeepSpeed's gradient averaging), so
-    any split into ranks and micro-batches sums to the same gradient.
+    whole optimizer mini-batch across ranks (scaled for DeepSpeed's gradient averaging), or
+    per-row ``[B, 1]`` denominators from :func:`loss_normalizer`, so any split into ranks
+    and micro-batches sums to the same gradient.
 
     stats (python floats, over this piece's masked tokens):
       clipfrac  share of tokens where the clipped branch is taken (strictly larger)
@@ -182,16 +200,16 @@ def policy_loss(
       ratio     masked mean of ratio
     """
     mask = mask.bool()
-    num_tokens = _check_num_tokens(num_tokens, mask)
-    advantages = advantages.detach().float()
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    advantages = torch.where(mask, advantages.detach().float(), 0.0)
     # Mask the log-ratio before exp: a padding position with a huge log-ratio would give
     # ratio = inf and inf * 0 = NaN in the loss or its gradient.
     log_ratio = torch.where(mask, logprobs.float() - old_logprobs.detach().float(), 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
     per_token = torch.maximum(unclipped, clipped)
-    loss = torch.where(mask, per_token, 0.0).sum() / num_tokens
+    loss = _aggregate(per_token, mask, num_tokens)
     stats = {
         "clipfrac": _stat(masked_mean((clipped > unclipped).float(), mask)),
         "approx_kl": _stat(masked_mean(0.5 * log_ratio**2, mask)),
@@ -211,7 +229,7 @@ def value_loss(
     """Clipped value loss (the PPO baselines' value clipping, Schulman et al. 2017 code;
     "The 37 Implementation Details of PPO", detail 9):
       v_clip = old_values + clamp(values - old_values, -clip_eps, clip_eps)
-      loss   = 0.5 * sum(max((values - R)^2, (v_clip - R)^2) * mask) / num_tokens
+      loss   = 0.5 * sum(max((values - R)^2, (v_clip - R)^2) * mask / num_tokens)
     values (with grad), old_values, returns, mask: [B, R]; loss: 0-d float32.
     ``num_tokens`` as in :func:`policy_loss`.
 
@@ -219,16 +237,114 @@ def value_loss(
     strictly larger.
     """
     mask = mask.bool()
-    num_tokens = _check_num_tokens(num_tokens, mask)
-    values = values.float()
-    old_values, returns = old_values.detach().float(), returns.detach().float()
+    # Select padding out of every input: a square of inf there would give a NaN gradient.
+    values = torch.where(mask, values.float(), 0.0)
+    old_values = torch.where(mask, old_values.detach().float(), 0.0)
+    returns = torch.where(mask, returns.detach().float(), 0.0)
     values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     unclipped = (values - returns) ** 2
     clipped = (values_clipped - returns) ** 2
     per_token = torch.maximum(unclipped, clipped)
-    loss = 0.5 * torch.where(mask, per_token, 0.0).sum() / num_tokens
+    loss = 0.5 * _aggregate(per_token, mask, num_tokens)
     stats = {"clipfrac": _stat(masked_mean((clipped > unclipped).float(), mask))}
     return loss, stats
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    estimator: str = "k3",
+    num_tokens: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """KL(policy || reference) as a loss term, GRPO's ``beta * D_KL`` (Shao et al. 2024,
+    "DeepSeekMath", eq. 3-4, which uses k3), instead of a penalty in the reward:
+      per_token = kl_per_token(logprobs, ref_logprobs, estimator)
+      loss      = sum(per_token * mask / num_tokens)     (aggregated as policy_loss)
+    logprobs (with grad), ref_logprobs, mask: [B, R]; differentiable in logprobs.
+    stats: kl, the masked mean of per_token over this piece.
+    """
+    mask = mask.bool()
+    # Zero both sides on padding: the estimator of equal logprobs is 0 for k1, k2 and k3.
+    per_token = kl_per_token(torch.where(mask, logprobs.float(), 0.0),
+                             torch.where(mask, ref_logprobs.detach().float(), 0.0), estimator)
+    loss = _aggregate(per_token, mask, num_tokens)
+    return loss, {"kl": _stat(masked_mean(per_token, mask))}
+
+
+def loss_normalizer(mask: Tensor, loss_agg: str, num_tokens: float, num_sequences: int,
+                    max_len: int) -> Tensor:
+    """Denominators (pass them as the losses' ``num_tokens``) that turn
+    sum(per_token / denominator) over every piece of a minibatch into ``loss_agg`` of the
+    whole minibatch, however it is split over ranks and micro-batches:
+      token_mean               num_tokens                    sum / valid tokens (DAPO)
+      seq_mean_token_mean      num_sequences * len_i         mean of each row's token mean
+                                                             (GRPO, Shao et al. 2024)
+      seq_mean_token_sum_norm  num_sequences * max_len       sum / (rows x max_len)
+                                                             (Dr. GRPO, Liu et al. 2025)
+    mask: [B, R] rows of this piece; num_tokens and num_sequences: counts of the WHOLE
+    minibatch (all ranks); max_len: generation.max_new_tokens. len_i = mask[i].sum(),
+    clamped to 1 so an empty row divides nothing by 0. Returns a 0-d tensor when every row
+    shares the denominator, else ``[B, 1]``.
+    """
+    if loss_agg == "token_mean":
+        return torch.tensor(float(num_tokens))
+    if loss_agg == "seq_mean_token_mean":
+        lengths = mask.float().sum(1, keepdim=True).clamp(min=1)
+        return float(num_sequences) * lengths
+    if loss_agg == "seq_mean_token_sum_norm":
+        return torch.tensor(float(num_sequences * max_len))
+    raise ValueError(f"unknown loss_agg {loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
+
+
+@torch.no_grad()
+def group_advantages(scores: Tensor, group_size: int, estimator: str,
+                     eps: float = 1e-6) -> Tensor:
+    """One advantage per row from the scores of its group, no critic.
+
+    Rows g*n .. g*n+n-1 (n = group_size) are the n samples of one prompt. With mean_g and
+    std_g (Bessel-corrected) over the group's scores r:
+      grpo     (r - mean_g) / (std_g + eps)         Shao et al. 2024 (DeepSeekMath), eq. 4-5
+      dr_grpo  r - mean_g                           Liu et al. 2025 (Dr. GRPO): no std
+      rloo     r - (sum_g - r) / (n - 1)            Ahmadian et al. 2024: leave-one-out mean
+    A group whose scores are all equal teaches nothing: its rows get exactly 0 (no NaN,
+    no round-off residue). scores: [N] -> [N] float32, N a multiple of group_size >= 2.
+    """
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"group_advantages needs group_size >= 2 dividing the {scores.numel()} "
+                         f"scores, got {group_size}")
+    r = scores.float().reshape(-1, group_size)
+    mean = r.mean(1, keepdim=True)
+    if estimator == "grpo":
+        advantages = (r - mean) / (r.std(1, keepdim=True) + eps)
+    elif estimator == "dr_grpo":
+        advantages = r - mean
+    elif estimator == "rloo":
+        advantages = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}; valid: "
+                         f"{', '.join(GROUP_ESTIMATORS)}")
+    all_equal = (r == r[:, :1]).all(1, keepdim=True)
+    return torch.where(all_equal, 0.0, advantages).reshape(-1)
+
+
+@torch.no_grad()
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Returns-to-go of per-token rewards, the REINFORCE++ advantage before whitening
+    (Hu 2025, "REINFORCE++", eq. 7):
+      G_t = r_t + gamma * m_{t+1} * G_{t+1}
+    rewards, mask: [B, R] -> [B, R] float32, 0 where mask == 0, no gradient. Padding never
+    leaks, even when it holds inf or NaN (selected out, not multiplied).
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards.float(), 0.0)
+    next_mask = torch.nn.functional.pad(mask[:, 1:], (0, 1)).float()
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * next_mask[:, t] * running
+        returns[:, t] = running
+    return torch.where(mask, returns, 0.0)
 
 
 class AdaptiveKLController:

@@ -3,13 +3,19 @@
     launch/bench.sh ppo --preset tiny     # 2 ranks, CPU unless a GPU is present
     launch/bench.sh generation            # HybridEngine vs the ZeRO-3 module
     NPROC=1 GPU=1 launch/bench.sh ppo --preset opt-1.3b-350m
+    launch/bench.sh ppo --preset tiny --estimator grpo --n-samples 4   # critic-free
     deepspeed --num_gpus 2 --module ds_rlhf.bench generation --layers 4 --hidden 256
 
 `ppo`: a fixed-length PPO workload (no EOS: every response has --response-len tokens) on
 random weights, a few warm-up steps then measured steps; prints samples/s, generated and
 training tokens/s, the time split of a step (switch into generation mode, generate, actor /
 reference logprobs, critic values, reward, advantages, actor / critic train), peak memory per
-rank and, on GPU, the training phase's TFLOP/s and MFU (6 x parameters x tokens).
+rank, the engines built and, on GPU, the training phase's TFLOP/s and MFU (6 x parameters x
+tokens). `--estimator` picks ppo.advantage_estimator and `--n-samples` the samples per prompt
+(--batch stays prompts per rank, so a step has batch x n rows per rank); grpo and dr_grpo run
+without a KL term (no reference engine), the others with ppo.kl_coef 0.05; a critic-free
+estimator builds no critic. `--reward function` scores with a rule (`bench_reward`) instead of
+the reward model, which is then not built.
 
 `generation`: on an actor at ZeRO-3, the same prompts (fixed length: no EOS) are generated
 through the ZeRO-3 module itself (every forward all-gathers each layer, ranks in lock-step)
@@ -132,14 +138,25 @@ def _ppo_config(args, preset: dict, workdir) -> dict:
                 "micro_batch_size": args.micro_batch},
         "reward": {"zero_stage": 3 if args.zero_stage == 3 else 0, "dtype": args.dtype,
                    "micro_batch_size": args.micro_batch,
-                   "model": {"init": critic, "tokenizer": str(workdir / "tokenizer")}},
+                   "model": {"init": critic, "tokenizer": str(workdir / "tokenizer")}
+                   if args.reward == "model" else {}},
+        "rewards": [{"function": "ds_rlhf.bench:bench_reward"}] if args.reward == "function"
+        else [],
         "data": {"datasets": [{"path": str(workdir / "prompts.jsonl")}],
                  "max_prompt_len": args.prompt_len, "max_len": positions},
-        "generation": {"max_new_tokens": args.response_len, "batch_size": args.gen_batch},
-        "ppo": {"steps": args.warmup + args.steps, "rollout_batch_size": args.batch},
+        "generation": {"max_new_tokens": args.response_len, "batch_size": args.gen_batch,
+                       "n_samples_per_prompt": args.n_samples},
+        "ppo": {"steps": args.warmup + args.steps, "rollout_batch_size": args.batch,
+                "advantage_estimator": args.estimator,
+                "kl_coef": 0.0 if args.estimator in ("grpo", "dr_grpo") else 0.05},
         "tracking": {"log_every": 1, "sample_every": 0},
         "checkpoint": {"resume": False},
     }
+
+
+def bench_reward(prompts, completions, **columns) -> list[float]:
+    """`--reward function`: a cheap rule with spread between samples (distinct words)."""
+    return [len(set(c.split())) / max(len(c.split()), 1) for c in completions]
 
 
 def _peak_memory_gb() -> float:
@@ -161,8 +178,8 @@ def bench_ppo(args) -> dict:
     for key in ("prompt_len", "response_len", "batch", "dtype", "zero_stage"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    args.micro_batch = args.micro_batch or min(args.batch, 8)
-    args.gen_batch = args.gen_batch or args.batch
+    args.micro_batch = args.micro_batch or min(args.batch * args.n_samples, 8)
+    args.gen_batch = args.gen_batch or args.batch * args.n_samples
     workdir = Path(tempfile.mkdtemp(prefix="ds_rlhf_bench_"))
     cfg = load_config(None, {k: v for k, v in _ppo_config(args, preset, workdir).items()})
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -178,17 +195,19 @@ def bench_ppo(args) -> dict:
     mean = {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]}
     t = {phase: mean[f"timing/{phase}"] for phase in PHASES}
     step_s = mean["timing/step"]
-    samples = cfg.ppo.rollout_batch_size
+    samples = cfg.ppo.rollout_batch_size * args.n_samples  # rows: responses per step
     seq = args.prompt_len + args.response_len
     memory = coord.gather_objects([round(_peak_memory_gb(), 3)])
     result = {
         "bench": "ppo", "preset": args.preset, "device": torch.device(coord.device).type,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "world_size": coord.world_size, "dtype": args.dtype, "zero_stage": args.zero_stage,
-        "rollout_batch": samples, "prompt_len": args.prompt_len,
+        "estimator": args.estimator, "n_samples": args.n_samples, "reward": args.reward,
+        "engines": trainer.engine_names, "rollout_batch": samples, "prompt_len": args.prompt_len,
         "response_len": args.response_len, "measured_steps": args.steps,
         "actor_params_m": round(model_params(trainer.actor.engine) / 1e6, 1),
-        "critic_params_m": round(model_params(trainer.critic.engine) / 1e6, 1),
+        "critic_params_m": round(model_params(trainer.critic.engine) / 1e6, 1)
+        if trainer.critic is not None else None,
         "step_s": round(step_s, 4),
         "samples_per_s": round(samples / step_s, 3),
         "generated_tokens_per_s": round(samples * args.response_len / t["generate"], 1),
@@ -200,7 +219,7 @@ def bench_ppo(args) -> dict:
     }
     if torch.cuda.is_available():
         train_s = t["actor_train"] + t["critic_train"]
-        params = model_params(trainer.actor.engine) + model_params(trainer.critic.engine)
+        params = sum(model_params(engine) for engine in trainer.engines().values())
         flops = 6 * params * samples * seq * cfg.ppo.ppo_epochs
         tflops = flops / train_s / 1e12 / coord.world_size
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in result["gpu"]), None)
@@ -223,6 +242,13 @@ def main(argv=None) -> None:
     parser.add_argument("--micro-batch", type=int, default=None, help="ppo: rows per pass")
     parser.add_argument("--gen-batch", type=int, default=None, help="ppo: rows per generate")
     parser.add_argument("--zero-stage", type=int, default=None, help="ppo: actor and critic")
+    parser.add_argument("--estimator", default="gae", help="ppo: ppo.advantage_estimator",
+                        choices=["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"])
+    parser.add_argument("--n-samples", type=int, default=1,
+                        help="ppo: generation.n_samples_per_prompt")
+    parser.add_argument("--reward", choices=["model", "function"], default="model",
+                        help="ppo: score with the reward model or a rule (no reward engine)")
     parser.add_argument("--warmup", type=int, default=1, help="ppo: steps not measured")
     parser.add_argument("--steps", type=int, default=2, help="ppo: measured steps")
     parser.add_argument("--layers", type=int, default=4)

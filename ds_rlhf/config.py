@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -126,7 +127,9 @@ class GenerationConfig:
     temperature: float = 1.0  # also scales the logits of the logprobs used in the ratio
     top_k: int = 0  # keep the k most likely tokens; 0 keeps all
     top_p: float = 1.0  # nucleus sampling mass; 1.0 keeps all
-    batch_size: int = 8  # prompts per generate call on one rank
+    batch_size: int = 8  # rows (prompts x samples) per generate call on one rank
+    n_samples_per_prompt: int = 1  # responses per prompt (a group, for the group estimators);
+    # a step has ppo.rollout_batch_size x n rows, the n rows of a prompt on one rank
     gather_weights: bool = True  # HybridEngine: gather ZeRO-3 weights once into a plain copy;
     # false generates through the ZeRO-3 module with synced ranks (models too big to gather)
     reuse_copy: bool = False  # keep that copy between steps and refill it: faster switches,
@@ -138,7 +141,8 @@ class GenerationConfig:
 
 @dataclass
 class PPOConfig:
-    """The PPO algorithm (see ds_rlhf/algo.py for the formulas)."""
+    """The PPO algorithm and its critic-free variants (formulas: ds_rlhf/algo.py and
+    design/PPO_SPEC.md)."""
 
     steps: int = 100  # PPO steps (rollout + update) to run
     rollout_batch_size: int = 64  # prompts per step over all ranks
@@ -152,7 +156,18 @@ class PPOConfig:
     value_clip_eps: float = 0.2  # value clip around the rollout values
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
-    whiten_advantages: bool = True  # whiten advantages over the global rollout batch
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"] = "gae"  # gae: PPO with a critic;
+    # the others need no critic (grpo, dr_grpo, rloo, reinforce_pp_baseline: groups, n >= 2)
+    kl_loss_coef: float = 0.0  # weight of KL(actor || reference) as a loss term (GRPO's beta)
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token KL estimator of that term
+    clip_eps_high: float | None = None  # upper policy ratio clip (DAPO clip-higher); null:
+    # clip_eps
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = \
+        "token_mean"  # per-token losses -> minibatch loss over all ranks: / tokens, mean of
+    # row means (GRPO), / (rows x max_new_tokens) (Dr. GRPO)
+    whiten_advantages: bool = True  # whiten advantages over the global rollout batch (gae and
+    # reinforce_pp*; the group estimators never whiten)
     score_clip: float | None = None  # clamp reward-model scores to [-c, c] when set
     missing_eos_penalty: float | None = None  # subtract from scores of responses without EOS
     nonfinite: Literal["skip", "stop"] = "skip"  # NaN/inf reward scores: drop those rows
@@ -160,6 +175,21 @@ class PPOConfig:
     # micro-batch on every rank (train/skipped_microbatches). "stop": exit 3 on either
     max_untrained_steps: int = 3  # stop with exit 3 after this many PPO steps in a row that
     # took no optimizer step (every row dropped or every micro-batch skipped); 0 never stops
+
+    @property
+    def uses_critic(self) -> bool:
+        """Only GAE learns a value function; the other estimators build no critic engine."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        """A reference engine is built only for a KL term: in the reward or in the loss."""
+        return self.kl_coef > 0 or self.kl_loss_coef > 0
+
+    @property
+    def uses_groups(self) -> bool:
+        """Estimators whose baseline is the other samples of the prompt (n >= 2)."""
+        return self.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 @dataclass
@@ -214,6 +244,44 @@ class DistributedConfig:
 
 
 @dataclass
+class RewardEngineConfig(EngineConfig):
+    """The frozen reward model as one of the run's rewards (see ds_rlhf/rewards.py)."""
+
+    weight: float = 1.0  # its weight in the sequence score sum_k weight_k * r_k
+    name: str = "reward_model"  # its metric name: rewards/<name>/mean
+
+
+@dataclass
+class RewardSpec:
+    """A reward besides the reward model: a Python function or an HTTP reward server.
+
+    Set exactly one of `function` and `url`; see ds_rlhf/rewards.py for both protocols.
+    """
+
+    function: str | None = None  # "package.module:function" or "path/to/file.py:function",
+    # called fn(prompts, completions, **columns) -> list[float] (TRL's signature)
+    url: str | None = None  # reward server endpoint speaking OpenRLHF's remote reward model
+    # protocol: POST {"query", "prompts", "labels"} -> {"rewards"}
+    name: str = ""  # metric name rewards/<name>/mean; default: the function's name, or "server"
+    weight: float = 1.0  # its weight in the sequence score sum_k weight_k * r_k
+    label_column: str | None = None  # server: the prompt dataset column sent as "labels"
+    # (OpenRLHF's --label_key); unset sends "" for every row
+    token_env: str | None = None  # server: environment variable holding a bearer token
+    timeout: float = 30.0  # server: seconds to wait for one answer
+    max_retries: int = 3  # server: retries of a failed request (timeout, connection, 5xx,
+    # invalid answer), with exponential backoff; 4xx answers are not retried
+    backoff: float = 1.0  # server: seconds before the first retry, doubled for each next one
+    batch_size: int = 64  # server: rows per request
+
+    @property
+    def display_name(self) -> str:
+        """`name`, or the function's name, or "server"."""
+        if self.name:
+            return self.name
+        return self.function.rpartition(":")[2] if self.function else "server"
+
+
+@dataclass
 class PPORunConfig:
     """Step 3: PPO with actor, critic, reference and reward engines."""
 
@@ -223,8 +291,11 @@ class PPORunConfig:
     critic: TrainEngineConfig = field(default_factory=TrainEngineConfig)  # the value model
     ref: EngineConfig = field(default_factory=EngineConfig)  # frozen reference; its model
     # defaults to the actor's
-    reward: EngineConfig = field(default_factory=EngineConfig)  # frozen reward model
-    # (AutoModelForSequenceClassification, num_labels=1)
+    reward: RewardEngineConfig = field(default_factory=RewardEngineConfig)  # frozen reward
+    # model (AutoModelForSequenceClassification, num_labels=1); built only when its
+    # model.path or model.init is set
+    rewards: list[RewardSpec] = field(default_factory=list)  # reward functions and servers,
+    # added to the reward model's score by weight
     data: DataConfig = field(default_factory=DataConfig)  # prompt data
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the algorithm
@@ -623,16 +694,18 @@ def check_values(cfg: Any) -> None:
         return
     for role, trainable in (("actor", True), ("critic", True), ("ref", False), ("reward", False)):
         _check_engine(getattr(cfg, role), role, trainable)
-    for role in ("actor", "critic", "reward"):
+    for role in ("actor", "critic") if cfg.ppo.uses_critic else ("actor",):
         m = getattr(cfg, role).model
         _require(m.path is not None or m.init is not None, f"{role}.model",
                  "no weights given; set model.path (hub name or directory) or model.init")
+    _check_rewards(cfg)
     g, p, d = cfg.generation, cfg.ppo, cfg.data
     _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be at least 1")
     _require(g.temperature > 0, "generation.temperature", "must be > 0 (it divides the logits)")
     _require(g.top_k >= 0, "generation.top_k", "must be >= 0 (0 keeps all tokens)")
     _require(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
     _require(g.batch_size >= 1, "generation.batch_size", "must be at least 1")
+    _require(g.n_samples_per_prompt >= 1, "generation.n_samples_per_prompt", "must be at least 1")
     _require(not g.compile or g.static_cache, "generation.compile",
              "needs generation.static_cache: true (compiled steps need fixed shapes)")
     _require(p.steps >= 1, "ppo.steps", "must be at least 1")
@@ -641,9 +714,8 @@ def check_values(cfg: Any) -> None:
     _require(p.ppo_epochs >= 1, "ppo.ppo_epochs", "must be at least 1")
     _require(p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
     _require(p.kl_target is None or p.kl_target > 0, "ppo.kl_target", "must be > 0 or null")
-    _require(p.kl_target is None or p.kl_coef > 0, "ppo.kl_coef", "must be > 0 with "
-             "ppo.kl_target: the adaptive controller scales kl_coef by a factor, so 0 stays 0; "
-             "set an initial kl_coef > 0 or unset kl_target")
+    _require(p.kl_target is None or p.kl_coef > 0, "ppo.kl_target", "the adaptive controller "
+             "steers ppo.kl_coef from its initial value; set ppo.kl_coef > 0 or unset kl_target")
     _require(p.max_untrained_steps >= 0, "ppo.max_untrained_steps", "must be >= 0 (0: never "
              "stop)")
     _require(p.kl_horizon >= 1, "ppo.kl_horizon", "must be at least 1")
@@ -652,6 +724,18 @@ def check_values(cfg: Any) -> None:
     _require(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
     _require(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
     _require(p.score_clip is None or p.score_clip > 0, "ppo.score_clip", "must be > 0 or null")
+    _require(p.kl_loss_coef >= 0, "ppo.kl_loss_coef", "must be >= 0")
+    _require(p.clip_eps_high is None or p.clip_eps_high > 0, "ppo.clip_eps_high",
+             "must be > 0 or null (null: clip_eps)")
+    estimator = p.advantage_estimator
+    _require(not p.uses_groups or g.n_samples_per_prompt >= 2, "generation.n_samples_per_prompt",
+             f"ppo.advantage_estimator {estimator} compares the samples of a prompt; set "
+             "generation.n_samples_per_prompt to 2 or more")
+    _require(estimator not in ("grpo", "dr_grpo") or p.kl_coef == 0, "ppo.kl_coef",
+             f"{estimator} puts no KL penalty in the reward; set ppo.kl_coef: 0 and use "
+             "ppo.kl_loss_coef for a KL loss term (or rloo / reinforce_pp for a KL reward)")
+    _require(p.uses_critic or not cfg.checkpoint.export_critic, "checkpoint.export_critic",
+             f"ppo.advantage_estimator {estimator} trains no critic; unset export_critic")
     longest = d.max_prompt_len + g.max_new_tokens
     for role in ("actor", "critic", "ref", "reward"):
         tokens = getattr(cfg, role).micro_batch_tokens
@@ -664,15 +748,58 @@ def check_values(cfg: Any) -> None:
     cfg.tracking.check()
 
 
+_SERVER_FIELDS = ("label_column", "token_env", "timeout", "max_retries", "backoff", "batch_size")
+
+
+def _check_rewards(cfg: PPORunConfig) -> None:
+    """At least one reward; each `rewards` entry a well-formed function or server; unique
+    names. Importing the functions and reading tokens is build_rewards' job (rewards.py)."""
+    has_model = cfg.reward.model.path is not None or cfg.reward.model.init is not None
+    _require(has_model or len(cfg.rewards) > 0, "reward.model / rewards", "no reward: set "
+             "reward.model.path (a reward model) or add a `rewards` entry (a reward function "
+             "or a reward server)")
+    names = {cfg.reward.name: "reward.name"} if has_model else {}
+    _require(cfg.reward.name != "", "reward.name", "is empty; name the reward model's reward")
+    _require(math.isfinite(cfg.reward.weight), "reward.weight", "must be a finite number")
+    default = RewardSpec()
+    for i, spec in enumerate(cfg.rewards):
+        at = f"rewards[{i}]"
+        _require((spec.function is None) != (spec.url is None), at, "set exactly one of "
+                 "`function` (package.module:function or path/file.py:function) and `url`")
+        if spec.function is not None:
+            module, _, fn = spec.function.rpartition(":")
+            _require(module != "" and fn.isidentifier(), f"{at}.function", f"{spec.function!r} "
+                     "is not 'package.module:function' or 'path/to/file.py:function'")
+            for name in _SERVER_FIELDS:
+                _require(getattr(spec, name) == getattr(default, name), f"{at}.{name}",
+                         "is a reward-server setting but this entry is a function; remove it")
+        else:
+            _require(spec.url.startswith(("http://", "https://")), f"{at}.url", f"{spec.url!r} "
+                     "is not an http:// or https:// URL")
+            _require(spec.token_env != "", f"{at}.token_env", "is empty; name an environment "
+                     "variable or unset it")
+            _require(spec.timeout > 0, f"{at}.timeout", "must be > 0 seconds")
+            _require(spec.max_retries >= 0, f"{at}.max_retries", "must be >= 0")
+            _require(spec.backoff >= 0, f"{at}.backoff", "must be >= 0 seconds")
+            _require(spec.batch_size >= 1, f"{at}.batch_size", "must be at least 1")
+        _require(math.isfinite(spec.weight), f"{at}.weight", "must be a finite number")
+        name = spec.display_name
+        _require(name not in names, f"{at}.name", f"{name!r} is also the name of "
+                 f"{names.get(name)}; give each reward its own name")
+        names[name] = at
+
+
 @dataclass(frozen=True)
 class Sizes:
     """Per-rank sizes derived from the config and the world size, computed only here."""
 
     world_size: int
     rollout_per_rank: int  # prompts each rank generates per step
+    rows_per_rank: int  # rows (prompts x samples) each rank generates per step
     minibatch_per_rank: int  # rows each rank feeds one optimizer step
     actor_grad_accum: int  # micro-batches per optimizer step (actor); 1 when packed by tokens
     critic_grad_accum: int  # micro-batches per optimizer step (critic); 1 when packed by tokens
+    # or when the estimator needs no critic
 
 
 def exact_div(a: int, b: int, what: str, fix: str) -> int:
@@ -688,13 +815,16 @@ def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
         p.rollout_batch_size, world_size, "ppo.rollout_batch_size",
         f"every one of the {world_size} ranks must get the same number of prompts; use a multiple "
         f"of {world_size}")
+    n = cfg.generation.n_samples_per_prompt
+    rows = per_rank * n
     mini = exact_div(
-        per_rank, p.num_minibatches, "ppo.rollout_batch_size / world_size",
-        f"the {per_rank} prompts of each rank must split into ppo.num_minibatches="
-        f"{p.num_minibatches} equal minibatches; change ppo.num_minibatches or "
-        "ppo.rollout_batch_size")
+        rows, p.num_minibatches,
+        "ppo.rollout_batch_size x generation.n_samples_per_prompt / world_size",
+        f"the {rows} rows of each rank ({per_rank} prompts x {n} samples) must split into "
+        f"ppo.num_minibatches={p.num_minibatches} equal minibatches; change "
+        "ppo.num_minibatches, ppo.rollout_batch_size or generation.n_samples_per_prompt")
     accum = {}
-    for role in ("actor", "critic"):
+    for role in ("actor", "critic") if p.uses_critic else ("actor",):
         if getattr(cfg, role).micro_batch_tokens:
             accum[role] = 1  # their number varies: DeepSpeed is told the boundary per step
             continue
@@ -703,4 +833,4 @@ def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
             mini, mbs, f"{role}.micro_batch_size",
             f"each rank's minibatch of {mini} rows must split into micro-batches of {mbs}; "
             f"use a micro_batch_size that divides {mini}")
-    return Sizes(world_size, per_rank, mini, accum["actor"], accum["critic"])
+    return Sizes(world_size, per_rank, rows, mini, accum["actor"], accum.get("critic", 1))

@@ -19,6 +19,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from ds_rlhf.rollout import Rollout
+
 
 def setup_distributed_env() -> None:
     """Fill RANK/WORLD_SIZE/... for plain `python` runs and Slurm tasks (one task per GPU).
@@ -193,6 +195,40 @@ class Coordinator:
         mean = total / count
         var = (total_sq - count * mean**2) / (count - 1).clamp(min=1)
         return ((x.double() - mean) * torch.rsqrt(var + eps) * mask).to(x.dtype)
+
+    def minibatches(self, rollout: Rollout, schedule: torch.Tensor) -> list[Rollout]:
+        """This rank's share of each minibatch of ``schedule`` (rollout.minibatch_schedule,
+        global row ids), fetched from the ranks that hold those rows.
+
+        ``rollout`` is this rank's rows of the step, global rows rank * B .. rank * B + B - 1.
+        Rows that live on another rank come by an all-to-all exchange; when every rank's
+        share is its own (one minibatch), nothing moves.
+        """
+        num_rows = len(rollout)
+        wanted = schedule.transpose(0, 1).reshape(self.world_size, -1).sort(dim=1).values
+        owner = wanted // num_rows  # [W, rows of the epoch] the rank holding each wanted row
+        first = self.rank * num_rows
+        if bool((owner == torch.arange(self.world_size)[:, None]).all()):
+            rows = rollout.select(wanted[self.rank] - first)
+        else:
+            received = self.exchange([rollout.select(ids[owner[d] == self.rank] - first)
+                                      for d, ids in enumerate(wanted)])
+            width_p = max(r.prompt_ids.shape[1] for r in received)
+            width_r = max(r.response_ids.shape[1] for r in received)
+            # From rank 0 up, each source's rows ascending: rows is wanted[self.rank] in order.
+            rows = Rollout.cat([r.pad(width_p, width_r) for r in received])
+        return [rows.select(torch.searchsorted(wanted[self.rank], share))
+                for share in schedule[:, self.rank]]
+
+    def exchange(self, parts: list) -> list:
+        """All-to-all of python objects: parts[d] goes to rank d; returns what every rank
+        sent to this one, in rank order."""
+        received = []
+        for src in range(self.world_size):
+            out = [None]
+            dist.scatter_object_list(out, parts if self.rank == src else None, src=src)
+            received.append(out[0])
+        return received
 
     def gather_objects(self, items: list) -> list:
         """Every rank's list, concatenated in rank order (on every rank)."""

@@ -4,11 +4,11 @@ Used by the actor in generation mode (a hook-free copy of the gathered weights) 
 ``synced``, by the fallback that generates through the ZeRO-3 module itself. This module
 imports neither deepspeed nor torch.distributed: the caller supplies ``synced``.
 
-Sampling is reproducible per prompt (see ARCHITECTURE.md, "Conventions"): the uniform that
-draws response token t of a prompt depends only on (seed, prompt index, step, t), and each
-token is drawn by inverse-CDF sampling from that uniform. So a prompt gets the same response
-whatever rank it lands on, whichever prompts share its batch, in any order and with any amount
-of left padding (up to float round-off in the model's forward).
+Sampling is reproducible per row (see ARCHITECTURE.md, "Conventions"): the uniform that
+draws response token t of a row depends only on (seed, prompt index, sample index, step, t),
+and each token is drawn by inverse-CDF sampling from that uniform. So a prompt's k-th sample
+is the same response whatever rank it lands on, whichever prompts share its batch, in any
+order and with any amount of left padding (up to float round-off in the model's forward).
 
 Conventions of the outputs (``[B, R]``, position t = the t-th generated token):
 ``response_mask[i, t] = 1`` for real tokens including the EOS, 0 after it; positions after the
@@ -27,25 +27,32 @@ from torch import Tensor
 __all__ = ["generate", "pad_responses", "prompt_uniforms", "sample_tokens"]
 
 
-def _row_seed(seed: int, prompt_index: int, step: int) -> int:
-    """A stable 63-bit seed from (seed, prompt_index, step); never Python's ``hash``."""
+def _row_seed(seed: int, prompt_index: int, step: int, sample_index: int = 0) -> int:
+    """A stable 63-bit seed from (seed, prompt_index, step, sample_index); never Python's
+    ``hash``. Sample 0 keeps the payload of one sample per prompt, so n = 1 draws as before."""
     payload = b"ds_rlhf.sample:%d:%d:%d" % (int(seed), int(prompt_index), int(step))
+    if sample_index:
+        payload += b":%d" % int(sample_index)
     digest = hashlib.blake2b(payload, digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def prompt_uniforms(seed: int, prompt_index: Tensor, step: int, length: int) -> Tensor:
+def prompt_uniforms(seed: int, prompt_index: Tensor, step: int, length: int,
+                    sample_index: Tensor | None = None) -> Tensor:
     """Uniforms in [0, 1) for sampling: ``[B, length]`` float32 on CPU.
 
-    Row i, column t depends only on (seed, prompt_index[i], step, t): one CPU
-    ``torch.Generator`` per row, seeded from a blake2b hash of (seed, prompt_index, step),
-    draws the row serially, so the first k columns are the same for any ``length >= k``.
+    Row i, column t depends only on (seed, prompt_index[i], sample_index[i], step, t): one
+    CPU ``torch.Generator`` per row, seeded from a blake2b hash of those, draws the row
+    serially, so the first k columns are the same for any ``length >= k``. sample_index
+    (None: all 0) tells apart the samples of one prompt.
     """
     indices = torch.as_tensor(prompt_index).reshape(-1).tolist()
+    samples = [0] * len(indices) if sample_index is None else \
+        torch.as_tensor(sample_index).reshape(-1).tolist()
     out = torch.empty(len(indices), max(int(length), 0), dtype=torch.float32)
     gen = torch.Generator(device="cpu")
-    for row, index in enumerate(indices):
-        gen.manual_seed(_row_seed(seed, index, step))
+    for row, (index, sample) in enumerate(zip(indices, samples, strict=True)):
+        gen.manual_seed(_row_seed(seed, index, step, sample))
         out[row] = torch.rand(out.shape[1], generator=gen, dtype=torch.float32)
     return out
 
@@ -148,14 +155,15 @@ def generate(
     synced: Callable[[bool], bool] | None = None,
     static_cache: bool = False,
     decode: Callable | None = None,
+    sample_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample responses for left-padded prompts with a KV cache.
 
     Args:
         model: an HF causal LM (eval mode is the caller's job).
         prompt_ids, prompt_mask: ``[B, P]``, left padded (mask 1 on real prompt tokens).
-        prompt_index: ``[B]`` global prompt indices; with ``seed`` and ``step`` they fix the
-            random draws (see :func:`prompt_uniforms`).
+        prompt_index: ``[B]`` global prompt indices; with ``seed``, ``step`` and
+            ``sample_index`` they fix the random draws (see :func:`prompt_uniforms`).
         eos_token_id: one id, several ids, or None (never finish early).
         synced: optional ``synced(local_done) -> bool`` returning True once every rank is done.
             When given, decoding goes on (feeding pads, masked out) until it returns True or
@@ -167,6 +175,8 @@ def generate(
             torch.compile / CUDA graphs need.
         decode: the callable for the one-token decode forwards (default: ``model``), e.g.
             ``torch.compile(model)`` with ``static_cache``.
+        sample_index: ``[B]`` which sample of its prompt each row is (None: all 0), so the
+            n rows of one prompt draw differently.
 
     Returns:
         ``(response_ids, response_mask)``, ``[B, R]`` on the model's device, where R is the
@@ -194,7 +204,7 @@ def generate(
 
     uniforms = None
     if not greedy:
-        uniforms = prompt_uniforms(seed, index, step, max_new_tokens).to(device)
+        uniforms = prompt_uniforms(seed, index, step, max_new_tokens, sample_index).to(device)
     eos = _eos_tensor(eos_token_id, device)
 
     # Prompt forward: explicit positions so left padding does not shift them.

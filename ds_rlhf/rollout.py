@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# The fields aligned to response tokens ([B, R]); the prompt fields are [B, P], the rest [B].
+PER_TOKEN = ("response_ids", "response_mask", "old_logprobs", "ref_logprobs", "values",
+             "rewards", "advantages", "returns")
+
 
 @dataclass
 class Rollout:
@@ -22,6 +26,7 @@ class Rollout:
     response_ids: Tensor  # [B, R] long, padded after EOS
     response_mask: Tensor  # [B, R] 1 for real response tokens including EOS, 0 after it
     prompt_index: Tensor  # [B] long, global index of the prompt in the dataset (sampling seed)
+    sample_index: Tensor | None = None  # [B] long, which of its prompt's n samples (seed)
     old_logprobs: Tensor | None = None  # [B, R] float32, actor at sampling time
     ref_logprobs: Tensor | None = None  # [B, R] float32, frozen reference model
     values: Tensor | None = None  # [B, R] float32, critic at sampling time (old values)
@@ -72,15 +77,29 @@ class Rollout:
         on the kept columns; callers pad per-token outputs back to the full width."""
         first = int(self.prompt_mask.any(0).long().argmax())  # first column with a real token
         width = max(int(self.response_lengths.max()), 1)
-        per_token = {"response_ids", "response_mask", "old_logprobs", "ref_logprobs", "values",
-                     "rewards", "advantages", "returns"}
         fields = {}
         for f in dataclasses.fields(self):
             t = getattr(self, f.name)
-            if t is not None and f.name in per_token:
+            if t is not None and f.name in PER_TOKEN:
                 t = t[:, :width]
             elif t is not None and f.name in ("prompt_ids", "prompt_mask"):
                 t = t[:, first:]
+            fields[f.name] = t
+        return Rollout(**fields)
+
+    def pad(self, prompt_width: int, response_width: int) -> Rollout:
+        """Widen to P = prompt_width (zeros on the left of the prompt fields) and
+        R = response_width (zeros on the right of the per-token fields): masked out, so
+        results are unchanged. Rollouts of several ranks can then be concatenated."""
+        extra_p, extra_r = prompt_width - self.prompt_ids.shape[1], \
+            response_width - self.response_ids.shape[1]
+        fields = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if t is not None and f.name in PER_TOKEN:
+                t = torch.nn.functional.pad(t, (0, extra_r))
+            elif t is not None and f.name in ("prompt_ids", "prompt_mask"):
+                t = torch.nn.functional.pad(t, (extra_p, 0))
             fields[f.name] = t
         return Rollout(**fields)
 
@@ -153,3 +172,21 @@ def split_to_count(groups: list[Tensor], count: int) -> list[Tensor]:
         half = (len(groups[k]) + 1) // 2
         groups[k:k + 1] = [groups[k][:half], groups[k][half:]]
     return groups
+
+
+def minibatch_schedule(num_rows: int, num_minibatches: int, world_size: int,
+                       generator: torch.Generator) -> Tensor:
+    """One epoch's minibatches over the step's rows of ALL ranks: ``[num_minibatches,
+    world_size, rows per rank and minibatch]`` global row ids; [k, r] are the rows rank r
+    trains on in minibatch k.
+
+    Global row g is row g % rows_per_rank of rank g // rows_per_rank (prompts are sharded
+    contiguously, samples stay with their prompt), so the ids name the same rows on any
+    number of ranks. Minibatch k is the k-th slice of one seeded permutation of all rows:
+    the same rows whatever the world size, and each rank gets an equal share (ZeRO runs
+    collectives in every pass). The shares are cut from the sorted ids, so with one
+    minibatch every rank trains on its own rows, and with several mostly on its own.
+    """
+    order = torch.randperm(num_rows, generator=generator)
+    minibatches = order.reshape(num_minibatches, -1).sort(dim=1).values
+    return minibatches.reshape(num_minibatches, world_size, -1)

@@ -2,20 +2,31 @@
 # The whole InstructGPT pipeline on the bundled demo task: SFT -> reward model -> PPO, and DPO
 # from the same SFT model on the same preference pairs; then the SFT, PPO and DPO policies
 # scored with the task's gold scorer on held-out prompts.
+# With `grpo`: the verifiable-reward demo, SFT -> GRPO with a rule-based reward function
+# (ds_rlhf/demo/largest.py), then held-out greedy accuracy of the SFT and GRPO policies.
 #
-#   bash launch/demo.sh
+#   bash launch/demo.sh            # SFT -> RM -> PPO
+#   bash launch/demo.sh grpo       # SFT -> GRPO
 #
 # Variables:
 #   NPROC       data-parallel ranks (default 2)
-#   OUTPUT_DIR  where everything goes (default outputs/demo); summary.json at its top
+#   OUTPUT_DIR  where everything goes (default outputs/demo, or outputs/demo_grpo with grpo);
+#               summary.json at its top
 #   GPU         1 to run on GPUs (default 0: CPU ranks with DS_ACCELERATOR=cpu, gloo)
 #   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
-#   MASTER_PORT rendezvous port of the ranks (default 29500; give two demos at once two ports)
-# Configs: ds_rlhf/demo/{sft,rm,ppo,dpo}.yaml; this script only fills in the paths.
+#   GRPO_STEPS  GRPO steps (default: the value in ds_rlhf/demo/grpo.yaml)
+#   MASTER_PORT the ranks' rendezvous port (default 29500; pick another when it is taken)
+# Configs: ds_rlhf/demo/{sft,rm,ppo,dpo}.yaml and {largest_sft,grpo}.yaml; this script only
+# fills in the paths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEMO=${1:-ppo}
+if [ "$DEMO" != ppo ] && [ "$DEMO" != grpo ]; then
+  echo "usage: bash launch/demo.sh [grpo]" >&2
+  exit 2
+fi
 NPROC=${NPROC:-2}
-OUT=${OUTPUT_DIR:-outputs/demo}
+OUT=${OUTPUT_DIR:-outputs/demo$([ "$DEMO" = grpo ] && echo _grpo || true)}
 START=$(date +%s.%N)
 if [ "${GPU:-0}" = 0 ]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -26,6 +37,24 @@ export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNING
 DATA=$OUT/data
 # The launcher's own INFO lines are noise here; errors still show.
 launch() { deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
+
+if [ "$DEMO" = grpo ]; then
+  echo "== data: $DATA"
+  python -m ds_rlhf.demo.largest "$DATA"
+
+  echo "== step 1: supervised fine-tuning on imperfect demonstrations"
+  launch sft --config ds_rlhf/demo/largest_sft.yaml --output_dir "$OUT/sft" \
+    --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: prompt_completion}]"
+
+  echo "== step 2: GRPO with a rule-based reward function"
+  launch ppo --config ds_rlhf/demo/grpo.yaml --output_dir "$OUT/grpo" \
+    --actor.model.path "$OUT/sft/model" --data.datasets "[{path: $DATA/prompts.jsonl, format: prompt}]" \
+    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"}
+
+  echo "== evaluation on held-out prompts (greedy)"
+  python -m ds_rlhf.demo.evaluate "$OUT" --task largest --max-new-tokens 4 --start-time "$START"
+  exit 0
+fi
 
 echo "== data: $DATA"
 python -m ds_rlhf.demo.make_data "$DATA"

@@ -8,6 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,48 @@ def run_deepspeed(nproc: int, args: list[str], timeout: float = 600, module: boo
     cmd += (["--module"] if module else []) + args
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
                           timeout=timeout)
+
+
+class RewardServer:
+    """A reward server on 127.0.0.1 in a thread, OpenRLHF-style (POST {"query", "prompts",
+    "labels"} -> {"rewards"}): reward = len(query); it records every request, refuses
+    requests without `token` when set (401), and `mode` breaks it on purpose."""
+
+    def __init__(self):
+        self.mode, self.token, self.requests = "ok", None, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((dict(self.headers), body))
+                if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    return self._send(401, {"detail": "unauthorized"})
+                if server.mode == "500":
+                    return self._send(500, {"detail": "boom"})
+                if server.mode == "slow":
+                    time.sleep(0.5)
+                rewards = [float(len(q)) for q in body["query"]]
+                if server.mode == "count":
+                    rewards = rewards[1:]
+                if server.mode == "nan":
+                    rewards[-1] = float("nan")
+                self._send(200, {"rewards": rewards})
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()  # NaN is written as the JSON token NaN
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except BrokenPipeError:
+                    pass  # the client gave up waiting (the timeout test)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/get_reward"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

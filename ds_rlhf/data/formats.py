@@ -127,6 +127,17 @@ def prompts(spec: DatasetSpec, index: int, table: Table, rows: list[int],
                      ".format)")
 
 
+def other_columns(spec: DatasetSpec, table: Table) -> list[str]:
+    """The columns the prompt is not read from (e.g. a reference answer), for reward
+    functions; a completion or chosen column stays (it may be the reference), hh transcripts
+    do not (the prompt is cut from them)."""
+    read = {"prompt": ["prompt_column"], "prompt_completion": ["prompt_column"],
+            "preference": ["prompt_column"], "hh": ["chosen_column", "rejected_column"],
+            "messages": ["messages_column"]}.get(spec.format, [])
+    used = {getattr(spec, f) for f in read}
+    return [c for c in table.columns if c not in used]
+
+
 def prompt_completions(spec: DatasetSpec, index: int, table: Table,
                        rows: list[int]) -> tuple[list[str], list[str]]:
     """(prompts, completions) for SFT: formats prompt_completion, preference and hh (chosen)."""

@@ -22,7 +22,7 @@ two sides equal.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ds_rlhf.config import DataConfig, DataError
@@ -39,6 +39,8 @@ class PromptSet:
     input_ids: list[list[int]]  # prompt token ids, no padding
     texts: list[str]  # the prompt texts (chat template applied for `messages`)
     num_filtered: int  # rows dropped for a prompt over data.max_prompt_len
+    columns: dict[str, list] = field(default_factory=dict)  # the datasets' other columns
+    # (e.g. a reference answer), one value per prompt; None where a row's dataset lacks one
 
 
 @dataclass
@@ -148,17 +150,32 @@ def _load(cfg: DataConfig, tokenizer: Any, split: Split,
 
 
 def load_prompts(cfg: DataConfig, tokenizer: Any, split: Split = "train") -> PromptSet:
-    """Prompts of every dataset (formats prompt, prompt_completion, preference, hh, messages)."""
+    """Prompts of every dataset (formats prompt, prompt_completion, preference, hh, messages),
+    with the datasets' other columns for reward functions (`PromptSet.columns`).
+
+    Mixed datasets with different columns: `columns` has the union, and a row whose dataset
+    lacks a column gets None there (so a reward function can tell "no answer" from any answer)
+    rather than an error: a math set with answers mixes with a chat set without them.
+    """
+
+    names: dict[str, None] = {}  # the other columns of all datasets, in order of appearance
 
     def rows_fn(index: int, table: Any, rows: list[int]) -> tuple[list, int]:
         spec = cfg.datasets[index]
         texts = formats.prompts(spec, index, table, rows, tokenizer)
         ids = _encode(tokenizer, texts, special=spec.format != "messages")
         keep = _check_prompt_lens(cfg, index, rows, [len(x) for x in ids])
-        return [(x, t) for x, t, k in zip(ids, texts, keep, strict=True) if k], keep.count(False)
+        other = formats.other_columns(spec, table)
+        names.update(dict.fromkeys(other))
+        values = {c: table.read_column(c) for c in other}
+        extra = [{c: values[c][r] for c in other} for r in rows]
+        return ([(x, t, e) for x, t, e, k in zip(ids, texts, extra, keep, strict=True) if k],
+                keep.count(False))
 
     examples, num_filtered = _load(cfg, tokenizer, split, rows_fn)
-    return PromptSet([x for x, _ in examples], [t for _, t in examples], num_filtered)
+    columns = {c: [e.get(c) for _, _, e in examples] for c in names}
+    return PromptSet([x for x, _, _ in examples], [t for _, t, _ in examples], num_filtered,
+                     columns)
 
 
 def _messages_sft(cfg: DataConfig, index: int, table: Any, rows: list[int], tokenizer: Any,

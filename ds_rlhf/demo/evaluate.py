@@ -1,11 +1,16 @@
-"""Score the SFT, PPO and DPO policies of the demo with the gold scorer on held-out prompts.
+"""Score the SFT and RL policies of the demos on held-out prompts.
 
     python -m ds_rlhf.demo.evaluate OUTPUT_DIR [--samples 4] [--start-time UNIX_SECONDS]
+    python -m ds_rlhf.demo.evaluate OUTPUT_DIR --task largest --max-new-tokens 4
 
-Reads OUTPUT_DIR/{data/eval_prompts.jsonl, sft/model, rm/eval.json, ppo/actor,
-ppo/metrics.jsonl, dpo/model, dpo/eval.json}; each policy samples `--samples` responses per
-prompt at temperature 1 (the distribution PPO optimises), decoded and scored by `gold_score`.
-Writes OUTPUT_DIR/summary.json and prints a short summary.
+Reviews (default): reads OUTPUT_DIR/{data/eval_prompts.jsonl, sft/model, rm/eval.json,
+ppo/actor, ppo/metrics.jsonl, dpo/model, dpo/eval.json}; each policy samples `--samples`
+responses per prompt at temperature 1 (the distribution PPO optimises), decoded and scored by
+`gold_score`.
+Largest (the verifiable-reward demo): reads OUTPUT_DIR/{data/eval_prompts.jsonl, sft/model,
+grpo/actor, grpo/metrics.jsonl, grpo/config.yaml}; each policy answers every held-out prompt
+greedily, checked by the task's reward function (accuracy_sft, accuracy_rl).
+Either writes OUTPUT_DIR/summary.json and prints a short summary.
 """
 
 from __future__ import annotations
@@ -16,33 +21,85 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_rlhf.data import collate_left
+from ds_rlhf.demo import largest
 from ds_rlhf.demo.task import gold_score
 from ds_rlhf.generation import generate
 from ds_rlhf.tracking import read_metrics
 
 
 @torch.no_grad()
-def mean_gold(model_dir: Path, prompts: list[str], samples: int, max_new_tokens: int) -> dict:
+def responses(model_dir: Path, prompts: list[str], samples: int, max_new_tokens: int,
+              greedy: bool = False) -> tuple[list[str], list[int]]:
+    """`samples` decoded responses per prompt (sample-major) and their lengths in tokens."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids, mask = collate_left([tokenizer(p)["input_ids"] for p in prompts],
                              tokenizer.pad_token_id)
-    scores, lengths, example = [], [], None
+    texts, lengths = [], []
     for s in range(samples):  # the sampling step seeds the draws: same prompts, new samples
         response, response_mask = generate(
             model, ids, mask, torch.arange(len(prompts)), step=10_000 + s, seed=1234,
             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id)
+            pad_token_id=tokenizer.pad_token_id, greedy=greedy)
         for row, row_mask in zip(response.tolist(), response_mask.tolist(), strict=True):
-            text = tokenizer.decode(row[:sum(row_mask)], skip_special_tokens=True)
-            scores.append(gold_score(text))
+            texts.append(tokenizer.decode(row[:sum(row_mask)], skip_special_tokens=True))
             lengths.append(sum(row_mask))
-            example = example or text
-    return {"gold": sum(scores) / len(scores), "length": sum(lengths) / len(lengths),
-            "example": f"{prompts[0]} {example}"}
+    return texts, lengths
+
+
+def mean_gold(model_dir: Path, prompts: list[str], samples: int, max_new_tokens: int) -> dict:
+    texts, lengths = responses(model_dir, prompts, samples, max_new_tokens)
+    return {"gold": sum(map(gold_score, texts)) / len(texts),
+            "length": sum(lengths) / len(lengths), "example": f"{prompts[0]} {texts[0]}"}
+
+
+def greedy_answers(model_dir: Path, rows: list[dict], max_new_tokens: int) -> tuple[
+        list[str], list[float]]:
+    """Each held-out prompt's greedy answer, and 1.0 where the task's reward function
+    accepts it."""
+    prompts = [r["prompt"] for r in rows]
+    texts, _ = responses(model_dir, prompts, 1, max_new_tokens, greedy=True)
+    return texts, largest.reward(prompts, texts, [r["answer"] for r in rows])
+
+
+def main_grpo(out: Path, start_time: float | None, max_new_tokens: int) -> dict:
+    """The verifiable-reward demo (ds_rlhf/demo/largest.py): SFT vs GRPO, greedy, held out."""
+    rows = [json.loads(x) for x in
+            (out / "data" / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
+    sft, sft_right = greedy_answers(out / "sft" / "model", rows, max_new_tokens)
+    rl, rl_right = greedy_answers(out / "grpo" / "actor", rows, max_new_tokens)
+    accuracy_sft, accuracy_rl = sum(sft_right) / len(rows), sum(rl_right) / len(rows)
+    # the example: the first prompt that RL fixed, if any (the accuracies tell the rest)
+    k = next((i for i, (a, b) in enumerate(zip(sft_right, rl_right, strict=True)) if b > a), 0)
+    metrics = read_metrics(out / "grpo" / "metrics.jsonl")
+    summary = {
+        "accuracy_sft": round(accuracy_sft, 4), "accuracy_rl": round(accuracy_rl, 4),
+        "accuracy_gain": round(accuracy_rl - accuracy_sft, 4),
+        "estimator": _config_value(out / "grpo", "ppo", "advantage_estimator"),
+        "rl_steps": metrics[-1]["step"], "eval_prompts": len(rows),
+        "example_sft": f"{rows[k]['prompt']} {sft[k]}",
+        "example_rl": f"{rows[k]['prompt']} {rl[k]}",
+    }
+    if start_time is not None:
+        summary["wall_s"] = round(time.time() - start_time, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nheld-out greedy accuracy, SFT policy : {summary['accuracy_sft']:.3f}\n"
+          f"held-out greedy accuracy, RL policy  : {summary['accuracy_rl']:.3f} "
+          f"(gain {summary['accuracy_gain']:+.3f}, {summary['estimator']}, "
+          f"{summary['rl_steps']} steps)\n"
+          f"SFT says: {summary['example_sft']}\nRL says:  {summary['example_rl']}\n"
+          + (f"wall time: {summary['wall_s']:.0f} s\n" if "wall_s" in summary else "")
+          + f"summary: {out / 'summary.json'}")
+    return summary
+
+
+def _config_value(run_dir: Path, section: str, key: str):
+    """A value of the run's resolved config (run_dir/config.yaml)."""
+    return yaml.safe_load((run_dir / "config.yaml").read_text())[section][key]
 
 
 def main(argv=None) -> dict:
@@ -53,8 +110,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--start-time", type=float, default=None,
                         help="when the pipeline started (unix seconds), for wall_s")
+    parser.add_argument("--task", choices=("reviews", "largest"), default="reviews",
+                        help="reviews: the SFT -> RM -> PPO demo; largest: SFT -> GRPO")
     args = parser.parse_args(argv)
     out = args.output_dir
+    if args.task == "largest":
+        return main_grpo(out, args.start_time, args.max_new_tokens)
     prompts = [json.loads(x)["prompt"] for x in
                (out / "data" / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
     sft = mean_gold(out / "sft" / "model", prompts, args.samples, args.max_new_tokens)

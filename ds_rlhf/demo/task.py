@@ -105,8 +105,9 @@ def sample_response(rng: random.Random, item: str, sentiment: float) -> str:
     return " ".join(words)
 
 
-def build_tokenizer():
-    """A word-level fast tokenizer over VOCAB; eos == pad == "<eos>", with a chat template.
+def build_tokenizer(vocab: dict[str, int] | None = None):
+    """A word-level fast tokenizer over `vocab` (default VOCAB; it must start with <eos>,
+    <unk>); eos == pad == "<eos>", with a chat template.
 
     Built locally with the `tokenizers` library, so no hub access is needed; the result
     round-trips through save_pretrained / AutoTokenizer.from_pretrained.
@@ -114,7 +115,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token=UNK))
+    tok = Tokenizer(models.WordLevel(vocab=dict(vocab or VOCAB), unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=UNK,

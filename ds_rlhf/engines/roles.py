@@ -2,7 +2,7 @@
 
     actor.generate(prompts)  -> Rollout          (inside `with actor.generation_mode():`)
     actor.logprobs(rollout), ref.logprobs(rollout), critic.values(rollout), reward.scores(rollout)
-    actor.train_step(minibatch, num_tokens), critic.train_step(minibatch, num_tokens) -> stats
+    actor.train_step(minibatch, scale), critic.train_step(minibatch, scale) -> stats
 
 The PPO loop composes these verbs and never reaches into DeepSpeed. Forward passes run in
 micro-batches of the role's `micro_batch_size` rows, or packed by `micro_batch_tokens`;
@@ -141,6 +141,23 @@ def _token_values(engine, chunk: Rollout) -> torch.Tensor:
     return _pad_to(engine(**inputs)[:, prompt_len - 1:prompt_len - 1 + num_response], width)
 
 
+@dataclass(frozen=True)
+class LossScale:
+    """How the per-token losses of one optimizer minibatch add up (ppo.loss_agg), with the
+    counts of the whole minibatch over all ranks, so that any split into ranks and
+    micro-batches takes the same step (see algo.loss_normalizer)."""
+
+    loss_agg: str
+    num_tokens: float  # valid response tokens of the global minibatch
+    num_sequences: int  # rows of the global minibatch
+    max_len: int  # generation.max_new_tokens
+
+    def denominators(self, mask: torch.Tensor) -> torch.Tensor:
+        """The losses' num_tokens for the rows of `mask` (0-d, or [b, 1] per row)."""
+        return algo.loss_normalizer(mask, self.loss_agg, self.num_tokens, self.num_sequences,
+                                    self.max_len)
+
+
 @torch.no_grad()
 def _forward_all(engine, rollout: Rollout, batcher: MicroBatcher, fn: Callable) -> torch.Tensor:
     """fn over the micro-batches, each output row put back at its row of `rollout`."""
@@ -154,7 +171,7 @@ def _forward_all(engine, rollout: Rollout, batcher: MicroBatcher, fn: Callable) 
 
 
 class _Trainable:
-    """Micro-batched backward + step with the loss normalised by the global token count."""
+    """Micro-batched backward + step with the loss normalised by global counts (LossScale)."""
 
     def __init__(self, engine, grad_accum: int, coord, nonfinite: str, batcher: MicroBatcher):
         self.engine = engine
@@ -163,12 +180,12 @@ class _Trainable:
         self.coord = coord  # ranks must agree on skipping, or none would skip
         self.nonfinite = nonfinite  # "skip" or "stop"
 
-    def _loss_denominator(self, num_tokens: float) -> float:
+    def _loss_denominator(self, denominators: torch.Tensor) -> torch.Tensor:
         # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients over
-        # ranks. Dividing by num_tokens / (world_size * grad_accum) undoes both, so the step
-        # follows sum(per-token loss) / num_tokens over the whole global minibatch, however
+        # ranks. Dividing by denominators / (world_size * grad_accum) undoes both, so the step
+        # follows sum(per-token loss / denominator) over the whole global minibatch, however
         # many micro-batches each rank splits it into.
-        return num_tokens / (self.coord.world_size * self.grad_accum)
+        return denominators / (self.coord.world_size * self.grad_accum)
 
     def _guard(self, loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Agree over ranks on a non-finite loss before any gradient can carry it.
@@ -192,15 +209,15 @@ class _Trainable:
         self.skipped += 1
         return (torch.where(torch.isfinite(output), output, 0.0) * 0.0).sum()
 
-    def _run(self, minibatch: Rollout, num_tokens: float, loss_fn) -> dict[str, float]:
+    def _run(self, minibatch: Rollout, scale: LossScale, loss_fn) -> dict[str, float]:
         """Returns sums over this rank's micro-batches, token-weighted where they are means."""
-        denominator = self._loss_denominator(num_tokens)
         totals: dict[str, float] = {"skipped_microbatches": 0.0, "optimizer_steps": 0.0}
         micro_batches = self.batcher.split(minibatch)
         num_skipped = 0
         for i, idx in enumerate(micro_batches):
             chunk = minibatch.select(idx)
             self.skipped = 0
+            denominator = self._loss_denominator(scale.denominators(chunk.response_mask))
             loss, stats, output = loss_fn(chunk, denominator)
             loss = self._guard(loss, output)
             num_skipped += self.skipped
@@ -233,7 +250,8 @@ class Actor(_Trainable):
         self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced=coord.all,
                                    reuse_copy=gen_cfg.reuse_copy, compile=gen_cfg.compile)
         self.gen_cfg = gen_cfg
-        self.clip_eps = ppo.clip_eps
+        self.clip_eps, self.clip_eps_high = ppo.clip_eps, ppo.clip_eps_high
+        self.kl_loss_coef, self.kl_loss_estimator = ppo.kl_loss_coef, ppo.kl_loss_estimator
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self.seed = seed
@@ -250,8 +268,9 @@ class Actor(_Trainable):
 
     @torch.no_grad()
     def generate(self, prompt_ids, prompt_mask, prompt_index, step: int,
-                 greedy: bool = False) -> Rollout:
-        """Sample responses for left-padded prompts ([B, P]); reproducible per prompt."""
+                 greedy: bool = False, sample_index=None) -> Rollout:
+        """Sample responses for left-padded prompts ([B, P]); reproducible per row: a row's
+        draws follow its (prompt_index, sample_index) (sample_index None: all 0)."""
         if self._gen is None:
             raise RuntimeError("Actor.generate must run inside `with actor.generation_mode():`")
         g, device = self.gen_cfg, self.engine.device
@@ -259,6 +278,8 @@ class Actor(_Trainable):
         # padding all its rows share: less padded compute. Sampling is per prompt, so the
         # order changes nothing but speed.
         order = torch.argsort(prompt_mask.sum(1), stable=True)
+        if sample_index is None:
+            sample_index = torch.zeros_like(prompt_index)
         pieces = []
         for start in range(0, len(prompt_ids), g.batch_size):
             rows = order[start:start + g.batch_size]
@@ -269,14 +290,15 @@ class Actor(_Trainable):
                 seed=self.seed, max_new_tokens=g.max_new_tokens, eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, greedy=greedy, synced=self._gen.synced,
-                static_cache=g.static_cache, decode=self._gen.decode))
+                static_cache=g.static_cache, decode=self._gen.decode,
+                sample_index=sample_index[rows]))
         response_ids, response_mask = generation.pad_responses(pieces, self.pad_token_id)
         unsort = torch.argsort(order)
         response_ids, response_mask = response_ids[unsort.to(device)], response_mask[
             unsort.to(device)]
         return Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
                        response_ids=response_ids.cpu(), response_mask=response_mask.cpu(),
-                       prompt_index=prompt_index.cpu())
+                       prompt_index=prompt_index.cpu(), sample_index=sample_index.cpu())
 
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         return _forward_all(self.engine, rollout, self.batcher,
@@ -286,14 +308,19 @@ class Actor(_Trainable):
         """HF format (save_pretrained + tokenizer), loadable by AutoModelForCausalLM."""
         export_hf(self.engine, self.engine.module, tokenizer, path, is_main)
 
-    def train_step(self, minibatch: Rollout, num_tokens: float) -> dict[str, float]:
-        def loss_fn(chunk: Rollout, denominator: float):
+    def train_step(self, minibatch: Rollout, scale: LossScale) -> dict[str, float]:
+        def loss_fn(chunk: Rollout, denominator: torch.Tensor):
             logprobs = _token_logprobs(self.engine, chunk, self.gen_cfg.temperature)
-            chunk = chunk.to(logprobs.device)
-            return (*algo.policy_loss(logprobs, chunk.old_logprobs, chunk.advantages,
-                                      chunk.response_mask, self.clip_eps,
-                                      num_tokens=denominator), logprobs)
-        return self._run(minibatch, num_tokens, loss_fn)
+            chunk, denominator = chunk.to(logprobs.device), denominator.to(logprobs.device)
+            loss, stats = algo.policy_loss(
+                logprobs, chunk.old_logprobs, chunk.advantages, chunk.response_mask,
+                self.clip_eps, num_tokens=denominator, clip_eps_high=self.clip_eps_high)
+            if self.kl_loss_coef:  # GRPO's beta * KL(actor || reference), in the loss
+                kl, kl_stats = algo.kl_loss(logprobs, chunk.ref_logprobs, chunk.response_mask,
+                                            self.kl_loss_estimator, num_tokens=denominator)
+                loss, stats["ref_kl"] = loss + self.kl_loss_coef * kl, kl_stats["kl"]
+            return loss, stats, logprobs
+        return self._run(minibatch, scale, loss_fn)
 
 
 class Critic(_Trainable):
@@ -308,13 +335,13 @@ class Critic(_Trainable):
         """HF format, loadable by AutoModelForSequenceClassification (num_labels=1)."""
         export_hf(self.engine, self.engine.module.hf_model, tokenizer, path, is_main)
 
-    def train_step(self, minibatch: Rollout, num_tokens: float) -> dict[str, float]:
-        def loss_fn(chunk: Rollout, denominator: float):
+    def train_step(self, minibatch: Rollout, scale: LossScale) -> dict[str, float]:
+        def loss_fn(chunk: Rollout, denominator: torch.Tensor):
             values = _token_values(self.engine, chunk)
-            chunk = chunk.to(values.device)
+            chunk, denominator = chunk.to(values.device), denominator.to(values.device)
             return (*algo.value_loss(values, chunk.values, chunk.returns, chunk.response_mask,
                                      self.clip_eps, num_tokens=denominator), values)
-        return self._run(minibatch, num_tokens, loss_fn)
+        return self._run(minibatch, scale, loss_fn)
 
 
 class Reference:

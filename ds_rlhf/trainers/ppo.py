@@ -1,15 +1,18 @@
-"""Step 3: PPO with actor, critic, reference and reward as four DeepSpeed engines.
+"""Step 3: PPO with actor, critic, reference and reward as DeepSpeed engines, and the
+critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++) on the same step.
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module ds_rlhf ppo --config run.yaml
     ds-rlhf ppo --config run.yaml --ppo.kl_coef 0.1          # one process
 
-Each step: generate -> score -> shape rewards -> GAE -> ppo_epochs x num_minibatches updates
+Each step: generate -> score -> rewards -> advantages -> ppo_epochs x num_minibatches updates
 (Ouyang et al. 2022, step 3; PPO details follow Huang et al. 2024, "The N+ implementation
-details of RLHF with PPO").
+details of RLHF with PPO"). Only the engines the run needs are built: no critic for a
+critic-free estimator, no reference without a KL term (ppo.kl_coef, ppo.kl_loss_coef).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -27,9 +30,18 @@ from ds_rlhf.coordinator import (
     start_distributed,
 )
 from ds_rlhf.data import PromptSet, collate_left, load_prompts
-from ds_rlhf.engines.roles import Actor, Critic, MicroBatcher, Reference, RewardModel, init_engine
+from ds_rlhf.engines.roles import (
+    Actor,
+    Critic,
+    LossScale,
+    MicroBatcher,
+    Reference,
+    RewardModel,
+    init_engine,
+)
 from ds_rlhf.errors import NonFiniteError
-from ds_rlhf.rollout import Rollout
+from ds_rlhf.rewards import Rewards, build_rewards, reward_metrics, reward_rows
+from ds_rlhf.rollout import Rollout, minibatch_schedule
 from ds_rlhf.tracking import Timer, Tracker
 
 
@@ -42,9 +54,10 @@ class PPOTrainer:
     prompts: PromptSet
     sampler: PromptSampler
     actor: Actor
-    critic: Critic
-    ref: Reference
-    reward: RewardModel
+    critic: Critic | None  # None: a critic-free estimator
+    ref: Reference | None  # None: no KL term
+    reward: RewardModel | None
+    rewards: Rewards  # the reward model, functions and servers, combined by weight
     kl_ctl: algo.AdaptiveKLController | algo.FixedKLController
     tracker: Tracker
     preempted: checkpoint.PreemptionFlag
@@ -69,8 +82,17 @@ class PPOTrainer:
         self.save()
         return True
 
+    @property
+    def engine_names(self) -> list[str]:
+        """The engines this run built, by config section."""
+        roles = {"actor": self.actor, "critic": self.critic, "ref": self.ref,
+                 "reward": self.reward}
+        return [name for name, role in roles.items() if role is not None]
+
     def engines(self) -> dict:
-        return {"actor": self.actor.engine, "critic": self.critic.engine}
+        """The trained engines: what a checkpoint holds."""
+        trained = {"actor": self.actor, "critic": self.critic}
+        return {name: role.engine for name, role in trained.items() if role is not None}
 
     def save(self) -> None:
         if self.step == self.saved_step:
@@ -91,53 +113,56 @@ class PPOTrainer:
     def ppo_step(self, step: int) -> dict[str, float]:
         cfg, start = self.cfg, time.perf_counter()
         timer = Timer(on_enter=lambda name: set_phase(f"step {step} {name}"))
+        n = cfg.generation.n_samples_per_prompt
 
-        # 1. This rank's equal share of the next global batch of prompts.
-        prompt_index = self.coord.shard(self.sampler.next_batch())
+        # 1. This rank's equal share of the next global batch of prompts, each n times: rows
+        #    g*n .. g*n+n-1 are the samples of one prompt (a group, never split over ranks).
+        prompt_index = self.coord.shard(self.sampler.next_batch()).repeat_interleave(n)
+        sample_index = torch.arange(n).repeat(len(prompt_index) // n)
         prompt_ids, prompt_mask = collate_left(
             [self.prompts.input_ids[i] for i in prompt_index], self.tokenizer.pad_token_id)
 
-        # 2. Rollout: sample responses, then score them with all four models.
+        # 2. Rollout: sample responses, then score them with the models the run has.
         with timer("generate"), self.actor.generation_mode():
-            rollout = self.actor.generate(prompt_ids, prompt_mask, prompt_index, step)
+            rollout = self.actor.generate(prompt_ids, prompt_mask, prompt_index, step,
+                                          sample_index=sample_index)
         with timer("actor_logprobs"):
             rollout.old_logprobs = self.actor.logprobs(rollout)
-        with timer("ref_logprobs"):
-            rollout.ref_logprobs = self.ref.logprobs(rollout)
-        with timer("values"):
-            rollout.values = self.critic.values(rollout)
+        if self.ref is not None:
+            with timer("ref_logprobs"):
+                rollout.ref_logprobs = self.ref.logprobs(rollout)
+        if self.critic is not None:
+            with timer("values"):
+                rollout.values = self.critic.values(rollout)
         with timer("reward"):
-            scores = self.reward.scores(rollout)
+            scores, per_reward = self.rewards.score(reward_rows(rollout, self.prompts,
+                                                                self.tokenizer))
             nonfinite = ~torch.isfinite(scores)  # before score_clip makes inf finite
             rollout.scores = self.adjust_scores(scores, rollout)
         every = cfg.tracking.sample_every
         samples = self.samples(rollout, step) if every and step % every == 0 else None
         num_dropped = self.drop_rows(nonfinite, rollout)
 
-        # 3. Per-token rewards (score at the last token, KL penalty everywhere), GAE.
+        # 3. Per-token rewards and advantages of ppo.advantage_estimator.
         with timer("advantages"):
-            rollout.rewards, kl = algo.shaped_rewards(
-                rollout.scores, rollout.old_logprobs, rollout.ref_logprobs,
-                rollout.response_mask, self.kl_ctl.value, cfg.ppo.kl_estimator)
-            rollout.advantages, rollout.returns = algo.gae(
-                rollout.rewards, rollout.values, rollout.response_mask, cfg.ppo.gamma,
-                cfg.ppo.lam)
-            if cfg.ppo.whiten_advantages:
-                rollout.advantages = self.coord.masked_whiten(rollout.advantages,
-                                                              rollout.response_mask)
+            kl = self.advantages(rollout)
 
-        # 4. PPO updates of actor and critic.
+        # 4. Policy-gradient updates of the actor (and the critic, for GAE).
         train_stats = self.update(rollout, step, timer)
 
         # 5. KL controller, metrics, samples.
         metrics = self.rollout_metrics(rollout, kl)
+        metrics.update(reward_metrics(per_reward, rollout.scores, n, self.coord))
         metrics["train/nonfinite_score_rows"] = num_dropped
         if samples is not None:
             self.tracker.log_samples(self.coord.gather_objects(samples))
-        if num_dropped < cfg.ppo.rollout_batch_size:  # else no KL was measured (NaN)
-            self.kl_ctl.update(metrics["objective/kl"], cfg.ppo.rollout_batch_size)
+        num_rows = cfg.ppo.rollout_batch_size * n
+        if num_dropped < num_rows:  # else no KL was measured (NaN)
+            self.kl_ctl.update(metrics["objective/kl"], num_rows)
         metrics.update(train_stats)
         timer.seconds["step"] = time.perf_counter() - start
+        for phase in ("ref_logprobs", "values", "critic_train"):  # engines the run lacks
+            timer.seconds.setdefault(phase, 0.0)
         # The switch into and out of generation mode (ZeRO-3 gather) is part of "generate".
         timer.seconds["switch"] = self.actor.hybrid.switch_seconds
         timer.seconds["generate"] -= timer.seconds["switch"]
@@ -145,7 +170,7 @@ class PPOTrainer:
         t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]
         t["train"] = t.get("actor_train", 0.0) + t.get("critic_train", 0.0)  # 0: all skipped
         metrics.update({f"timing/{k}": v for k, v in t.items()})
-        metrics["perf/samples_per_s"] = cfg.ppo.rollout_batch_size / timer.seconds["step"]
+        metrics["perf/samples_per_s"] = num_rows / timer.seconds["step"]
         metrics["perf/tokens_per_s"] = metrics["response_length/mean"] * \
             metrics["perf/samples_per_s"]
         return metrics
@@ -155,6 +180,7 @@ class PPOTrainer:
         for i in range(len(rollout)):
             response = rollout.response_ids[i, :int(rollout.response_lengths[i])].tolist()
             rows.append({"step": step, "prompt_index": int(rollout.prompt_index[i]),
+                         "sample_index": int(rollout.sample_index[i]),
                          "prompt": self.prompts.texts[int(rollout.prompt_index[i])],
                          "response": self.tokenizer.decode(response), "response_ids": response,
                          "score": float(rollout.scores[i])})  # NaN: null in samples.jsonl
@@ -170,7 +196,7 @@ class PPOTrainer:
         if num_bad and self.cfg.ppo.nonfinite == "stop":
             raise NonFiniteError(
                 f"the reward model gave NaN/inf scores to {num_bad} of "
-                f"{self.cfg.ppo.rollout_batch_size} rows at PPO step {self.step}; the last "
+                f"{len(rollout) * self.coord.world_size} rows at PPO step {self.step}; the last "
                 "checkpoint is intact. Check the reward model, or set ppo.nonfinite: skip to "
                 "drop such rows from the update")
         rollout.response_mask[bad] = 0
@@ -192,6 +218,34 @@ class PPOTrainer:
                 f"{Path(self.cfg.output_dir) / 'metrics.jsonl'}); the last checkpoint is "
                 "intact. Check the reward model and the learning rate")
 
+    def advantages(self, rollout: Rollout) -> torch.Tensor:
+        """rollout.rewards and .advantages (and .returns for GAE) by ppo.advantage_estimator,
+        the table of design/PPO_SPEC.md; returns the per-token KL to the reference [B, R]."""
+        p, mask = self.cfg.ppo, rollout.response_mask
+        estimator, n = p.advantage_estimator, self.cfg.generation.n_samples_per_prompt
+        scores = rollout.scores
+        if estimator == "reinforce_pp_baseline":  # the group's mean score as baseline
+            scores = algo.group_advantages(scores, n, "dr_grpo")
+        # Without a reference engine (no KL term configured) the actor is its own reference:
+        # the KL is 0.
+        ref_logprobs = rollout.old_logprobs if self.ref is None else rollout.ref_logprobs
+        rollout.rewards, kl = algo.shaped_rewards(
+            scores, rollout.old_logprobs, ref_logprobs, mask, self.kl_ctl.value, p.kl_estimator)
+        if estimator in algo.GROUP_ESTIMATORS:
+            # One advantage per row from its group's sequence rewards (score - kl_coef * KL;
+            # grpo and dr_grpo have kl_coef 0), on every real token, never whitened.
+            per_row = algo.group_advantages(rollout.rewards.sum(1), n, estimator)
+            rollout.advantages = torch.where(mask.bool(), per_row[:, None], 0.0)
+            return kl
+        if estimator == "gae":
+            rollout.advantages, rollout.returns = algo.gae(rollout.rewards, rollout.values, mask,
+                                                           p.gamma, p.lam)
+        else:  # reinforce_pp, reinforce_pp_baseline: returns-to-go, no critic
+            rollout.advantages = algo.discounted_returns(rollout.rewards, mask, p.gamma)
+        if p.whiten_advantages:
+            rollout.advantages = self.coord.masked_whiten(rollout.advantages, mask)
+        return kl
+
     def adjust_scores(self, scores: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         p = self.cfg.ppo
         if p.missing_eos_penalty is not None:
@@ -206,43 +260,50 @@ class PPOTrainer:
         return (last_token == self.tokenizer.eos_token_id) & (rollout.response_lengths > 0)
 
     def update(self, rollout: Rollout, step: int, timer: Timer) -> dict[str, float]:
-        """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle."""
-        p, size = self.cfg.ppo, self.sizes.minibatch_per_rank
+        """ppo_epochs passes, each num_minibatches optimizer steps over a seeded shuffle of
+        the step's rows on all ranks: the same minibatches on any number of ranks."""
+        p, world = self.cfg.ppo, self.coord.world_size
         shuffle = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        num_rows = len(rollout) * world
+        trained = {"actor": self.actor, "critic": self.critic}
+        trained = {name: role for name, role in trained.items() if role is not None}
         totals: dict[str, float] = {"tokens": 0.0}  # stays 0 when every minibatch is empty
         for _ in range(p.ppo_epochs):
-            order = torch.randperm(len(rollout), generator=shuffle)
-            for k in range(p.num_minibatches):
-                minibatch = rollout.select(order[k * size:(k + 1) * size])
+            schedule = minibatch_schedule(num_rows, p.num_minibatches, world, shuffle)
+            for minibatch in self.coord.minibatches(rollout, schedule):
                 num_tokens = self.coord.sum(minibatch.response_mask.sum()).item()
                 if num_tokens == 0:  # every row dropped on every rank: no pass, no step
                     continue
-                with timer("actor_train"):
-                    actor_stats = self.actor.train_step(minibatch, num_tokens)
-                with timer("critic_train"):
-                    critic_stats = self.critic.train_step(minibatch, num_tokens)
-                for prefix, stats in (("actor", actor_stats), ("critic", critic_stats)):
+                scale = LossScale(p.loss_agg, num_tokens, num_rows // p.num_minibatches,
+                                  self.cfg.generation.max_new_tokens)
+                for name, role in trained.items():
+                    with timer(f"{name}_train"):
+                        stats = role.train_step(minibatch, scale)
                     for key, value in stats.items():
-                        totals[f"{prefix}/{key}"] = totals.get(f"{prefix}/{key}", 0.0) + value
+                        totals[f"{name}/{key}"] = totals.get(f"{name}/{key}", 0.0) + value
                 totals["tokens"] = totals.get("tokens", 0.0) + float(minibatch.response_mask.sum())
         g = self.coord.sum_dict(totals)
         num_updates, tokens = p.ppo_epochs * p.num_minibatches, max(g["tokens"], 1.0)
         g = {key: g.get(key, 0.0) for key in (  # a key is missing if every micro-batch skipped
             "actor/skipped_microbatches", "critic/skipped_microbatches", "actor/loss",
             "critic/loss", "actor/approx_kl", "actor/clipfrac", "actor/ratio", "critic/clipfrac",
-            "actor/optimizer_steps")}
-        return {
+            "actor/optimizer_steps", "actor/ref_kl")}
+        metrics = {
             "train/skipped_microbatches": g["actor/skipped_microbatches"]
             + g["critic/skipped_microbatches"],
             # the actor's minibatches that took no optimizer step (all rows or passes skipped)
             "train/skipped_minibatches": num_updates - round(g["actor/optimizer_steps"]),
             "loss/policy_avg": g["actor/loss"] / num_updates,
-            "loss/value_avg": g["critic/loss"] / num_updates,
             "policy/approxkl_avg": g["actor/approx_kl"] / tokens,
             "policy/clipfrac_avg": g["actor/clipfrac"] / tokens,
             "val/ratio": g["actor/ratio"] / tokens,
-            "val/clipfrac_avg": g["critic/clipfrac"] / tokens,
         }
+        if p.kl_loss_coef:  # the KL loss term's per-token KL, before its coefficient
+            metrics["policy/ref_kl_avg"] = g["actor/ref_kl"] / tokens
+        if self.critic is not None:
+            metrics["loss/value_avg"] = g["critic/loss"] / num_updates
+            metrics["val/clipfrac_avg"] = g["critic/clipfrac"] / tokens
+        return metrics
 
     def rollout_metrics(self, rollout: Rollout, kl: torch.Tensor) -> dict[str, float]:
         lengths = rollout.response_lengths.double()
@@ -268,7 +329,7 @@ def _tokenizers(cfg: PPORunConfig):
     """The actor's tokenizer; the critic's and reward's must have the same vocabulary."""
     tokenizer = models.load_tokenizer(cfg.actor.model, "actor")
     actor_source = cfg.actor.model.tokenizer or cfg.actor.model.path
-    for role in ("critic", "reward"):
+    for role in ("critic", "reward") if cfg.ppo.uses_critic else ("reward",):
         m = getattr(cfg, role).model
         source = m.tokenizer or m.path
         if source is not None and source != actor_source:
@@ -294,6 +355,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     _check_lengths(cfg)
     tokenizer = _tokenizers(cfg)
     prompts = load_prompts(cfg.data, tokenizer, split="train")
+    build_rewards(cfg, None)  # imports the reward functions, reads server tokens: fail early
     sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
 
@@ -306,44 +368,55 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
                   f"{cfg.data.max_prompt_len} tokens", flush=True)
 
     pad = tokenizer.pad_token_id
+    p, gen = cfg.ppo, cfg.generation
     universal = checkpoint.is_universal(state, world_size)  # resuming from another world size
+    batcher = {role: MicroBatcher(getattr(cfg, role).micro_batch_size,
+                                  getattr(cfg, role).micro_batch_tokens, coord)
+               for role in ("actor", "critic", "ref", "reward")}
     actor_engine = init_engine(
         models.build_causal_lm(cfg.actor.model, "actor", cfg.actor.dtype, cfg.seed),
         cfg.actor, sizes.actor_grad_accum, world_size,
         micro_batch_size=sizes.minibatch_per_rank // sizes.actor_grad_accum,
         load_universal=universal)
-    critic_engine = init_engine(
-        models.build_scalar_model(cfg.critic.model, "critic", cfg.critic.dtype, cfg.seed, pad),
-        cfg.critic, sizes.critic_grad_accum, world_size,
-        micro_batch_size=sizes.minibatch_per_rank // sizes.critic_grad_accum,
-        load_universal=universal)
-    ref_model = cfg.ref.model if (cfg.ref.model.path or cfg.ref.model.init) else cfg.actor.model
-    ref_engine = init_engine(
-        models.build_causal_lm(ref_model, "ref", cfg.ref.dtype, cfg.seed), cfg.ref, 1, world_size)
-    reward_engine = init_engine(
-        models.build_scalar_model(cfg.reward.model, "reward", cfg.reward.dtype, cfg.seed, pad),
-        cfg.reward, 1, world_size)
-    batcher = {role: MicroBatcher(getattr(cfg, role).micro_batch_size,
-                                  getattr(cfg, role).micro_batch_tokens, coord)
-               for role in ("actor", "critic", "ref", "reward")}
+    actor = Actor(actor_engine, sizes.actor_grad_accum, coord, gen, p, batcher["actor"],
+                  tokenizer, cfg.seed)
+    critic = ref = reward = None  # only the engines this run needs
+    if p.uses_critic:
+        critic_engine = init_engine(
+            models.build_scalar_model(cfg.critic.model, "critic", cfg.critic.dtype, cfg.seed,
+                                      pad),
+            cfg.critic, sizes.critic_grad_accum, world_size,
+            micro_batch_size=sizes.minibatch_per_rank // sizes.critic_grad_accum,
+            load_universal=universal)
+        critic = Critic(critic_engine, sizes.critic_grad_accum, coord, p, batcher["critic"])
+    if p.uses_reference:
+        ref_model = cfg.ref.model if (cfg.ref.model.path or cfg.ref.model.init) else \
+            cfg.actor.model
+        ref = Reference(init_engine(models.build_causal_lm(ref_model, "ref", cfg.ref.dtype,
+                                                           cfg.seed), cfg.ref, 1, world_size),
+                        batcher["ref"], gen.temperature)
+    if cfg.reward.model.path or cfg.reward.model.init:
+        reward = RewardModel(init_engine(
+            models.build_scalar_model(cfg.reward.model, "reward", cfg.reward.dtype, cfg.seed,
+                                      pad), cfg.reward, 1, world_size), batcher["reward"])
 
-    p = cfg.ppo
     kl_ctl = (algo.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
               if p.kl_target is not None else algo.FixedKLController(p.kl_coef))
     trainer = PPOTrainer(
         cfg=cfg, sizes=sizes, coord=coord, tokenizer=tokenizer, prompts=prompts, sampler=sampler,
-        actor=Actor(actor_engine, sizes.actor_grad_accum, coord, cfg.generation, p,
-                    batcher["actor"], tokenizer, cfg.seed),
-        critic=Critic(critic_engine, sizes.critic_grad_accum, coord, p, batcher["critic"]),
-        ref=Reference(ref_engine, batcher["ref"], cfg.generation.temperature),
-        reward=RewardModel(reward_engine, batcher["reward"]),
-        kl_ctl=kl_ctl,
+        actor=actor, critic=critic, ref=ref, reward=reward,
+        rewards=build_rewards(cfg, reward, coord), kl_ctl=kl_ctl,
         tracker=Tracker(cfg.output_dir, coord.is_main, cfg.tracking.log_every, p.steps,
                         tracking=cfg.tracking, config=cfg,
                         start_step=state["step"] if state else 0,
                         run_id=state.get("wandb_run_id") if state else None),
         preempted=preempted,
     )
+    if coord.is_main:  # what was built, for the user and for tools (bench, tests)
+        print(f"engines: {', '.join(trainer.engine_names)} (ppo.advantage_estimator "
+              f"{p.advantage_estimator})", flush=True)
+        (Path(cfg.output_dir) / "engines.json").write_text(
+            json.dumps({"engines": trainer.engine_names}) + "\n")
     if resume_dir is not None:
         trainer.resume(resume_dir, state)
         if coord.is_main:
@@ -357,7 +430,7 @@ def run(cfg: PPORunConfig) -> PPOTrainer:
         set_phase("export")
         out = Path(cfg.output_dir)
         trainer.actor.export(out / "actor", trainer.tokenizer, trainer.coord.is_main)
-        if cfg.checkpoint.export_critic:
+        if cfg.checkpoint.export_critic:  # config checks: only with a critic
             trainer.critic.export(out / "critic", trainer.tokenizer, trainer.coord.is_main)
     trainer.tracker.finish()
     return trainer

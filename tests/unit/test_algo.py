@@ -11,9 +11,13 @@ from ds_rlhf import algo
 from ds_rlhf.algo import (
     AdaptiveKLController,
     FixedKLController,
+    discounted_returns,
     gae,
+    group_advantages,
+    kl_loss,
     kl_per_token,
     logprobs_from_logits,
+    loss_normalizer,
     masked_mean,
     masked_whiten,
     policy_loss,
@@ -230,14 +234,18 @@ def test_gae_by_hand():
     assert_close(returns, [[0.62928, 0.774, 1.0], [0.604, 0.2, 0.0]])
 
 
+def random_ragged(seed, width=7):
+    """(generator, lengths, mask, rewards) of 6 rows: always an empty row and a full row, the
+    rest random."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [0, width] + torch.randint(0, width + 1, (4,), generator=gen).tolist()
+    return gen, lengths, ragged_mask(lengths, width), torch.randn(6, width, generator=gen)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_gae_matches_python_loop_on_ragged_masks(seed):
-    gen = torch.Generator().manual_seed(seed)
-    width = 7
-    # always an empty row and a full row, the rest random
-    lengths = [0, width] + torch.randint(0, width + 1, (4,), generator=gen).tolist()
-    mask = ragged_mask(lengths, width)
-    rewards = torch.randn(6, width, generator=gen)
+    gen, lengths, mask, rewards = random_ragged(seed)
+    width = mask.shape[1]
     values = torch.randn(6, width, generator=gen)
     gamma, lam = [(1.0, 0.95), (0.99, 0.9), (0.9, 1.0), (1.0, 0.0)][seed]
     advantages, returns = gae(rewards, values, mask, gamma, lam)
@@ -515,3 +523,158 @@ def test_logprobs_from_logits_leaves_input_alone_and_checks_shapes():
         logprobs_from_logits(logits, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         logprobs_from_logits(logits, torch.zeros(2, 3, dtype=torch.long), temperature=0.0)
+
+
+# ---------------------------------------------------------------- garbage (inf) on padding
+
+
+def test_gae_and_value_loss_ignore_inf_on_padding():
+    mask = t([[1, 1, 0], [1, 0, 0]])
+    rewards, values = t([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]]), t([[0.5, 0.2, 0.0], [0.1, 0.0, 0.0]])
+    inf_pad = torch.where(mask.bool(), 0.0, math.inf)
+    clean = gae(rewards, values, mask, 1.0, 0.95)
+    dirty = gae(rewards + inf_pad, values - inf_pad, mask, 1.0, 0.95)  # +inf and -inf
+    for a, b in zip(clean, dirty, strict=True):
+        assert_close(b, a)
+    leaf = (values - inf_pad).requires_grad_(True)
+    loss, _ = value_loss(leaf, values + inf_pad, rewards * inf_pad, mask, 0.2)
+    loss.backward()  # (inf - inf) ** 2 on padding must reach neither the loss nor the grad
+    assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
+
+
+# ---------------------------------------------------------------- critic-free estimators
+
+
+def test_group_advantages_by_hand():
+    scores = t([0.0, 1.0, 5.0, 2.0, 2.0, 4.0])  # two groups of 3
+    # group 0: mean 2, deviations -2, -1, 3, var (4 + 1 + 9) / 2 = 7, std 2.6457513
+    # group 1: mean 8 / 3 = 2.6666667, deviations -2/3, -2/3, 4/3,
+    #          var (4/9 + 4/9 + 16/9) / 2 = 4/3, std 1.1547005
+    grpo = group_advantages(scores, 3, "grpo", eps=0.0)
+    assert_close(grpo, [-2 / 2.6457513, -1 / 2.6457513, 3 / 2.6457513,
+                        -0.6666667 / 1.1547005, -0.6666667 / 1.1547005, 1.3333333 / 1.1547005])
+    # eps is added to std: group 0, row 2: 3 / (2.6457513 + 1) = 0.8228756
+    assert group_advantages(scores, 3, "grpo", eps=1.0)[2].item() == pytest.approx(0.8228756)
+    dr_grpo = group_advantages(scores, 3, "dr_grpo")
+    assert_close(dr_grpo, [-2.0, -1.0, 3.0, -0.6666667, -0.6666667, 1.3333333])
+    # rloo: r - (sum_g - r) / 2; group 0 sum 6: 0 - 6/2 = -3, 1 - 5/2 = -1.5, 5 - 1/2 = 4.5
+    #                            group 1 sum 8: 2 - 6/2 = -1, 2 - 6/2 = -1, 4 - 4/2 = 2
+    rloo = group_advantages(scores, 3, "rloo")
+    assert_close(rloo, [-3.0, -1.5, 4.5, -1.0, -1.0, 2.0])
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_group_advantages_all_equal_group_is_zero(estimator):
+    # group 0: all 0.1 (std 0: grpo would divide round-off by eps); group 1: 0 and 1
+    scores = t([0.1, 0.1, 0.1, 0.1, 0.0, 1.0, 0.0, 1.0])
+    advantages = group_advantages(scores, 4, estimator)
+    assert torch.isfinite(advantages).all()
+    assert advantages[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert advantages[4:].abs().min() > 0.1
+
+
+def test_group_advantages_rejects_bad_groups():
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        group_advantages(t([1.0, 2.0]), 1, "grpo")
+    with pytest.raises(ValueError, match="dividing the 3 scores"):
+        group_advantages(t([1.0, 2.0, 3.0]), 2, "grpo")
+    with pytest.raises(ValueError, match="valid: grpo, dr_grpo, rloo"):
+        group_advantages(t([1.0, 2.0]), 2, "ppo")
+
+
+def test_discounted_returns_by_hand():
+    rewards = t([[1.0, 2.0, 3.0], [4.0, 5.0, math.inf]])  # row 1's t=2 is padding
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    # gamma 0.5. row 0: G2 = 3, G1 = 2 + 0.5 * 3 = 3.5, G0 = 1 + 0.5 * 3.5 = 2.75
+    #            row 1: G1 = 5 (episode ends), G0 = 4 + 0.5 * 5 = 6.5, G2 = 0 (padding)
+    assert_close(discounted_returns(rewards, mask, 0.5), [[2.75, 3.5, 3.0], [6.5, 5.0, 0.0]])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_discounted_returns_matches_python_loop_with_inf_on_padding(seed):
+    _, lengths, mask, rewards = random_ragged(seed)
+    width = mask.shape[1]
+    gamma = [1.0, 0.99, 0.5][seed]
+    expected = [[0.0] * width for _ in lengths]
+    for i, length in enumerate(lengths):
+        running = 0.0
+        for step in reversed(range(length)):
+            running = rewards[i, step].item() + gamma * running
+            expected[i][step] = running
+    garbage = torch.where(mask.bool(), rewards, math.inf)
+    assert_close(discounted_returns(garbage, mask, gamma), expected, atol=1e-5)
+
+
+def test_kl_loss_k3_by_hand_with_inf_on_padding():
+    logprobs = t([[0.0, -1.0, math.inf]]).requires_grad_(True)  # t=2 is padding
+    ref_logprobs = t([[0.0, 0.0, -math.inf]])
+    mask = t([[1, 1, 0]])
+    loss, stats = kl_loss(logprobs, ref_logprobs, mask)
+    # log r = ref - logprobs = 0, 1 ; k3 = e^{log r} - 1 - log r = 0, e - 2 = 0.7182818
+    # loss = (0 + 0.7182818) / 2 = 0.3591409
+    assert_close(loss, 0.3591409)
+    assert stats["kl"] == pytest.approx(0.3591409)
+    # d k3 / d logprobs = 1 - e^{log r}: 0 and 1 - e = -1.7182818, over 2 tokens
+    loss.backward()
+    assert_close(logprobs.grad, [[0.0, -0.8591409, 0.0]])
+    # k1 with num_tokens 4: (0 + 1) / 4 = 0.25 (k1 = logprobs - ref = 0, -1 -> sum -1)
+    k1, _ = kl_loss(logprobs, ref_logprobs, mask, estimator="k1", num_tokens=4)
+    assert_close(k1, -0.25)
+
+
+def test_policy_loss_clip_eps_high_by_hand():
+    logprobs = t([[math.log(1.5), math.log(0.5)]])  # ratios 1.5 and 0.5
+    advantages, mask = t([[1.0, -1.0]]), t([[1, 1]])
+    # token 0: A = 1, ratio 1.5: max(-1.5, -clamp(1.5, 0.8, 1 + high)) = -(1 + high)
+    # token 1: A = -1, ratio 0.5: max(0.5, clamp(0.5, 0.8, ..)) = 0.8 (lower clip unchanged)
+    # clip_eps_high 0.28: (-1.28 + 0.8) / 2 = -0.24 ; None = clip_eps 0.2: (-1.2 + 0.8) / 2
+    high, stats = policy_loss(logprobs, torch.zeros(1, 2), advantages, mask, 0.2,
+                              clip_eps_high=0.28)
+    assert_close(high, -0.24)
+    assert stats["clipfrac"] == 1.0
+    same, _ = policy_loss(logprobs, torch.zeros(1, 2), advantages, mask, 0.2)
+    assert_close(same, -0.2)
+
+
+def test_loss_normalizer_by_hand():
+    mask = ragged_mask([3, 1, 0], 4)  # this piece's rows; the minibatch has 10 tokens, 6 rows
+    assert_close(loss_normalizer(mask, "token_mean", 10, 6, 4), 10.0)
+    # seq_mean_token_mean: 6 rows x each row's length (the empty row counts as 1)
+    assert_close(loss_normalizer(mask, "seq_mean_token_mean", 10, 6, 4), [[18.0], [6.0], [6.0]])
+    # seq_mean_token_sum_norm: 6 rows x max_len 4 = 24
+    assert_close(loss_normalizer(mask, "seq_mean_token_sum_norm", 10, 6, 4), 24.0)
+    with pytest.raises(ValueError, match="valid: token_mean"):
+        loss_normalizer(mask, "sum", 10, 6, 4)
+
+
+@pytest.mark.parametrize("loss_name", ["policy_loss", "kl_loss"])
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean",
+                                      "seq_mean_token_sum_norm"])
+def test_loss_agg_gradient_is_invariant_to_sharding(loss_name, loss_agg):
+    """2 fake ranks x 2 micro-batches with loss_normalizer's global denominators, scaled for
+    DeepSpeed's averaging, give the gradient of loss_agg computed in one piece by hand."""
+    mask, old, advantages, noise = make_minibatch()  # 8 rows, lengths 6 1 0 3 6 2 5 4
+    leaf = (old + 0.3 * noise).requires_grad_(True)
+
+    def loss_fn(rows, num_tokens):
+        if loss_name == "policy_loss":
+            return policy_loss(leaf[rows], old[rows], advantages[rows], mask[rows], 0.2,
+                               num_tokens=num_tokens, clip_eps_high=0.3)[0]
+        return kl_loss(leaf[rows], old[rows], mask[rows], "k3", num_tokens=num_tokens)[0]
+
+    # one piece, the definitions written out
+    if loss_agg == "token_mean":  # sum / 27 valid tokens
+        full = loss_fn(torch.arange(8), None)
+    elif loss_agg == "seq_mean_token_mean":  # the mean over 8 rows of each row's token mean
+        full = sum(loss_fn(torch.tensor([i]), None) for i in range(8)) / 8
+    else:  # sum / (8 rows x max_len 6)
+        full = loss_fn(torch.arange(8), 48)
+    full.backward()
+    expected = leaf.grad.clone()
+
+    leaf.grad = None
+    pieces = NUM_RANKS * NUM_MICRO
+    for rows in torch.arange(8).chunk(pieces):  # rank r, micro-batch m -> 2 rows each
+        denominator = loss_normalizer(mask[rows], loss_agg, mask.sum(), 8, 6) / pieces
+        loss_fn(rows, denominator).backward()
+    torch.testing.assert_close(leaf.grad / pieces, expected, atol=1e-7, rtol=1e-6)

@@ -98,6 +98,50 @@ def test_derived_sizes(base_yaml):
     assert (s.rollout_per_rank, s.minibatch_per_rank, s.actor_grad_accum) == (8, 4, 2)
 
 
+def test_derived_sizes_count_rows_of_n_samples(base_yaml):
+    cfg = load_config(base_yaml, ["--generation.n_samples_per_prompt", "3",
+                                  "--ppo.num_minibatches", "4"])
+    s = derive_sizes(cfg, world_size=2)
+    # 16 prompts / 2 ranks = 8 prompts x 3 samples = 24 rows; 4 minibatches of 6; accum 3.
+    assert (s.rollout_per_rank, s.rows_per_rank, s.minibatch_per_rank) == (8, 24, 6)
+    assert (s.actor_grad_accum, s.critic_grad_accum) == (3, 3)
+    with pytest.raises(ConfigError, match="generation.n_samples_per_prompt"):
+        derive_sizes(load_config(base_yaml, ["--generation.n_samples_per_prompt", "3",
+                                             "--ppo.num_minibatches", "5"]), world_size=2)
+
+
+def test_critic_free_estimators_need_no_critic_and_groups(base_yaml):
+    grpo = ["--ppo.advantage_estimator", "grpo", "--ppo.kl_coef", "0",
+            "--generation.n_samples_per_prompt", "4"]
+    cfg = load_config(base_yaml, [*grpo, "--critic.model.path", "null"])  # no critic needed
+    assert not cfg.ppo.uses_critic and not cfg.ppo.uses_reference
+    # critic.micro_batch_size 3 does not divide the minibatch, but no critic is built
+    assert derive_sizes(load_config(base_yaml, [*grpo, "--critic.micro_batch_size", "3"]),
+                        2).critic_grad_accum == 1
+    assert load_config(base_yaml, [*grpo, "--ppo.kl_loss_coef", "0.1"]).ppo.uses_reference
+    gae = load_config(base_yaml, ["--ppo.kl_coef", "0", "--ppo.kl_loss_coef", "0"]).ppo
+    assert gae.uses_critic and not gae.uses_reference  # no KL term: no reference either
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--ppo.advantage_estimator", "rloo"], "generation.n_samples_per_prompt: .*rloo compares "
+     "the samples of a prompt; set generation.n_samples_per_prompt to 2 or more"),
+    (["--ppo.advantage_estimator", "grpo", "--generation.n_samples_per_prompt", "2"],
+     "ppo.kl_coef: grpo puts no KL penalty in the reward; set ppo.kl_coef: 0"),
+    (["--ppo.advantage_estimator", "reinforce_pp", "--checkpoint.export_critic", "true"],
+     "checkpoint.export_critic: .*reinforce_pp trains no critic"),
+    (["--generation.n_samples_per_prompt", "0"], "generation.n_samples_per_prompt: must be"),
+    (["--ppo.kl_loss_coef", "-1"], "ppo.kl_loss_coef: must be >= 0"),
+    (["--ppo.clip_eps_high", "0"], "ppo.clip_eps_high: must be > 0"),
+    (["--ppo.loss_agg", "sum"], "ppo.loss_agg: 'sum' is not allowed"),
+    (["--critic.model.path", "null"], "critic.model: no weights given"),  # gae needs one
+    (["--ppo.kl_target", "6", "--ppo.kl_coef", "0"], "ppo.kl_target: the adaptive controller"),
+])
+def test_critic_free_config_errors(base_yaml, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(base_yaml, override)
+
+
 @pytest.mark.parametrize("world_size, override, field", [
     (3, [], "ppo.rollout_batch_size"),  # 16 prompts do not split over 3 ranks
     (2, ["--ppo.num_minibatches", "3"], "ppo.num_minibatches"),  # 8 per rank, 3 minibatches

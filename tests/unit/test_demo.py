@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from ds_rlhf.demo import VOCAB, build_tokenizer, gold_score, tiny_model_config
 from ds_rlhf.demo.make_data import MIN_GOLD_GAP, main, make_rows
@@ -106,3 +107,29 @@ def test_tiny_model_config_builds_a_llama():
     assert cfg.model_type == "llama" and cfg.vocab_size == len(VOCAB)
     assert cfg.eos_token_id == cfg.pad_token_id == VOCAB["<eos>"]
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.max_position_embeddings) == (64, 2, 64)
+
+
+def test_largest_task_rule_data_and_tokenizer(tmp_path):
+    from ds_rlhf.demo import largest
+
+    assert largest.answer_of("largest of 3 9 4 1 :") == "9"
+    # exact match, spaces aside: right, right with spaces, wrong digit, two digits, empty
+    assert largest.reward(["p"] * 5, ["9", " 9 ", "4", "9 9", ""], ["9"] * 5) == [
+        1.0, 1.0, 0.0, 0.0, 0.0]
+    rows = largest.make_rows(seed=0)
+    assert rows == largest.make_rows(seed=0) and rows != largest.make_rows(seed=1)
+    held_out = {r["prompt"] for r in rows["eval_prompts.jsonl"]}
+    seen = {r["prompt"] for name in ("sft.jsonl", "prompts.jsonl") for r in rows[name]}
+    assert len(held_out) == largest.NUM_EVAL and not held_out & seen
+    for r in rows["prompts.jsonl"] + rows["eval_prompts.jsonl"]:
+        assert r["answer"] == largest.answer_of(r["prompt"])
+    # imperfect demonstrations: 0.35 + 0.40 / 4 + 0.25 / 4 = 0.51 of them are right
+    right = [r["completion"].strip() == largest.answer_of(r["prompt"]) for r in rows["sft.jsonl"]]
+    assert abs(sum(right) / len(right) - 0.5125) < 0.03
+    largest.write(tmp_path, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    ids = tokenizer("largest of 3 9 4 1 :")["input_ids"]
+    assert len(ids) == 7 and tokenizer.unk_token_id not in ids
+    assert len(tokenizer) == len(largest.VOCAB) == 15  # ds_rlhf/demo/largest_sft.yaml's vocab
+    assert tokenizer.decode(tokenizer(" 9")["input_ids"] + [tokenizer.eos_token_id],
+                            skip_special_tokens=True) == "9"

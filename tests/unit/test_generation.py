@@ -272,6 +272,17 @@ def test_prompt_uniforms_are_pinned():
     assert torch.allclose(got, torch.tensor(expected), rtol=0, atol=1e-7)
 
 
+def test_prompt_uniforms_sample_index_draws_apart_and_zero_is_the_old_draw():
+    u = prompt_uniforms(5, torch.tensor([11, 11, 11, 12]), 4, 3,
+                        sample_index=torch.tensor([0, 1, 2, 0]))
+    # sample 0 is exactly the one-sample draw pinned above (n = 1 runs are unchanged)
+    assert torch.equal(u[[0, 3]], prompt_uniforms(5, torch.tensor([11, 12]), 4, 3))
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[1], u[2])
+    # a row depends on (prompt, sample), not on its neighbours
+    alone = prompt_uniforms(5, torch.tensor([11]), 4, 3, sample_index=torch.tensor([2]))
+    assert torch.equal(alone[0], u[2])
+
+
 # ----------------------------------------------------------------------------- sample_tokens
 
 N_DRAWS = 20000

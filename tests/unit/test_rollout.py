@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from ds_rlhf.rollout import Rollout, pack_by_tokens, split_to_count
+from ds_rlhf.rollout import Rollout, minibatch_schedule, pack_by_tokens, split_to_count
 
 
 def make_rollout(batch=3, prompt_width=4, response_width=5, offset=0):
@@ -172,3 +172,30 @@ def test_split_to_count_splits_the_largest_until_count():
     assert [g.tolist() for g in split_to_count(groups, 5)] == [[0], [1], [2], [3], [4]]
     with pytest.raises(ValueError, match="cannot split 5 rows into 6"):
         split_to_count(groups, 6)
+
+
+def test_pad_widens_with_masked_zeros_and_trim_undoes_it():
+    r = make_rollout(batch=3, prompt_width=4, response_width=5)
+    wide = r.pad(6, 8)
+    assert wide.prompt_ids.shape == (3, 6) and wide.response_ids.shape == (3, 8)
+    assert wide.prompt_mask[:, :2].sum() == 0 and wide.response_mask[:, 5:].sum() == 0
+    assert torch.equal(wide.prompt_ids[:, 2:], r.prompt_ids)  # prompts stay right-aligned
+    assert torch.equal(wide.old_logprobs[:, :5], r.old_logprobs)
+    assert torch.equal(wide.scores, r.scores) and wide.values is None
+    assert_rollouts_equal(wide.trim(), r.trim())
+
+
+def test_minibatch_schedule_is_the_same_on_any_number_of_ranks():
+    def schedule(world_size):
+        return minibatch_schedule(16, 2, world_size, torch.Generator().manual_seed(3))
+
+    one, two, four = schedule(1), schedule(2), schedule(4)
+    assert one.shape == (2, 1, 8) and two.shape == (2, 2, 4) and four.shape == (2, 4, 2)
+    # minibatch k holds the same rows whatever the world size; each rank an equal share
+    for k in range(2):
+        assert one[k].flatten().tolist() == two[k].flatten().tolist() == \
+            four[k].flatten().tolist()
+    assert sorted(one.flatten().tolist()) == list(range(16))  # every row once per epoch
+    # one minibatch: rank r trains on exactly its own rows (r * 8 .. r * 8 + 7): no exchange
+    single = minibatch_schedule(16, 1, 2, torch.Generator().manual_seed(3))
+    assert single[0, 0].tolist() == list(range(8)) and single[0, 1].tolist() == list(range(8, 16))

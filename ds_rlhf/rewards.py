@@ -1,0 +1,352 @@
+"""The run's rewards: a reward model, Python reward functions and reward servers, combined.
+
+    rewards = build_rewards(cfg, reward_model, coord)       # before training; checks all
+    scores, per_reward = rewards.score(reward_rows(rollout, prompts, tokenizer))
+    metrics.update(reward_metrics(per_reward, scores, group_size, coord))
+
+Every reward is a source with one small interface: `RewardRows` in, one float per row out.
+The sequence score is sum_k weight_k * r_k over the configured rewards:
+
+  reward model  `reward.model.path`: the frozen engine's score at the last token
+                (`RewardModel.scores`), weight `reward.weight`, name `reward.name`.
+  function      `rewards: [{function: "package.module:function" | "path/to/file.py:function"}]`
+                with TRL's signature fn(prompts, completions, **columns) -> list[float]:
+                `columns` are the prompt dataset's other columns (e.g. `answer`), one value
+                per row. Each rank calls it on its own rows.
+  server        `rewards: [{url: "http://host:5000/get_reward", token_env: RM_TOKEN}]`, the
+                protocol of OpenRLHF's remote reward model (openrlhf.cli.serve_rm,
+                remote_rm_utils.remote_rm_fn), so servers people run work unchanged:
+                POST {"query": [prompt + completion], "prompts": [prompt],
+                "labels": [label_column value or ""]} -> {"rewards": [float, ...]},
+                `batch_size` rows per request, bearer token from $token_env, `timeout`,
+                `max_retries` with exponential backoff.
+
+Every answer is checked: one finite number per row. A function that cannot be imported,
+raises, or returns a wrong count or a non-number, and a server that fails after its retries,
+give one `RewardError` naming the function or URL (and the row, where there is one). With a
+coordinator the ranks agree after scoring, so every rank raises it together and none waits
+in a collective for a rank that has stopped (see `Rewards.score`).
+
+No deepspeed or torch.distributed import here: the coordinator brings the collectives.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib
+import importlib.util
+import json
+import math
+import numbers
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ds_rlhf.config import PPORunConfig, RewardSpec, UserInputError
+from ds_rlhf.rollout import Rollout
+
+
+class RewardError(UserInputError):
+    """A reward function or server failed; names it, the problem and the row where known."""
+
+    every_rank = False  # set when all ranks raise it together (Rewards.score with a coord)
+
+
+@dataclass
+class RewardRows:
+    """One rank's rows as every reward sees them (row i of each field belongs together)."""
+
+    prompts: list[str]  # prompt text of each row
+    completions: list[str]  # decoded response of each row (up to and without the EOS)
+    columns: dict[str, list]  # the prompt dataset's other columns, one value per row
+    rollout: Rollout  # the token view (the reward-model reward reads this)
+
+    def describe(self, i: int) -> str:
+        """How errors name row i: its prompt index, prompt and completion."""
+        return (f"row {i} (prompt index {int(self.rollout.prompt_index[i])}: "
+                f"{_short(self.prompts[i])} -> {_short(self.completions[i])})")
+
+    def select(self, idx: Sequence[int]) -> RewardRows:
+        """The rows `idx`, in that order."""
+        return RewardRows([self.prompts[i] for i in idx], [self.completions[i] for i in idx],
+                          {k: [v[i] for i in idx] for k, v in self.columns.items()},
+                          self.rollout.select(list(idx)))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def reward_rows(rollout: Rollout, prompts, tokenizer) -> RewardRows:
+    """The rows of `rollout` with their prompt texts, decoded completions and columns
+    (`prompts` is the run's PromptSet; rollout.prompt_index indexes it)."""
+    index = rollout.prompt_index.tolist()
+    lengths = rollout.response_lengths.tolist()
+    completions = []
+    for row, n in zip(rollout.response_ids.tolist(), lengths, strict=True):
+        ids = row[:n]
+        if ids and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]
+        completions.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return RewardRows(
+        prompts=[prompts.texts[i] for i in index], completions=completions,
+        columns={name: [values[i] for i in index] for name, values in prompts.columns.items()},
+        rollout=rollout)
+
+
+def _check_values(values: Any, rows: RewardRows, what: str) -> list[float]:
+    """One finite number per row, or a RewardError naming `what` and the row."""
+    if hasattr(values, "tolist"):  # a tensor or numpy array
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(f"{what} returned {type(values).__name__}, not a list of "
+                          f"{len(rows.prompts)} numbers (one per completion)")
+    if len(values) != len(rows.prompts):
+        raise RewardError(f"{what} returned {len(values)} values for {len(rows.prompts)} rows; "
+                          "it must return one number per completion, in order")
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise RewardError(f"{what} returned {v!r} ({type(v).__name__}) for "
+                              f"{rows.describe(i)}; expected a finite number")
+        out.append(float(v))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The sources: rows in, one score per row out
+# --------------------------------------------------------------------------------------------
+
+
+class ModelReward:
+    """The reward model engine (a collective: every rank calls it, see Rewards.score)."""
+
+    def __init__(self, model):
+        self.model = model  # engines.roles.RewardModel, or anything with .scores(rollout)
+
+    def __call__(self, rows: RewardRows) -> Tensor:
+        return self.model.scores(rows.rollout)
+
+
+def load_function(ref: str, where: str) -> Callable:
+    """The callable named by "package.module:function" or "path/to/file.py:function"."""
+    module_name, _, fn_name = ref.rpartition(":")
+    what = f"reward function {ref!r} ({where}.function)"
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            if not path.is_file():
+                raise RewardError(f"{what}: file {str(path)!r} not found")
+            key = f"ds_rlhf_reward_{abs(hash(str(path)))}"  # load a file once per process
+            module = sys.modules.get(key)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(key, path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules[key] = module
+        else:
+            module = importlib.import_module(module_name)
+    except RewardError:
+        raise
+    except Exception as e:  # ImportError, SyntaxError, or whatever the module raises
+        raise RewardError(f"{what} cannot be imported: {type(e).__name__}: {e}; check the "
+                          "module path (PYTHONPATH) or the file path") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise RewardError(f"{what}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+class FunctionReward:
+    """A Python reward function, TRL's signature: fn(prompts, completions, **columns)."""
+
+    def __init__(self, ref: str, where: str):
+        self.fn = load_function(ref, where)
+        self.what = f"reward function {ref!r} ({where})"
+
+    def _call(self, rows: RewardRows) -> Any:
+        columns = {k: v for k, v in rows.columns.items() if k not in ("prompts", "completions")}
+        return self.fn(rows.prompts, rows.completions, **columns)
+
+    def __call__(self, rows: RewardRows) -> list[float]:
+        try:
+            values = self._call(rows)
+        except Exception as e:
+            raise RewardError(f"{self.what} raised {type(e).__name__}: {e}{self._culprit(rows)}"
+                              ) from e
+        return _check_values(values, rows, self.what)
+
+    def _culprit(self, rows: RewardRows) -> str:
+        """Which row makes the function raise: it is called on each row alone (only after a
+        failure, so the cost is paid when the run stops anyway)."""
+        for i in range(len(rows.prompts)):
+            try:
+                self._call(rows.select([i]))
+            except Exception:
+                return f" on {rows.describe(i)}"
+        return f" on a batch of {len(rows.prompts)} rows (no single row raises alone)"
+
+
+class ServerReward:
+    """A reward server speaking OpenRLHF's remote reward model protocol (module doc)."""
+
+    def __init__(self, spec: RewardSpec, where: str):
+        self.spec = spec
+        self.what = f"reward server {spec.url} ({where})"
+        self.token = None
+        if spec.token_env is not None:
+            self.token = os.environ.get(spec.token_env)
+            if not self.token:
+                raise RewardError(f"{self.what}: environment variable {spec.token_env!r} "
+                                  f"({where}.token_env) is not set or empty; export the token")
+
+    def __call__(self, rows: RewardRows) -> list[float]:
+        s = self.spec
+        if s.label_column is not None and s.label_column not in rows.columns:
+            raise RewardError(f"{self.what}: label_column {s.label_column!r} is not a column "
+                              f"of the prompt data; its columns are {sorted(rows.columns)}")
+        out, n = [], len(rows.prompts)
+        for start in range(0, n, s.batch_size):
+            out.extend(self._request(rows.select(range(start, min(start + s.batch_size, n)))))
+        return out
+
+    def _request(self, batch: RewardRows) -> list[float]:
+        """One POST of `batch`, retried with exponential backoff; the answer checked."""
+        s = self.spec
+        labels = batch.columns[s.label_column] if s.label_column else [""] * len(batch.prompts)
+        body = json.dumps({
+            "query": [p + c for p, c in zip(batch.prompts, batch.completions, strict=True)],
+            "prompts": batch.prompts, "labels": labels}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(s.url, data=body, headers=headers, method="POST")
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                with urllib.request.urlopen(request, timeout=s.timeout) as response:
+                    answer = json.loads(response.read())
+                if not isinstance(answer, dict) or "rewards" not in answer:
+                    raise RewardError(f"answered {str(answer)[:200]!r}, no 'rewards' list")
+                return _check_values(answer["rewards"], batch, "it")
+            except urllib.error.HTTPError as e:
+                problem = f"HTTP {e.code} {e.reason}"
+                if e.code == 401:
+                    problem += (" (unauthorized: set token_env to the environment variable "
+                                "holding the token)" if s.token_env is None else
+                                f" (the token in ${s.token_env} was refused)")
+                if 400 <= e.code < 500 and e.code not in (408, 429):
+                    break  # the request itself is wrong: asking again gives the same answer
+            except RewardError as e:
+                problem = str(e)
+            except json.JSONDecodeError as e:
+                problem = f"answered invalid JSON ({e})"
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
+                reason = getattr(e, "reason", e)
+                problem = (f"no answer within timeout={s.timeout} s"
+                           if isinstance(reason, TimeoutError) or "timed out" in str(reason)
+                           else f"{type(reason).__name__}: {reason}")
+            if attempts > s.max_retries:
+                break
+            time.sleep(s.backoff * 2 ** (attempts - 1))
+        raise RewardError(f"{self.what}: {problem} (after {attempts} attempt(s), max_retries="
+                          f"{s.max_retries}; a request of {len(batch.prompts)} rows)")
+
+
+# --------------------------------------------------------------------------------------------
+# Combination and metrics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reward:
+    """One reward of the run."""
+
+    name: str  # metric name: rewards/<name>/mean
+    weight: float  # weight in the sequence score
+    source: Callable[[RewardRows], Any]  # rows in, one score per row out
+
+
+class Rewards:
+    """The run's rewards, each with a name and a weight; score = sum_k weight_k * r_k."""
+
+    def __init__(self, rewards: list[Reward], coord=None):
+        self.rewards = rewards
+        self.names = [r.name for r in rewards]
+        self.coord = coord  # when set, ranks agree on failures (see score)
+
+    def score(self, rows: RewardRows) -> tuple[Tensor, dict[str, Tensor]]:
+        """([N] float32 combined score, {name: [N] float32 raw score of that reward}).
+
+        Every source runs on every rank even after one failed: the reward model is a
+        collective (ZeRO-3 gathers weights), so a rank that skipped it would hang the
+        others. Then the ranks agree: if any failed, all raise the first failing rank's
+        error (with a coord; without one, this process raises its own).
+        """
+        n = len(rows.prompts)
+        per_reward, error = {}, None
+        for r in self.rewards:
+            try:
+                per_reward[r.name] = torch.as_tensor(r.source(rows), dtype=torch.float32).cpu()
+            except RewardError as e:
+                error = error or e
+                per_reward[r.name] = torch.zeros(n)
+        if self.coord is not None and self.coord.any(error is not None):
+            # every rank raises the first failing rank's error, naming that rank
+            messages = self.coord.gather_objects(
+                [] if error is None else [f"{error} (on rank {self.coord.rank})"])
+            shared = RewardError(messages[0])
+            shared.every_rank = True
+            raise shared from error
+        if error is not None:
+            raise error
+        scores = torch.zeros(n)
+        for r in self.rewards:
+            scores += r.weight * per_reward[r.name]
+        return scores, per_reward
+
+
+def build_rewards(cfg: PPORunConfig, reward_model, coord=None) -> Rewards:
+    """The rewards of `cfg`: the reward model (when `reward_model` is given) first, then the
+    `rewards` entries in order. Imports every function and reads every server token, so a
+    call with reward_model=None before any engine is built checks them all cheaply.
+    `coord` (a Coordinator) makes failures end the run on every rank together."""
+    rewards = []
+    if reward_model is not None:
+        rewards.append(Reward(cfg.reward.name, cfg.reward.weight, ModelReward(reward_model)))
+    for i, spec in enumerate(cfg.rewards):
+        where = f"rewards[{i}]"
+        source = (FunctionReward(spec.function, where) if spec.function is not None
+                  else ServerReward(spec, where))
+        rewards.append(Reward(spec.display_name, spec.weight, source))
+    return Rewards(rewards, coord)
+
+
+def reward_metrics(per_reward: dict[str, Tensor], scores: Tensor, group_size: int,
+                   coord) -> dict[str, float]:
+    """Over all ranks (coord.sum; coord=None: this process only): "rewards/<name>/mean" of
+    each raw reward, and "rewards/all_equal_groups", the share of groups (rows g*n .. g*n+n-1,
+    n = group_size) whose combined scores are all equal: under a group baseline such a group
+    has zero advantage and teaches nothing (0.0 when group_size == 1)."""
+    names = sorted(per_reward)
+    num_groups = len(scores) // group_size if group_size > 1 else 0
+    groups = scores[:num_groups * group_size].reshape(num_groups, group_size)
+    all_equal = (groups == groups[:, :1]).all(dim=1).sum()
+    local = torch.stack([torch.tensor(float(len(scores))), torch.tensor(float(num_groups)),
+                         all_equal.double(), *[per_reward[k].double().sum() for k in names]])
+    total = coord.sum(local) if coord is not None else local.double()
+    rows, groups_total, equal = total[:3].tolist()
+    metrics = {f"rewards/{k}/mean": float(v) / max(rows, 1.0)
+               for k, v in zip(names, total[3:].tolist(), strict=True)}
+    metrics["rewards/all_equal_groups"] = equal / groups_total if groups_total else 0.0
+    return metrics

@@ -1,0 +1,148 @@
+"""Critic-free estimators (GRPO, RLOO) with n samples per prompt on real DeepSpeed engines
+in 2 CPU processes, through the launcher: all runs of a rank count share one launch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ds_rlhf.tracking import read_metrics
+from tests.conftest import ppo_config, run_deepspeed, write_yaml
+
+pytestmark = pytest.mark.dist
+
+N = 4  # samples per prompt
+# 4 prompts x 4 samples = 16 rows: 8 per rank on 2 ranks, two minibatches of 4 per rank.
+GROUPS = {"generation": {"max_new_tokens": 8, "batch_size": 8, "n_samples_per_prompt": N}}
+GRPO = {"advantage_estimator": "grpo", "kl_coef": 0.0, "rollout_batch_size": 4,
+        "num_minibatches": 2}
+RLOO = {"advantage_estimator": "rloo", "kl_coef": 0.05, "rollout_batch_size": 4}
+
+
+def _config(assets, tmp, name: str, zero_stage: int, ppo: dict, **sections) -> dict:
+    base = ppo_config(assets, tmp / name)
+    stage = {"zero_stage": zero_stage}
+    return ppo_config(assets, tmp / name, actor={**base["actor"], **stage}, ppo=ppo,
+                      **GROUPS, **sections)
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """The runs of this file: output dirs by name. One 2-rank launch runs them in order; the
+    first config ("grpo") also runs alone on 1 rank ("grpo_1rank")."""
+    tmp = tmp_path_factory.mktemp("grpo")
+    (tmp / "reward_fn.py").write_text(  # a rule with spread inside groups, no model
+        "def char_code(prompts, completions, **columns):\n"
+        "    return [sum(map(ord, c)) % 7 / 7 for c in completions]\n")
+    configs = {
+        # A reward function only, kl_coef 0 and kl_loss_coef 0: the actor is the only
+        # engine. seq_mean_token_mean over the global minibatch; 2 minibatches drawn from
+        # all ranks' rows.
+        "grpo": _config(assets, tmp, "grpo", 3, {**GRPO, "steps": 1,
+                                                 "loss_agg": "seq_mean_token_mean"},
+                        reward={"model": {}, "zero_stage": 3},
+                        rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}]),
+        # a KL loss term needs the reference; DAPO's clip-higher; Dr. GRPO's normalisation
+        "grpo_kl": _config(assets, tmp, "grpo_kl", 2, {
+            **GRPO, "steps": 2, "kl_loss_coef": 0.1, "kl_loss_estimator": "k2", "clip_eps_high": 0.28,
+            "loss_agg": "seq_mean_token_sum_norm"}),
+        "rloo_z3": _config(assets, tmp, "rloo_z3", 3, {**RLOO, "steps": 2}),
+        # rloo at ZeRO-2: 2 steps uninterrupted; 1 step then resumed to 2 in another dir
+        "rloo": _config(assets, tmp, "rloo", 2, {**RLOO, "steps": 2}),
+        "rloo_cut": _config(assets, tmp, "rloo_cut", 2, {**RLOO, "steps": 1}),
+        "rloo_resumed": _config(assets, tmp, "rloo_cut", 2, {**RLOO, "steps": 2}),
+    }
+    paths = [write_yaml(cfg, tmp / f"{name}.yaml") for name, cfg in configs.items()]
+    proc = run_deepspeed(2, ["tests/dist/runs.py", *map(str, paths)], module=False,
+                         timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    one = write_yaml({**configs["grpo"], "output_dir": str(tmp / "grpo_1rank")},
+                     tmp / "grpo_1rank.yaml")
+    proc1 = run_deepspeed(1, ["tests/dist/runs.py", str(one)], module=False, timeout=600)
+    assert proc1.returncode == 0, proc1.stdout[-4000:] + proc1.stderr[-4000:]
+    out = {name: tmp / name for name in configs if name != "rloo_resumed"}
+    return {**out, "grpo_1rank": tmp / "grpo_1rank", "stdout": proc.stdout}
+
+
+@pytest.mark.parametrize("name, steps", [("grpo", 1), ("grpo_kl", 2), ("rloo_z3", 2),
+                                         ("rloo", 2)])
+def test_critic_free_runs_finish_with_finite_metrics(runs, name, steps):
+    metrics = read_metrics(runs[name] / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for m in metrics:
+        for key, value in m.items():
+            assert math.isfinite(value), (name, key, value)
+        assert "loss/value_avg" not in m  # no critic, no value loss
+        assert m["timing/critic_train"] == 0.0 and m["timing/values"] == 0.0
+        assert m["perf/samples_per_s"] > 0
+    if name.startswith("rloo"):  # one minibatch: the update sees the policy that sampled
+        assert metrics[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert (runs[name] / "actor" / "config.json").is_file()  # exported
+    assert not (runs[name] / "critic").exists()
+    checkpoint = runs[name] / "checkpoints" / f"step_{steps}"
+    assert sorted(p.name for p in checkpoint.iterdir() if p.is_dir()) == ["actor"]
+
+
+def test_engines_built_follow_the_kl_terms(runs):
+    """What a run builds, from what it reports: engines.json and the console line."""
+    def engines(name):
+        return json.loads((runs[name] / "engines.json").read_text())["engines"]
+
+    assert engines("grpo") == ["actor"]  # reward function, kl_coef 0, kl_loss_coef 0
+    assert engines("grpo_kl") == ["actor", "ref", "reward"]  # kl_loss_coef 0.1, reward model
+    assert engines("rloo") == ["actor", "ref", "reward"]  # kl_coef 0.05 in the reward
+    assert "engines: actor (ppo.advantage_estimator grpo)" in runs["stdout"]
+    kl = read_metrics(runs["grpo_kl"] / "metrics.jsonl")
+    assert kl[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # actor == reference
+    assert kl[1]["policy/ref_kl_avg"] > 0  # ... until the first update (k3 >= 0)
+
+
+def test_groups_sample_apart_and_share_their_prompt(runs):
+    rows = [json.loads(x) for x in (runs["grpo"] / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * N
+    by_prompt: dict[int, list] = {}
+    for row in rows:
+        by_prompt.setdefault(row["prompt_index"], []).append(row)
+    assert len(by_prompt) == 4
+    for group in by_prompt.values():
+        assert sorted(r["sample_index"] for r in group) == list(range(N))
+        assert len({tuple(r["response_ids"]) for r in group}) > 1  # n different draws
+
+
+def test_one_rank_equals_two_ranks_with_two_minibatches(runs):
+    """Same GRPO config on 1 and 2 ranks: the same tokens, and the same actor after a step of
+    2 minibatches drawn from a global shuffle (rows exchanged between ranks)."""
+    def samples(out):
+        rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        return {(r["prompt_index"], r["sample_index"]): r for r in rows}
+
+    one, two = samples(runs["grpo_1rank"]), samples(runs["grpo"])
+    assert sorted(one) == sorted(two) and len(one) == 4 * N
+    for key in one:
+        assert one[key]["response_ids"] == two[key]["response_ids"]
+        assert one[key]["score"] == pytest.approx(two[key]["score"], abs=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(runs["grpo_1rank"] / "actor").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs["grpo"] / "actor").state_dict()
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], atol=1e-5, rtol=0)
+    m1 = read_metrics(runs["grpo_1rank"] / "metrics.jsonl")[0]
+    m2 = read_metrics(runs["grpo"] / "metrics.jsonl")[0]
+    for key in ("objective/scores", "loss/policy_avg", "policy/approxkl_avg"):
+        assert m1[key] == pytest.approx(m2[key], abs=1e-5), key
+    assert m2["policy/approxkl_avg"] > 0  # the first minibatch moved the actor
+    assert m2["rewards/char_code/mean"] == pytest.approx(m2["objective/scores"], abs=1e-6)
+
+
+def test_resumed_critic_free_run_equals_uninterrupted_run(runs):
+    full = read_metrics(runs["rloo"] / "metrics.jsonl")
+    cut = read_metrics(runs["rloo_cut"] / "metrics.jsonl")
+    assert [m["step"] for m in cut] == [1, 2]
+    for a, b in zip(full, cut, strict=True):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg",
+                    "policy/approxkl_avg", "response_length/mean"):
+            assert a[key] == b[key], (a["step"], key)

@@ -1,0 +1,298 @@
+"""Rewards: combination by weight, reward functions (both forms, every error), a real reward
+server on 127.0.0.1 (tokens, batches, retries, every bad answer), columns from a data file to
+the rows they belong to, metrics. Ranks agreeing on a failure: tests/dist/test_rewards_run.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ds_rlhf.config import (
+    ConfigError,
+    DataConfig,
+    DatasetSpec,
+    PPORunConfig,
+    RewardSpec,
+    check_values,
+    load_config,
+    to_yaml,
+)
+from ds_rlhf.rewards import (
+    RewardError,
+    RewardRows,
+    build_rewards,
+    reward_metrics,
+    reward_rows,
+)
+from ds_rlhf.rollout import Rollout
+from tests.conftest import RewardServer
+
+FUNCTIONS = '''
+def exact(prompts, completions, answer, **kw):
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+def length(prompts, completions, **kw):
+    return [len(c) for c in completions]
+
+def bad_count(prompts, completions, **kw):
+    return [0.0] * (len(completions) - 1)
+
+def not_number(prompts, completions, **kw):
+    return [None if c == "b" else 1.0 for c in completions]
+
+def nan(prompts, completions, **kw):
+    return [float("nan") for c in completions]
+
+def raises(prompts, completions, **kw):
+    return [1.0 / (c != "b") for c in completions]  # ZeroDivisionError on completion "b"
+'''
+
+
+def _rollout(prompt_index: list[int]) -> Rollout:
+    n = len(prompt_index)
+    return Rollout(prompt_ids=torch.zeros(n, 2, dtype=torch.long),
+                   prompt_mask=torch.ones(n, 2, dtype=torch.long),
+                   response_ids=torch.zeros(n, 3, dtype=torch.long),
+                   response_mask=torch.ones(n, 3, dtype=torch.long),
+                   prompt_index=torch.tensor(prompt_index))
+
+
+def _rows(completions: list[str], answers: list[str] | None = None) -> RewardRows:
+    n = len(completions)
+    return RewardRows(prompts=[f"q{i} =" for i in range(n)], completions=completions,
+                      columns={"answer": answers or [""] * n}, rollout=_rollout(list(range(n))))
+
+
+@pytest.fixture
+def functions(tmp_path) -> Path:
+    path = tmp_path / "my_rewards.py"
+    path.write_text(FUNCTIONS)
+    return path
+
+
+def _cfg(*specs: RewardSpec) -> PPORunConfig:
+    cfg = PPORunConfig(rewards=list(specs))
+    cfg.reward.name, cfg.reward.weight = "rm", 0.25
+    return cfg
+
+
+def test_combination_by_weight_both_function_forms(functions, monkeypatch):
+    monkeypatch.syspath_prepend(str(functions.parent))
+
+    class LengthModel:  # the reward model's interface: scores(rollout) -> [N]
+        def scores(self, rollout):
+            return rollout.prompt_index.float() * 2  # 0, 2, 4
+
+    cfg = _cfg(RewardSpec(function=f"{functions}:exact", weight=3.0),
+               RewardSpec(function="my_rewards:length", weight=-0.5, name="len"))
+    rewards = build_rewards(cfg, LengthModel())
+    assert rewards.names == ["rm", "exact", "len"]
+    rows = _rows(["7", " 12", "x"], answers=["7", "12", "9"])
+    scores, per = rewards.score(rows)
+    # rm: 0, 2, 4; exact: 1, 1, 0; len: 1, 3, 1
+    # 0.25 * rm + 3 * exact - 0.5 * len = [0 + 3 - 0.5, 0.5 + 3 - 1.5, 1 + 0 - 0.5]
+    assert scores.tolist() == [2.5, 2.0, 0.5]
+    assert per["exact"].tolist() == [1.0, 1.0, 0.0] and per["len"].tolist() == [1.0, 3.0, 1.0]
+    assert scores.dtype == torch.float32 and per["rm"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("no_such_module_xyz:exact", "cannot be imported: ModuleNotFoundError"),
+    ("{dir}/missing.py:exact", "not found"),
+    ("{file}:nope", "has no function 'nope'"),
+])
+def test_function_that_cannot_be_imported(functions, ref, message):
+    ref = ref.format(dir=functions.parent, file=functions)
+    with pytest.raises(RewardError) as e:
+        build_rewards(_cfg(RewardSpec(function=ref)), None)
+    assert ref in str(e.value) and "rewards[0]" in str(e.value) and message in str(e.value)
+
+
+def test_broken_module_names_the_error(tmp_path):
+    (tmp_path / "broken.py").write_text("import no_such_package_abc\n")
+    with pytest.raises(RewardError, match="broken.py:f.*cannot be imported.*no_such_package_abc"):
+        build_rewards(_cfg(RewardSpec(function=f"{tmp_path}/broken.py:f")), None)
+
+
+@pytest.mark.parametrize("fn, message", [
+    ("raises", r"raised ZeroDivisionError: .* on row 1 \(prompt index 1: 'q1 =' -> 'b'\)"),
+    ("bad_count", "returned 2 values for 3 rows"),
+    ("not_number", r"returned None \(NoneType\) for row 1 \(prompt index 1: 'q1 =' -> 'b'\)"),
+    ("nan", r"returned nan \(float\) for row 0 .*expected a finite number"),
+])
+def test_function_errors_name_function_and_row(functions, fn, message):
+    rewards = build_rewards(_cfg(RewardSpec(function=f"{functions}:{fn}")), None)
+    with pytest.raises(RewardError, match=message) as e:
+        rewards.score(_rows(["a", "b", "c"]))
+    assert f"{functions}:{fn}" in str(e.value)
+
+
+def test_reward_metrics_by_hand():
+    scores = torch.tensor([1.0, 1.0, 0.0, 2.0, 3.0, 3.0])
+    per = {"a": torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0]), "b": scores * 2}
+    m = reward_metrics(per, scores, group_size=2, coord=None)
+    # groups (1, 1) (0, 2) (3, 3): two of three all equal; a: 4 / 6; b: 20 / 6
+    assert m == {"rewards/a/mean": 4 / 6, "rewards/b/mean": 20 / 6,
+                 "rewards/all_equal_groups": 2 / 3}
+    assert reward_metrics(per, scores, 1, None)["rewards/all_equal_groups"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# A real reward server on 127.0.0.1
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = RewardServer()
+    yield s
+    s.httpd.shutdown()
+
+
+@pytest.fixture
+def fresh(server):
+    server.mode, server.token, server.requests = "ok", None, []
+    return server
+
+
+def _server_spec(url: str, **kw) -> RewardSpec:
+    return RewardSpec(url=url, **{"timeout": 0.2, "max_retries": 2, "backoff": 0.01, **kw})
+
+
+def test_server_scores_in_batches_with_token_and_labels(fresh, monkeypatch):
+    fresh.token = "s3cret"
+    monkeypatch.setenv("RM_TOKEN", "s3cret")
+    spec = _server_spec(fresh.url, token_env="RM_TOKEN", batch_size=2, label_column="answer")
+    scores, per = build_rewards(_cfg(spec), None).score(_rows(["7", "12", "x"], ["7", "1", "2"]))
+    # query = prompt + completion: "q0 =7", "q1 =12", "q2 =x" -> lengths 5, 6, 5
+    assert per["server"].tolist() == [5.0, 6.0, 5.0] and scores.tolist() == [5.0, 6.0, 5.0]
+    assert [body for _, body in fresh.requests] == [
+        {"query": ["q0 =7", "q1 =12"], "prompts": ["q0 =", "q1 ="], "labels": ["7", "1"]},
+        {"query": ["q2 =x"], "prompts": ["q2 ="], "labels": ["2"]}]
+    assert fresh.requests[0][0]["Authorization"] == "Bearer s3cret"
+
+
+def test_server_without_token_is_refused_once(fresh):
+    fresh.token = "s3cret"
+    with pytest.raises(RewardError) as e:
+        build_rewards(_cfg(_server_spec(fresh.url)), None).score(_rows(["a"]))
+    assert fresh.url in str(e.value) and "HTTP 401" in str(e.value)
+    assert "set token_env" in str(e.value) and len(fresh.requests) == 1  # 4xx: no retry
+
+
+def test_server_token_variable_must_be_set(fresh, monkeypatch):
+    monkeypatch.delenv("RM_TOKEN_UNSET", raising=False)
+    with pytest.raises(RewardError, match="'RM_TOKEN_UNSET'.*not set"):
+        build_rewards(_cfg(_server_spec(fresh.url, token_env="RM_TOKEN_UNSET")), None)
+
+
+@pytest.mark.parametrize("mode, problem", [
+    ("count", "returned 2 values for 3 rows"),
+    ("nan", r"returned nan \(float\) for row 2"),
+    ("500", "HTTP 500"),
+    ("slow", "no answer within timeout=0.2 s"),
+])
+def test_bad_server_answers_one_clear_error_after_bounded_retries(fresh, mode, problem):
+    fresh.mode = mode
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match=problem) as e:
+        build_rewards(_cfg(_server_spec(fresh.url, backoff=0.05)), None).score(
+            _rows(["a", "b", "c"]))
+    seconds = time.perf_counter() - start
+    assert fresh.url in str(e.value) and "after 3 attempt(s)" in str(e.value)
+    assert len(fresh.requests) == 3  # 1 + max_retries, then it stops
+    assert 0.05 + 0.1 <= seconds < 3  # exponential backoff between the attempts
+
+
+def test_unreachable_server(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/get_reward"  # nobody listens here
+    with pytest.raises(RewardError, match=f"{url}.*Connection.*after 3 attempt"):
+        build_rewards(_cfg(_server_spec(url)), None).score(_rows(["a"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Columns from the data file to the rows; config checks
+# --------------------------------------------------------------------------------------------
+
+
+def test_columns_reach_the_rows_they_belong_to(tmp_path, functions):
+    from ds_rlhf.data import load_prompts
+    from ds_rlhf.demo.task import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps({"prompt": f"review of the {c} lamp :", "answer": c,
+                                         "id": i}) + "\n"
+                             for i, c in enumerate(["red", "blue", "green"])))
+    second.write_text(json.dumps({"prompt": "review of the old chair :", "id": 9}) + "\n")
+    data = DataConfig(datasets=[DatasetSpec(path=str(first), weight=3.0),
+                                DatasetSpec(path=str(second))])  # mixed 3 : 1, as they are
+    prompts = load_prompts(data, tokenizer)
+    # a column missing from one dataset is None for its rows
+    assert prompts.columns == {"answer": ["red", "blue", "green", None], "id": [0, 1, 2, 9]}
+    order = [2, 3, 0]
+    rollout = _rollout(order)
+    eos = tokenizer.eos_token_id
+    ids = [tokenizer.convert_tokens_to_ids(w) for w in ("green", "red", "blue")]
+    rollout.response_ids = torch.tensor([[ids[0], eos, eos], [ids[1], ids[2], eos],
+                                         [ids[2], eos, eos]])
+    rollout.response_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    rows = reward_rows(rollout, prompts, tokenizer)
+    assert rows.prompts == [prompts.texts[i] for i in order]
+    assert rows.completions == ["green", "red blue", "blue"]  # no EOS
+    assert rows.columns == {"answer": ["green", None, "red"], "id": [2, 9, 0]}
+    exact = build_rewards(_cfg(RewardSpec(function=f"{functions}:exact")), None)
+    assert exact.score(rows)[0].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_reward_config_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "actor": {"model": {"path": "/m"}}, "critic": {"model": {"path": "/m"}},
+        "data": {"datasets": [{"path": "p.jsonl"}]},
+        "rewards": [{"function": "my.mod:fn", "weight": 2.0},
+                    {"url": "https://rm/get_reward", "token_env": "T", "batch_size": 8}]}))
+    cfg = load_config(path)
+    assert cfg.rewards[1] == RewardSpec(url="https://rm/get_reward", token_env="T", batch_size=8)
+    assert [r.display_name for r in cfg.rewards] == ["fn", "server"]
+    again = tmp_path / "again.yaml"
+    again.write_text(to_yaml(cfg))
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize("rewards, field", [
+    ([], "reward.model / rewards"),  # no reward at all
+    ([{"function": "m:f", "url": "http://x"}], "rewards[0]"),
+    ([{"function": "m.f"}], "rewards[0].function"),
+    ([{"function": "m:f", "timeout": 5}], "rewards[0].timeout"),  # server field on a function
+    ([{"url": "localhost:5000"}], "rewards[0].url"),
+    ([{"url": "http://x", "batch_size": 0}], "rewards[0].batch_size"),
+    ([{"function": "m:f"}, {"function": "n:f"}], "rewards[1].name"),  # both named "f"
+])
+def test_reward_config_errors_name_the_field(rewards, field):
+    cfg = PPORunConfig(rewards=[RewardSpec(**r) for r in rewards])
+    cfg.actor.model.path = cfg.critic.model.path = "/models/x"
+    cfg.data.datasets = [DatasetSpec(path="p.jsonl")]
+    with pytest.raises(ConfigError) as e:
+        check_values(cfg)
+    assert str(e.value).startswith(field)
+    cfg.rewards = [RewardSpec(function="m:f"), RewardSpec(url="http://x", name="srv")]
+    check_values(cfg)  # no reward model: the functions and servers are the reward
+
+
+def test_ints_bools_tuples_and_tensors_are_numbers(tmp_path):
+    path = tmp_path / "kinds.py"
+    path.write_text("import torch\n"
+                    "def ints(p, c, **kw): return [1, True]\n"
+                    "def tensor(p, c, **kw): return torch.tensor([0.5, 2.0])\n")
+    cfg = _cfg(RewardSpec(function=f"{path}:ints"), RewardSpec(function=f"{path}:tensor"))
+    _, per = build_rewards(cfg, None).score(_rows(["a", "b"]))
+    assert per["ints"].tolist() == [1.0, 1.0] and per["tensor"].tolist() == [0.5, 2.0]
