@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 from pathlib import Path
 
+from ds_rlhf.demo.make_data import write_files
 from ds_rlhf.demo.task import SPECIAL_TOKENS, build_tokenizer
 
 DIGITS = [str(d) for d in range(10)]
@@ -73,13 +73,8 @@ def make_rows(seed: int) -> dict[str, list[dict[str, str]]]:
 
 
 def write(outdir: str | Path, seed: int = 0) -> dict[str, list[dict[str, str]]]:
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
     files = make_rows(seed)
-    for name, rows in files.items():
-        with open(out / name, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    build_tokenizer(VOCAB).save_pretrained(out / "tokenizer")
+    write_files(outdir, files, build_tokenizer(VOCAB))
     return files
 
 

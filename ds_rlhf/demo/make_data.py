@@ -60,15 +60,19 @@ def make_rows(seed: int) -> dict[str, list[dict[str, str]]]:
             "eval_prompts.jsonl": eval_prompts}
 
 
-def write(outdir: str | Path, seed: int = 0) -> dict[str, list[dict[str, str]]]:
+def write_files(outdir: str | Path, files: dict[str, list[dict]], tokenizer) -> None:
+    """Each `name: rows` of `files` as OUTDIR/name (JSON lines), the tokenizer in tokenizer/."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    files = make_rows(seed)
     for name, rows in files.items():
         with open(out / name, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    build_tokenizer().save_pretrained(out / "tokenizer")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    tokenizer.save_pretrained(out / "tokenizer")
+
+
+def write(outdir: str | Path, seed: int = 0) -> dict[str, list[dict[str, str]]]:
+    files = make_rows(seed)
+    write_files(outdir, files, build_tokenizer())
     return files
 
 
