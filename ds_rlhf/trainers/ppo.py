@@ -161,14 +161,15 @@ class PPOTrainer:
             self.kl_ctl.update(metrics["objective/kl"], num_rows)
         metrics.update(train_stats)
         timer.seconds["step"] = time.perf_counter() - start
-        for phase in ("ref_logprobs", "values", "critic_train"):  # engines the run lacks
+        # 0 for the phases of engines the run lacks, and for training when all was skipped
+        for phase in ("ref_logprobs", "values", "actor_train", "critic_train"):
             timer.seconds.setdefault(phase, 0.0)
         # The switch into and out of generation mode (ZeRO-3 gather) is part of "generate".
         timer.seconds["switch"] = self.actor.hybrid.switch_seconds
         timer.seconds["generate"] -= timer.seconds["switch"]
         t = timer.seconds
         t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]
-        t["train"] = t.get("actor_train", 0.0) + t.get("critic_train", 0.0)  # 0: all skipped
+        t["train"] = t["actor_train"] + t["critic_train"]
         metrics.update({f"timing/{k}": v for k, v in t.items()})
         metrics["perf/samples_per_s"] = num_rows / timer.seconds["step"]
         metrics["perf/tokens_per_s"] = metrics["response_length/mean"] * \
