@@ -21,7 +21,8 @@ from pathlib import Path
 from ds_rlhf.config import UserInputError
 
 NAME = "run.lock"
-_HELD: list[int] = []  # the open descriptor that holds the lock, for this process's lifetime
+_HELD: dict[Path, int] = {}  # lock file -> the open descriptor holding it, for this process's
+# lifetime
 
 
 class RunLockedError(UserInputError):
@@ -54,7 +55,9 @@ def acquire(output_dir: str | Path) -> Path:
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / NAME
+    path = (out / NAME).resolve()
+    if path in _HELD:  # this process already holds it: the same run, built again (a resume)
+        return path
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -76,7 +79,7 @@ def acquire(output_dir: str | Path) -> Path:
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
-    _HELD.append(fd)
+    _HELD[path] = fd
     atexit.register(release)  # any normal exit, errors included; a kill leaves the record
     return path
 
@@ -85,6 +88,6 @@ def release() -> None:
     """Empty the record and unlock. The file stays: unlinking a locked file lets a newcomer
     lock a new file of the same name while a third process still holds the old one."""
     while _HELD:
-        fd = _HELD.pop()
+        _, fd = _HELD.popitem()
         os.ftruncate(fd, 0)
         os.close(fd)  # closing the descriptor releases the flock
