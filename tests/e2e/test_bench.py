@@ -1,4 +1,4 @@
-"""`ds-rlhf bench` on CPU ranks: one JSON line whose phases add up to the step."""
+"""`ds-rlhf bench`: its inputs (the whole runs are in tests/e2e/test_gpu_check.py)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,30 @@ import json
 
 import pytest
 
-from tests.conftest import run_deepspeed
+from ds_rlhf import bench
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_bench_ppo_tiny_prints_one_json_line(nproc):
-    proc = run_deepspeed(nproc, [
-        "ds_rlhf", "bench", "ppo", "--preset", "tiny", "--batch", "4", "--prompt-len", "16",
-        "--response-len", "16", "--steps", "2"], timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    assert len(lines) == 1  # rank 0 only
-    result = json.loads(lines[0])
-    assert result["world_size"] == nproc and result["rollout_batch"] == 4 * nproc
-    assert result["samples_per_s"] > 0 and result["generated_tokens_per_s"] > 0
-    assert result["train_tokens_per_s"] > 0
-    assert set(result["time_split_s"]) == {
-        "switch", "generate", "actor_logprobs", "ref_logprobs", "values", "reward",
-        "advantages", "actor_train", "critic_train"}
-    assert 0.95 <= result["time_split_sum_over_step"] <= 1.0
-    assert len(result["peak_memory_gb_per_rank"]) == nproc
-    assert all(m > 0.1 for m in result["peak_memory_gb_per_rank"])
+def test_bench_refuses_a_critic_with_another_vocabulary(tmp_path, capsys):
+    critic = {**bench.PRESETS["micro"]["actor"], "vocab_size": 1000}  # the actor's is 512
+    (tmp_path / "critic.json").write_text(json.dumps(critic))
+    code = bench.main(["ppo", "--preset", "micro", "--critic-config",
+                       str(tmp_path / "critic.json")])
+    assert code == 2  # before any engine or process group
+    err = capsys.readouterr().err
+    assert "vocab_size 1000" in err and "512" in err and "--critic-config" in err
+
+
+def test_bench_refuses_a_config_without_model_type(tmp_path, capsys):
+    (tmp_path / "actor.json").write_text(json.dumps({"hidden_size": 8, "vocab_size": 16}))
+    assert bench.main(["ppo", "--config", str(tmp_path / "actor.json")]) == 2
+    assert "model_type" in capsys.readouterr().err
+
+
+def test_matched_tokenizer_decodes_every_id():
+    tokenizer = bench.matched_tokenizer(300)
+    assert len(tokenizer) == 300 and tokenizer.eos_token_id == tokenizer.pad_token_id == 0
+    ids = tokenizer("t2 t299 t150")["input_ids"]
+    assert ids == [2, 299, 150]  # one word, one token
+    assert tokenizer.decode([5, 299]) == "t5 t299"
