@@ -161,6 +161,33 @@ def _gather_bucket(pairs: list[tuple[nn.Parameter, torch.Tensor]], device: torch
         offset += n
 
 
+@contextmanager
+def keep_prefetch_trace(engine) -> Iterator[None]:
+    """No-grad forwards (scoring, generation through the module) of a trained ZeRO-3 engine
+    that leave its prefetch trace to training, and its weights released.
+
+    DeepSpeed ZeRO-3 keeps one trace of the sub-module order per engine and prefetches along
+    it. A trained engine's trace must be forward + backward; no-grad forwards that find no
+    trace record a forward-only one, which the next backward invalidates, so every step
+    re-recorded it: per-layer all-gathers without prefetch and a collective check of the
+    order, which made the actor's logprobs and the critic's values about 2x the frozen
+    models' identical forwards. What such forwards recorded is dropped here, so training
+    records the whole trace, which later no-grad forwards follow as a prefix. The weights
+    they gathered are released after: along a forward + backward trace they would otherwise
+    stay gathered until the next backward, a whole model held through the other roles' work.
+    """
+    offload = getattr(engine.optimizer, "parameter_offload", None)  # trained ZeRO-3 only
+    coordinator = offload.get_param_coordinator() if offload is not None else None
+    untraced = coordinator is not None and coordinator.is_invalid_trace()
+    try:
+        yield
+    finally:
+        if coordinator is not None:
+            if untraced and not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()  # recorded by no-grad forwards: forward only
+            offload.empty_partition_cache()
+
+
 class HybridEngine:
     def __init__(self, engine, gather_weights: bool, synced: Callable[[bool], bool],
                  reuse_copy: bool = False, compile: bool = False):
@@ -254,9 +281,10 @@ class HybridEngine:
         module.eval()
         try:
             if self.zero3 and not self.gather_weights:
-                self.switch_seconds = time.perf_counter() - start
-                yield GenerationModel(module, self._synced)
-                start = time.perf_counter()
+                with keep_prefetch_trace(self.engine):
+                    self.switch_seconds = time.perf_counter() - start
+                    yield GenerationModel(module, self._synced)
+                    start = time.perf_counter()
             else:
                 with self.full_model() as model:
                     self.switch_seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ every rank runs the same number of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ from ds_rlhf import algo, generation
 from ds_rlhf.config import EngineConfig, GenerationConfig, PPOConfig, TrainEngineConfig
 from ds_rlhf.engines.ds_config import deepspeed_config
 from ds_rlhf.engines.export import export_hf
-from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine
+from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine, keep_prefetch_trace
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout, pack_by_tokens, split_to_count
@@ -118,36 +118,11 @@ def _token_values(engine, chunk: Rollout) -> torch.Tensor:
     return _pad_to(engine(**inputs)[:, prompt_len - 1:prompt_len - 1 + num_response], width)
 
 
-@contextmanager
-def _scoring_pass(engine) -> Iterator[None]:
-    """No-grad forwards of a trained ZeRO-3 engine that leave its prefetch trace alone.
-
-    DeepSpeed ZeRO-3 keeps one trace of the sub-module order per engine and prefetches along
-    it. A trained engine's trace is forward + backward; a no-grad pass that finds no complete
-    trace records a forward-only one, which the next backward invalidates, so every scoring
-    pass re-recorded (per-layer all-gathers, no prefetch, a collective check of the order):
-    the actor's logprobs and the critic's values took about 2x the frozen models' identical
-    forwards. A trace recorded here is dropped, so the training step records the whole one,
-    which the scoring passes then follow as a prefix. After the pass the gathered weights are
-    released: along a forward + backward trace they would otherwise stay gathered until the
-    next backward, a whole model held through the other roles' forwards.
-    """
-    offload = getattr(engine.optimizer, "parameter_offload", None)  # trained ZeRO-3 only
-    try:
-        yield
-    finally:
-        if offload is not None:
-            coordinator = offload.get_param_coordinator()
-            if coordinator.is_record_trace():
-                coordinator._invalidate_trace()
-            offload.empty_partition_cache()
-
-
 @torch.no_grad()
 def _forward_all(engine, rollout: Rollout, batcher: MicroBatcher, fn: Callable) -> torch.Tensor:
     """fn over the micro-batches, each output row put back at its row of `rollout`."""
     out = None
-    with _scoring_pass(engine):
+    with keep_prefetch_trace(engine):
         for idx in batcher.split(rollout):
             result = fn(engine, rollout.select(idx)).cpu()
             if out is None:
