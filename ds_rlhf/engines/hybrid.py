@@ -40,6 +40,7 @@ from torch import nn
 from ds_rlhf.engines.export import ADAPTER, is_lora_layer
 
 GATHER_BUCKET = 2**26  # elements of full parameters per all-gather (128 MiB in bf16)
+GATHER_DIRECT = 2**20  # a parameter this large is gathered alone, straight into place
 
 
 @dataclass
@@ -56,6 +57,7 @@ class _Slot:
     target: nn.Parameter  # the copy's parameter (a view into the flat buffer while filled)
     source: nn.Parameter  # the training module's (a ZeRO-3 partition or a full tensor)
     offset: int  # into the flat buffer
+    size: int  # elements reserved there: the padded size of a ZeRO-3 parameter's partitions
     shape: torch.Size  # of the full parameter (the target is empty while the copy is dropped)
     lora: tuple[nn.Parameter, nn.Parameter, float] | None = None  # (A, B, scaling), merged
 
@@ -119,8 +121,12 @@ def _build_copy(module: nn.Module, device: torch.device) -> tuple[nn.Module, lis
             raise RuntimeError(f"generation copy: {name} has shape {tuple(target.shape)}, the "
                                f"training module {tuple(_full_shape(source))}")
         seen.add(id(target))
-        slots.append(_Slot(target, source, offset, target.shape, lora))
-        offset += target.numel()
+        # A ZeRO-3 parameter gets room for all ranks' padded partitions, so a large one is
+        # gathered straight into place (no copy).
+        size = source.ds_tensor.numel() * dist.get_world_size(source.ds_process_group) \
+            if _is_partitioned(source) else target.numel()
+        slots.append(_Slot(target, source, offset, size, target.shape, lora))
+        offset += size
     missing = [n for n, p in targets.items() if id(p) not in seen]
     used = {id(slot.source) for slot in slots}
     untied = [n for n, source in skipped if id(source) not in used]  # tied in one model only
@@ -131,12 +137,19 @@ def _build_copy(module: nn.Module, device: torch.device) -> tuple[nn.Module, lis
 
 
 def _gather_into(pairs: list[tuple[nn.Parameter, torch.Tensor]], device: torch.device) -> None:
-    """Copy each ZeRO-3 parameter's full value into its destination tensor, gathering the
-    partitions of up to GATHER_BUCKET elements' worth of parameters in one all-gather."""
+    """Write each ZeRO-3 parameter's full value at the start of its 1-D destination. One of
+    GATHER_DIRECT elements or more whose destination holds all ranks' padded partitions is
+    gathered straight into it; smaller ones go together, up to GATHER_BUCKET elements' worth
+    in one all-gather, and are copied out of it."""
     bucket, size = [], 0
     for source, dest in pairs:
+        group = source.ds_process_group
+        padded = source.ds_tensor.numel() * dist.get_world_size(group)
+        if source.ds_numel >= GATHER_DIRECT and dest.numel() == padded:
+            dist.all_gather_into_tensor(dest, source.ds_tensor.data.to(device), group=group)
+            continue
         bucket.append((source, dest))
-        size += dest.numel()
+        size += source.ds_numel
         if size >= GATHER_BUCKET:
             _gather_bucket(bucket, device)
             bucket, size = [], 0
@@ -156,8 +169,7 @@ def _gather_bucket(pairs: list[tuple[nn.Parameter, torch.Tensor]], device: torch
     offset = 0
     for source, dest in pairs:
         n = source.ds_tensor.numel()
-        full = gathered[:, offset:offset + n].reshape(-1)[:dest.numel()]
-        dest.copy_(full.view(dest.shape))
+        dest[:source.ds_numel].copy_(gathered[:, offset:offset + n].reshape(-1)[:source.ds_numel])
         offset += n
 
 
@@ -217,21 +229,20 @@ class HybridEngine:
         device = self.engine.device
         if self._flat is None:
             self._flat = torch.empty(numel, dtype=slots[0].target.dtype, device=device)
-        for slot in slots:
-            slot.target.data = self._flat[slot.offset:slot.offset + slot.shape.numel()].view(
-                slot.shape)
         adapters = {}  # id(A or B) -> its full value, for the merge
-        pairs = []
+        pairs = []  # (source, 1-D destination)
         for slot in slots:
-            pairs.append((slot.source, slot.target.data))
+            region = self._flat[slot.offset:slot.offset + slot.size]
+            slot.target.data = region[:slot.shape.numel()].view(slot.shape)
+            pairs.append((slot.source, region))
             for p in slot.lora[:2] if slot.lora else ():
                 adapters[id(p)] = torch.empty(_full_shape(p), dtype=p.dtype, device=device)
-                pairs.append((p, adapters[id(p)]))
+                pairs.append((p, adapters[id(p)].view(-1)))
         _gather_into([(s, d) for s, d in pairs if _is_partitioned(s)], device)
         with torch.no_grad():
             for source, dest in pairs:
                 if not _is_partitioned(source):
-                    dest.copy_(source.data)
+                    dest.copy_(source.data.reshape(-1))
             for slot in slots:
                 if slot.lora:  # W = W_base + scaling * B @ A (Hu et al. 2021, eq. 3)
                     a, b, scaling = slot.lora
