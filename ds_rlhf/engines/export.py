@@ -1,7 +1,9 @@
 """Whole-model weights out of an engine: ZeRO-3 partitions gathered, LoRA adapters merged.
 
-`merged_weights` feeds both the HybridEngine's plain generation copy and the HF-format
-export (save_pretrained + tokenizer), so the two always see the same weights.
+`plain_parameters` names the weights as in the plain model and pairs LoRA layers with their
+adapters; the HybridEngine's generation copy (which gathers them in bulk) and the HF-format
+export (`merged_weights`, save_pretrained + tokenizer) both use it, so the two always see the
+same weights.
 """
 
 from __future__ import annotations
@@ -20,13 +22,9 @@ def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and hasattr(module, "lora_A")
 
 
-def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) of every parameter and persistent buffer, named as in the plain
-    (adapter-free) model: W = W_base + scaling * B @ A for LoRA layers (Hu et al. 2021, eq. 3).
-
-    Gathers one submodule at a time, so every rank must run the iterator to its end (the
-    gathers are collective) and copy each tensor before asking for the next one.
-    """
+def plain_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, tuple | None]]:
+    """(name in the plain, adapter-free model, parameter, None or the LoRA (A, B, scaling) to
+    merge into it) for every parameter; under ZeRO-3 the parameters are partitioned."""
     lora = [name for name, m in module.named_modules() if is_lora_layer(m)]
     for prefix, sub in module.named_modules():
         if any(prefix.startswith(f"{name}.") for name in lora):
@@ -36,21 +34,36 @@ def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             return f"{prefix}.{name}" if prefix else name
 
         if is_lora_layer(sub):
-            base, a, b = sub.base_layer, sub.lora_A[ADAPTER].weight, sub.lora_B[ADAPTER].weight
-            params = [base.weight, a, b] + ([base.bias] if base.bias is not None else [])
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                delta = (b.data.float() @ a.data.float()) * sub.scaling[ADAPTER]
-                yield key("weight"), (base.weight.data.float() + delta).to(base.weight.dtype)
-                if base.bias is not None:
-                    yield key("bias"), base.bias.data
+            base = sub.base_layer
+            yield key("weight"), base.weight, (sub.lora_A[ADAPTER].weight,
+                                               sub.lora_B[ADAPTER].weight, sub.scaling[ADAPTER])
+            if base.bias is not None:
+                yield key("bias"), base.bias, None
             continue
-        own = list(sub.named_parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
-            for name, p in own:
-                yield key(name), p.data
+        for name, p in sub.named_parameters(recurse=False):
+            yield key(name), p, None
+
+
+def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every parameter and persistent buffer, named as in the plain
+    (adapter-free) model: W = W_base + scaling * B @ A for LoRA layers (Hu et al. 2021, eq. 3).
+
+    Gathers one parameter (with its adapters) at a time, so every rank must run the iterator
+    to its end (the gathers are collective) and copy each tensor before asking for the next.
+    """
+    for name, p, lora in plain_parameters(module):
+        with deepspeed.zero.GatheredParameters([p, *(lora[:2] if lora else ())],
+                                               modifier_rank=None):
+            if lora is None:
+                yield name, p.data
+                continue
+            a, b, scaling = lora
+            delta = (b.data.float() @ a.data.float()) * scaling
+            yield name, (p.data.float() + delta).to(p.dtype)
+    for prefix, sub in module.named_modules():
         for name, buf in sub.named_buffers(recurse=False):
             if buf is not None and name not in sub._non_persistent_buffers_set:
-                yield key(name), buf.data
+                yield (f"{prefix}.{name}" if prefix else name), buf.data
 
 
 def export_hf(engine, hf_model: nn.Module, tokenizer, path: str | Path, is_main: bool) -> None:

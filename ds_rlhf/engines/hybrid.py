@@ -37,7 +37,7 @@ import torch.distributed as dist
 import transformers
 from torch import nn
 
-from ds_rlhf.engines.export import ADAPTER, is_lora_layer
+from ds_rlhf.engines.export import is_lora_layer, plain_parameters
 
 GATHER_BUCKET = 2**26  # elements of full parameters per all-gather (128 MiB in bf16)
 GATHER_DIRECT = 2**20  # a parameter this large is gathered alone, straight into place
@@ -70,24 +70,6 @@ def _full_shape(p: nn.Parameter) -> torch.Size:
     return p.ds_shape if _is_partitioned(p) else p.shape
 
 
-def _sources(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, tuple | None]]:
-    """(name in the plain model, source parameter, LoRA (A, B, scaling) or None)."""
-    lora = [name for name, m in module.named_modules() if is_lora_layer(m)]
-    for prefix, sub in module.named_modules():
-        if any(prefix.startswith(f"{name}.") for name in lora):
-            continue  # the insides of a LoRA layer are merged below
-        key = (lambda n, prefix=prefix: f"{prefix}.{n}" if prefix else n)
-        if is_lora_layer(sub):
-            base = sub.base_layer
-            yield key("weight"), base.weight, (sub.lora_A[ADAPTER].weight,
-                                               sub.lora_B[ADAPTER].weight, sub.scaling[ADAPTER])
-            if base.bias is not None:
-                yield key("bias"), base.bias, None
-            continue
-        for name, p in sub.named_parameters(recurse=False):
-            yield key(name), p, None
-
-
 def _build_copy(module: nn.Module, device: torch.device) -> tuple[nn.Module, list[_Slot], int]:
     """The plain model's skeleton (no weight storage yet), its slots and their total size."""
     dtype = next(module.parameters()).dtype
@@ -112,7 +94,7 @@ def _build_copy(module: nn.Module, device: torch.device) -> tuple[nn.Module, lis
                 setattr(target, key, getattr(source, key).to(device))
     targets = dict(copy.named_parameters())  # tied parameters appear once
     slots, offset, seen, skipped = [], 0, set(), []
-    for name, source, lora in _sources(module):
+    for name, source, lora in plain_parameters(module):
         target = targets.get(name)
         if target is None or id(target) in seen:
             skipped.append((name, source))  # the second name of a tied parameter
