@@ -11,9 +11,11 @@ different lengths without hanging. The training weights are never touched.
 
 The copy is built once (its module skeleton, buffers and rotary tables) and kept. Its
 parameters are views into one flat buffer per entry into generation mode: entering allocates
-it (or reuses it, `reuse_copy`) and fills it with a few large all-gathers of the ZeRO-3
-partitions (`GATHER_BUCKET` elements each), then merges LoRA adapters in place; leaving drops
-the buffer, so between steps the copy holds no weights. Memory held during training:
+it (or reuses it, `reuse_copy`) and fills it from the ZeRO-3 partitions: a parameter of
+`GATHER_DIRECT` elements or more with one all-gather straight into its place, smaller ones
+together in all-gathers of up to `GATHER_BUCKET` elements, copied out; then LoRA adapters are
+merged in place. Leaving drops the buffer (no garbage collection, no cache flush), so between
+steps the copy holds no weights. Memory held during training:
   - ZeRO 0-2 without LoRA: nothing (no copy);
   - ZeRO-3 or LoRA: the skeleton only (buffers: rotary tables, a few KB to MB);
   - with `reuse_copy`: also the flat buffer, a whole model in the actor's dtype.
