@@ -20,7 +20,9 @@ if [ "$DRY" = 1 ]; then
   NUM_GPUS=2  # CPU ranks: the 2-rank steps run too
   GEN="--layers 2 --hidden 64 --vocab 512 --prompts 2 --prompt-len 8 --new-tokens 8 --repeats 1"
   PPO="--preset micro --steps 1 --warmup 1"
-  PPO2="$PPO --zero-stage 2,3"
+  # also the variable-length mode: a fifth of the vocabulary ends a response, and token
+  # packing next to micro-batches by rows
+  PPO2="$PPO --zero-stage 2,3 --eos-frac 0.2 --micro-batch-tokens 0,64"
   FAST="--static-cache"  # torch.compile on CPU would need minutes and a C++ compiler
 else
   NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
@@ -85,6 +87,7 @@ def bench(name):
         return {**result, **{k: data[k] for k in keys}}
     runs = {variant: {
         "samples_per_s": r["samples_per_s"],
+        "response_length_mean": r["response_length_mean"],
         "generated_tokens_per_s": r["generated_tokens_per_s"],
         "train_tokens_per_s": r["train_tokens_per_s"],
         "train_mfu": r.get("train_mfu"), "step_s": r["step_s"],

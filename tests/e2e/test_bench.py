@@ -33,3 +33,21 @@ def test_matched_tokenizer_decodes_every_id():
     ids = tokenizer("t2 t299 t150")["input_ids"]
     assert ids == [2, 299, 150]  # one word, one token
     assert tokenizer.decode([5, 299]) == "t5 t299"
+
+
+def test_model_from_a_config_json(tmp_path):
+    actor = {**bench.PRESETS["micro"]["actor"], "hidden_size": 48}
+    (tmp_path / "actor.json").write_text(json.dumps(actor))
+    assert bench.load_model_config(str(tmp_path / "actor.json"), None, "--config") == actor
+    args = bench.build_parser().parse_args(
+        ["ppo", "--config", str(tmp_path / "actor.json"), "--zero-stage", "2,3",
+         "--micro-batch-tokens", "0,64"])
+    assert args.zero_stage == [2, 3] and args.micro_batch_tokens == [0, 64]
+    args.prompt_len, args.response_len, args.dtype, args.micro_batch = 8, 8, "fp32", 4
+    args.gen_batch, args.batch = 4, 4
+    cfg = bench._ppo_config(args, actor, actor, bench.Variant(3, 64), tmp_path)
+    # The JSON's model with room for prompt + response; ZeRO-3 actor and critic, frozen
+    # roles at ZeRO-3 too, every role packed by tokens.
+    assert cfg["actor"]["model"]["init"] == {**actor, "max_position_embeddings": 64}
+    assert [cfg[r]["zero_stage"] for r in ("actor", "critic", "ref", "reward")] == [3] * 4
+    assert {cfg[r]["micro_batch_tokens"] for r in ("actor", "critic", "ref", "reward")} == {64}

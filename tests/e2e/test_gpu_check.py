@@ -1,7 +1,8 @@
 """`GPU_CHECK_DRY=1 launch/gpu_check.sh`: the GPU check's plumbing on CPU ranks, tiny models.
 
 One run covers the bench too: 1 rank (generation, PPO, PPO with the static cache) and
-2 ranks (ZeRO-2 and ZeRO-3 interleaved in one process)."""
+2 ranks (ZeRO-2 and ZeRO-3, by rows and packed by tokens, with variable lengths, interleaved
+in one process)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from tests.conftest import REPO, cpu_env, free_port
 
 pytestmark = pytest.mark.e2e
 
-PPO_FIELDS = {"samples_per_s", "generated_tokens_per_s", "train_tokens_per_s", "train_mfu",
-              "step_s", "time_split_sum_over_step", "switch_over_generate",
-              "trained_over_frozen_scoring"}
+PPO_FIELDS = {"samples_per_s", "response_length_mean", "generated_tokens_per_s",
+              "train_tokens_per_s", "train_mfu", "step_s", "time_split_sum_over_step",
+              "switch_over_generate", "trained_over_frozen_scoring"}
 
 
 def test_dry_gpu_check_writes_every_field(tmp_path):
@@ -38,8 +39,9 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
     assert 0 < gen["switch_s"] < gen["hybrid_engine_s"] and gen["decode_ms_per_token"] > 0
     assert gen["bandwidth_bound_ms_per_token"] is None  # known only for known GPUs
 
+    two_ranks = {"zero2", "zero2_tokens64", "zero3", "zero3_tokens64"}
     for name, world, variants in (("ppo", 1, {"zero2"}), ("ppo_static_compile", 1, {"zero2"}),
-                                  ("ppo_2ranks", 2, {"zero2", "zero3"})):
+                                  ("ppo_2ranks", 2, two_ranks)):
         ppo = report[name]
         assert ppo["ok"] and ppo["world_size"] == world and set(ppo["runs"]) == variants
         assert len(ppo["peak_memory_gb_per_rank"]) == world
@@ -50,6 +52,12 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
             assert run["train_mfu"] is None  # CPU: no peak to compare with
             assert run["step_s"]["min"] <= run["step_s"]["median"] <= run["step_s"]["max"]
             assert 0.7 <= run["time_split_sum_over_step"] <= 1.0  # the phases cover the step
+        lengths = {run["response_length_mean"] for run in ppo["runs"].values()}
+        if name == "ppo_2ranks":  # --eos-frac 0.2: responses end early, the same in every
+            # variant (sampling is per prompt; packing and ZeRO stage change no token)
+            assert len(lengths) == 1 and lengths.pop() < 8
+        else:
+            assert lengths == {8.0}  # fixed length: no EOS
         # Rank 0 alone prints the result: one JSON line.
         log = (Path(report["work_dir"]) / f"{name}.log").read_text()
         assert len([x for x in log.splitlines() if x.startswith("{")]) == 1
