@@ -172,7 +172,8 @@ def keep_prefetch_trace(engine) -> Iterator[None]:
     they gathered are released after: along a forward + backward trace they would otherwise
     stay gathered until the next backward, a whole model held through the other roles' work.
     """
-    offload = getattr(engine.optimizer, "parameter_offload", None)  # trained ZeRO-3 only
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None)  # trained ZeRO-3 engines only
     coordinator = offload.get_param_coordinator() if offload is not None else None
     untraced = coordinator is not None and coordinator.is_invalid_trace()
     try:
