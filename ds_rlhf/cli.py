@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # builds its own workload from presets and flags
         from ds_rlhf import bench
 
-        bench.main(argv[1:])
-        return 0
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ds-rlhf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="which step to run")

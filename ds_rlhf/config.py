@@ -132,8 +132,9 @@ class GenerationConfig:
     # a step has ppo.rollout_batch_size x n rows, the n rows of a prompt on one rank
     gather_weights: bool = True  # HybridEngine: gather ZeRO-3 weights once into a plain copy;
     # false generates through the ZeRO-3 module with synced ranks (models too big to gather)
-    reuse_copy: bool = False  # keep that copy between steps and refill it: faster switches,
-    # but a whole model stays in memory during training
+    reuse_copy: bool = False  # keep that copy's weights between steps and refill them in
+    # place: a whole model (actor dtype) held during training; off, only its skeleton (no
+    # weights) stays and each switch allocates and frees one flat buffer
     static_cache: bool = False  # preallocated KV cache: fixed shapes per decode step
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); needs
     # static_cache, and reuse_copy under ZeRO-3 or LoRA so the compiled model is kept

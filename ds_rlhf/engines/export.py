@@ -1,9 +1,10 @@
 """Whole-model weights out of an engine: ZeRO-3 partitions gathered, LoRA adapters merged.
 
-`merged_weights` feeds both the HybridEngine's plain generation copy and the HF-format
-export (save_pretrained + tokenizer), so the two always see the same weights. Exported
-reward models and critics get a pad token that is not EOS (see classifier_tokenizer), so HF's
-standard pooled forward scores the token training scored.
+`plain_parameters` names the weights as in the plain model and pairs LoRA layers with their
+adapters; the HybridEngine's generation copy (which gathers them in bulk) and the HF-format
+export (`merged_weights`, save_pretrained + tokenizer) both use it, so the two always see the
+same weights. Exported reward models and critics get a pad token that is not EOS (see
+classifier_tokenizer), so HF's standard pooled forward scores the token training scored.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import deepspeed
 import torch
@@ -23,13 +25,23 @@ def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and hasattr(module, "lora_A")
 
 
-def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) of every parameter and persistent buffer, named as in the plain
-    (adapter-free) model: W = W_base + scaling * B @ A for LoRA layers (Hu et al. 2021, eq. 3).
+class Lora(NamedTuple):
+    """A LoRA layer's adapter, merged as W = W_base + scaling * B @ A (Hu et al. 2021, eq. 3)."""
 
-    Gathers one submodule at a time, so every rank must run the iterator to its end (the
-    gathers are collective) and copy each tensor before asking for the next one.
-    """
+    a: nn.Parameter  # lora_A weight [rank, in]
+    b: nn.Parameter  # lora_B weight [out, rank]
+    scaling: float  # alpha / rank
+    fan_in_fan_out: bool  # peft's flag for Conv1D (GPT-2 family), whose W is [in, out]
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """scaling * B @ A in float32 from the full A and B, laid out like the base weight."""
+        delta = (b.float() @ a.float()) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+
+def plain_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, Lora | None]]:
+    """(name in the plain, adapter-free model, parameter, None or the LoRA adapter to merge
+    into it) for every parameter; under ZeRO-3 the parameters are partitioned."""
     lora = [name for name, m in module.named_modules() if is_lora_layer(m)]
     for prefix, sub in module.named_modules():
         if any(prefix.startswith(f"{name}.") for name in lora):
@@ -39,23 +51,35 @@ def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             return f"{prefix}.{name}" if prefix else name
 
         if is_lora_layer(sub):
-            base, a, b = sub.base_layer, sub.lora_A[ADAPTER].weight, sub.lora_B[ADAPTER].weight
-            params = [base.weight, a, b] + ([base.bias] if base.bias is not None else [])
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                delta = (b.data.float() @ a.data.float()) * sub.scaling[ADAPTER]
-                if getattr(sub, "fan_in_fan_out", False):  # Conv1D (GPT-2 family) stores
-                    delta = delta.T  # W as [in, out]; peft sets this flag for such layers
-                yield key("weight"), (base.weight.data.float() + delta).to(base.weight.dtype)
-                if base.bias is not None:
-                    yield key("bias"), base.bias.data
+            base = sub.base_layer
+            yield key("weight"), base.weight, Lora(
+                sub.lora_A[ADAPTER].weight, sub.lora_B[ADAPTER].weight, sub.scaling[ADAPTER],
+                bool(getattr(sub, "fan_in_fan_out", False)))
+            if base.bias is not None:
+                yield key("bias"), base.bias, None
             continue
-        own = list(sub.named_parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
-            for name, p in own:
-                yield key(name), p.data
+        for name, p in sub.named_parameters(recurse=False):
+            yield key(name), p, None
+
+
+def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every parameter and persistent buffer, named as in the plain
+    (adapter-free) model: W = W_base + scaling * B @ A for LoRA layers (Hu et al. 2021, eq. 3).
+
+    Gathers one parameter (with its adapters) at a time, so every rank must run the iterator
+    to its end (the gathers are collective) and copy each tensor before asking for the next.
+    """
+    for name, p, lora in plain_parameters(module):
+        with deepspeed.zero.GatheredParameters([p, *(lora[:2] if lora else ())],
+                                               modifier_rank=None):
+            if lora is None:
+                yield name, p.data
+                continue
+            yield name, (p.data.float() + lora.delta(lora.a.data, lora.b.data)).to(p.dtype)
+    for prefix, sub in module.named_modules():
         for name, buf in sub.named_buffers(recurse=False):
             if buf is not None and name not in sub._non_persistent_buffers_set:
-                yield key(name), buf.data
+                yield (f"{prefix}.{name}" if prefix else name), buf.data
 
 
 def export_hf(engine, hf_model: nn.Module, tokenizer, path: str | Path, is_main: bool) -> None:

@@ -23,7 +23,7 @@ from ds_rlhf import algo, generation
 from ds_rlhf.config import EngineConfig, GenerationConfig, PPOConfig, TrainEngineConfig
 from ds_rlhf.engines.ds_config import deepspeed_config
 from ds_rlhf.engines.export import export_hf
-from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine
+from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine, keep_prefetch_trace
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout, pack_by_tokens, split_to_count
@@ -162,11 +162,12 @@ class LossScale:
 def _forward_all(engine, rollout: Rollout, batcher: MicroBatcher, fn: Callable) -> torch.Tensor:
     """fn over the micro-batches, each output row put back at its row of `rollout`."""
     out = None
-    for idx in batcher.split(rollout):
-        result = fn(engine, rollout.select(idx)).cpu()
-        if out is None:
-            out = result.new_zeros((len(rollout), *result.shape[1:]))
-        out[idx] = result
+    with keep_prefetch_trace(engine):
+        for idx in batcher.split(rollout):
+            result = fn(engine, rollout.select(idx)).cpu()
+            if out is None:
+                out = result.new_zeros((len(rollout), *result.shape[1:]))
+            out[idx] = result
     return out
 
 

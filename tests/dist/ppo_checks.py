@@ -6,13 +6,18 @@ Builds the real PPO trainer, then on real engines (actor/critic ZeRO-3, frozen Z
 1. reward position: the score is read at the last real token, found from lengths, for a
    response that ends in EOS (followed by pads == EOS) and one that hits the length limit;
 2. uneven lengths: rank 0's rows stop at once, rank 1's run to the limit; generation (gathered
-   copy and ZeRO-3 fallback) and a whole PPO step complete without hanging.
+   copy and ZeRO-3 fallback) and a whole PPO step complete without hanging;
+3. the HybridEngine's copy: equal to the gathered training weights before and after an
+   update, tied embeddings in one storage, no weights held after leaving generation mode;
+4. after a second PPO step the trained engines' prefetch traces are complete (the scoring
+   forwards no longer make every step re-record them).
 Rank 0 writes what it saw to RESULT.json; the test asserts on it.
 """
 
 import json
 import sys
 
+import deepspeed
 import torch
 
 from ds_rlhf.config import load_config
@@ -60,13 +65,37 @@ def uneven(trainer, vocab_size: int) -> dict:
     return {"lengths": lengths, "metrics": metrics}
 
 
+def hybrid_copy(trainer) -> dict:
+    module = trainer.actor.engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        expected = {name: p.detach().clone() for name, p in module.named_parameters()}
+    with trainer.actor.hybrid.generation_mode() as gen:
+        copy = gen.model
+        equal = sorted(expected) == sorted(n for n, _ in copy.named_parameters()) and all(
+            torch.equal(p, expected[name]) for name, p in copy.named_parameters())
+        tied = (copy.get_input_embeddings().weight.data_ptr()
+                == copy.get_output_embeddings().weight.data_ptr())
+    return {"equal": equal, "tied": tied,
+            "numel_after": sum(p.numel() for p in copy.parameters())}
+
+
+def traces_complete(trainer) -> dict:
+    trainer.step += 1
+    trainer.ppo_step(trainer.step)
+    return {role: getattr(trainer, role).engine.optimizer.parameter_offload
+            .get_param_coordinator().is_complete_trace() for role in ("actor", "critic")}
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     cfg = load_config(args[0])
     trainer = build_ppo(cfg)
     vocab_size = len(trainer.tokenizer)
     result = {"reward_position": reward_position(trainer),
-              "uneven": uneven(trainer, vocab_size)}
+              "hybrid_before": hybrid_copy(trainer),
+              "uneven": uneven(trainer, vocab_size),
+              "hybrid_after": hybrid_copy(trainer),
+              "traces_complete": traces_complete(trainer)}
     lengths = trainer.coord.gather_objects([result["uneven"]["lengths"]])
     if trainer.coord.is_main:
         result["uneven"]["lengths_by_rank"] = lengths

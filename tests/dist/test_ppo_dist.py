@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from ds_rlhf.config import ModelConfig
 from ds_rlhf.models import build_causal_lm
 from ds_rlhf.tracking import read_metrics
-from tests.conftest import ppo_config, run_deepspeed, write_yaml
+from tests.conftest import ppo_config, run_deepspeed, tiny_init, write_yaml
 
 pytestmark = pytest.mark.dist
 
@@ -127,7 +127,9 @@ def test_reward_position_and_uneven_lengths_zero3(assets, tmp_path, packing):
     the ranks must still run equally many ZeRO-3 forwards, or they hang."""
     z3 = {"zero_stage": 3}
     base = ppo_config(assets, tmp_path / "out")
-    cfg = ppo_config(assets, tmp_path / "out", actor={**base["actor"], **z3, **packing},
+    tied = {"model": {**base["actor"]["model"],
+                      "init": {**tiny_init(assets["vocab_size"]), "tie_word_embeddings": True}}}
+    cfg = ppo_config(assets, tmp_path / "out", actor={**base["actor"], **z3, **packing, **tied},
                      critic={**base["critic"], **z3, **packing},
                      ref={**base["ref"], **packing}, reward={**base["reward"], **packing},
                      ppo={"steps": 2, "rollout_batch_size": 8})
@@ -152,3 +154,10 @@ def test_reward_position_and_uneven_lengths_zero3(assets, tmp_path, packing):
         assert by_rank[1][mode] == [8, 8, 8, 8]  # ran to the limit
     for value in result["uneven"]["metrics"].values():
         assert math.isfinite(value)
+
+    # The HybridEngine's copy holds the training weights (also after an update), one storage
+    # for the tied embedding and LM head, and nothing once generation mode is left.
+    for key in ("hybrid_before", "hybrid_after"):
+        assert result[key] == {"equal": True, "tied": True, "numel_after": 0}
+    # Scoring forwards of the trained ZeRO-3 engines no longer break their prefetch traces.
+    assert result["traces_complete"] == {"actor": True, "critic": True}

@@ -1,4 +1,5 @@
-"""`ds-rlhf bench` on CPU ranks: one JSON line whose phases add up to the step."""
+"""`ds-rlhf bench`: its inputs, and a critic-free run (the PPO runs are in
+tests/e2e/test_gpu_check.py)."""
 
 from __future__ import annotations
 
@@ -6,34 +7,70 @@ import json
 
 import pytest
 
+from ds_rlhf import bench
 from tests.conftest import run_deepspeed
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("nproc, estimator, n", [(1, "gae", 1), (2, "gae", 1), (2, "grpo", 2)])
-def test_bench_ppo_tiny_prints_one_json_line(nproc, estimator, n):
-    proc = run_deepspeed(nproc, [
+def test_bench_refuses_a_critic_with_another_vocabulary(tmp_path, capsys):
+    critic = {**bench.PRESETS["micro"]["actor"], "vocab_size": 1000}  # the actor's is 512
+    (tmp_path / "critic.json").write_text(json.dumps(critic))
+    code = bench.main(["ppo", "--preset", "micro", "--critic-config",
+                       str(tmp_path / "critic.json")])
+    assert code == 2  # before any engine or process group
+    err = capsys.readouterr().err
+    assert "vocab_size 1000" in err and "512" in err and "--critic-config" in err
+
+
+def test_bench_refuses_a_config_without_model_type(tmp_path, capsys):
+    (tmp_path / "actor.json").write_text(json.dumps({"hidden_size": 8, "vocab_size": 16}))
+    assert bench.main(["ppo", "--config", str(tmp_path / "actor.json")]) == 2
+    assert "model_type" in capsys.readouterr().err
+
+
+def test_matched_tokenizer_decodes_every_id():
+    tokenizer = bench.matched_tokenizer(300)
+    assert len(tokenizer) == 300 and tokenizer.eos_token_id == tokenizer.pad_token_id == 0
+    ids = tokenizer("t2 t299 t150")["input_ids"]
+    assert ids == [2, 299, 150]  # one word, one token
+    assert tokenizer.decode([5, 299]) == "t5 t299"
+
+
+def test_model_from_a_config_json(tmp_path):
+    actor = {**bench.PRESETS["micro"]["actor"], "hidden_size": 48}
+    (tmp_path / "actor.json").write_text(json.dumps(actor))
+    assert bench.load_model_config(str(tmp_path / "actor.json"), None, "--config") == actor
+    args = bench.build_parser().parse_args(
+        ["ppo", "--config", str(tmp_path / "actor.json"), "--zero-stage", "2,3",
+         "--micro-batch-tokens", "0,64"])
+    assert args.zero_stage == [2, 3] and args.micro_batch_tokens == [0, 64]
+    args.prompt_len, args.response_len, args.dtype, args.micro_batch = 8, 8, "fp32", 4
+    args.gen_batch, args.batch = 4, 4
+    cfg = bench._ppo_config(args, actor, actor, bench.Variant(3, 64), tmp_path)
+    # The JSON's model with room for prompt + response; ZeRO-3 actor and critic, frozen
+    # roles at ZeRO-3 too, every role packed by tokens.
+    assert cfg["actor"]["model"]["init"] == {**actor, "max_position_embeddings": 64}
+    assert [cfg[r]["zero_stage"] for r in ("actor", "critic", "ref", "reward")] == [3] * 4
+    assert {cfg[r]["micro_batch_tokens"] for r in ("actor", "critic", "ref", "reward")} == {64}
+
+
+def test_bench_grpo_builds_only_the_actor():
+    """Critic-free, scored by a rule: the bench builds the actor alone and reports it."""
+    proc = run_deepspeed(2, [
         "ds_rlhf", "bench", "ppo", "--preset", "tiny", "--batch", "4", "--prompt-len", "16",
-        "--response-len", "16", "--steps", "2", "--estimator", estimator, "--n-samples",
-        str(n), "--reward", "function" if estimator == "grpo" else "model"], timeout=300)
+        "--response-len", "16", "--steps", "2", "--estimator", "grpo", "--n-samples", "2",
+        "--reward", "function"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1  # rank 0 only
     result = json.loads(lines[0])
-    assert result["world_size"] == nproc and result["rollout_batch"] == 4 * nproc * n
-    assert (result["estimator"], result["n_samples"]) == (estimator, n)
-    if estimator == "gae":
-        assert result["engines"] == ["actor", "critic", "ref", "reward"]
-    else:  # no critic; no KL term in grpo's bench: no reference
-        assert result["engines"] == ["actor"]  # and the rule scores: no reward engine
-        assert result["critic_params_m"] is None
-        assert result["time_split_s"]["critic_train"] == 0.0
-    assert result["samples_per_s"] > 0 and result["generated_tokens_per_s"] > 0
-    assert result["train_tokens_per_s"] > 0
-    assert set(result["time_split_s"]) == {
-        "switch", "generate", "actor_logprobs", "ref_logprobs", "values", "reward",
-        "advantages", "actor_train", "critic_train"}
-    assert 0.95 <= result["time_split_sum_over_step"] <= 1.0
-    assert len(result["peak_memory_gb_per_rank"]) == nproc
-    assert all(m > 0.1 for m in result["peak_memory_gb_per_rank"])
+    assert result["rollout_batch"] == 4 * 2 * 2  # prompts per rank x ranks x samples
+    assert (result["estimator"], result["n_samples"]) == ("grpo", 2)
+    assert result["engines"] == ["actor"] and result["critic_params_m"] is None
+    (run,) = result["runs"].values()
+    assert list(run["engines"]) == ["actor"] and run["engines"]["actor"]["trained"]
+    assert run["time_split_s"]["critic_train"] == 0.0
+    assert run["trained_over_frozen_scoring"] is None  # no frozen engine to compare with
+    assert run["samples_per_s"] > 0 and 0.95 <= run["time_split_sum_over_step"] <= 1.0
+    assert len(result["peak_memory_gb_per_rank"]) == 2

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from ds_rlhf.engines.export import classifier_tokenizer
-from ds_rlhf.engines.hybrid import _plain_copy
+from ds_rlhf.engines.hybrid import HybridEngine
 from ds_rlhf.engines.roles import add_lora
 from ds_rlhf.models import ScalarHeadModel, sequence_inputs
 
@@ -19,11 +19,27 @@ def _gpt2(vocab_size: int = 100, **extra) -> transformers.PretrainedConfig:
                                    n_positions=64, bos_token_id=0, eos_token_id=0, **extra)
 
 
+class _Unpartitioned:
+    """What the HybridEngine reads of a DeepSpeed engine, for a model without ZeRO-3 (then
+    filling the copy runs no collective)."""
+
+    def __init__(self, module):
+        self.module, self.device = module, torch.device("cpu")
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+
+def _plain_copy(model):
+    """The HybridEngine's generation copy of `model`: weights copied, LoRA merged."""
+    return HybridEngine(_Unpartitioned(model), gather_weights=True, synced=None)._fill()
+
+
 def test_generation_copy_keeps_tied_embeddings_tied():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_gpt2()).eval()
     assert model.lm_head.weight is model.transformer.wte.weight
-    copy = _plain_copy(model, torch.device("cpu")).eval()
+    copy = _plain_copy(model)
     # One storage for both, so no extra vocab x hidden matrix: 100 x 32 = 3200 fewer numbers.
     assert copy.lm_head.weight.data_ptr() == copy.transformer.wte.weight.data_ptr()
     assert sum(p.numel() for p in copy.parameters()) == sum(p.numel() for p in
@@ -45,7 +61,7 @@ def test_lora_merge_on_conv1d_layers_matches_the_adapted_model():
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft starts B at 0 (no change); make the adapters count
             torch.nn.init.normal_(p, std=0.5)
-    copy = _plain_copy(model, torch.device("cpu")).eval()
+    copy = _plain_copy(model)
     assert not any(hasattr(m, "lora_A") for m in copy.modules())
     with torch.no_grad():
         adapted, merged = model(ids).logits, copy(ids).logits

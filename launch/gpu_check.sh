@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Measure a GPU machine in one command (under 8 minutes on one H100/H200) and write one JSON
+# report: the GPU-marked tests (pass/fail each), `bench generation` on a ~1B llama in bf16
+# (decode ms per token against the memory-bandwidth bound), `bench ppo --preset
+# opt-1.3b-350m` with and without generation.static_cache + compile (samples/s, tokens/s,
+# MFU, peak memory), and, when 2 GPUs are present, the same PPO bench on 2 ranks (NCCL) at
+# ZeRO-2 and ZeRO-3.
+#   launch/gpu_check.sh                   # report: gpu_check.json (GPU_CHECK_OUT to change)
+#   GPU_CHECK_DRY=1 launch/gpu_check.sh   # the same steps on CPU ranks with tiny models (CI)
+# A failing step is recorded in the report and the others still run; the exit status is 1
+# when any step failed. PYTHON as in launch/env.sh; MASTER_PORT for the launcher (29500).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+DRY=${GPU_CHECK_DRY:-0}
+if [ "$DRY" = 1 ]; then GPU=0; fi
+. "$REPO/launch/env.sh"  # PYTHONPATH, PYTHON, GPU and the CPU settings
+OUT=${GPU_CHECK_OUT:-$PWD/gpu_check.json}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+if [ "$DRY" = 1 ]; then
+  NUM_GPUS=2  # CPU ranks: the 2-rank steps run too
+  GEN="--layers 2 --hidden 64 --vocab 512 --prompts 2 --prompt-len 8 --new-tokens 8 --repeats 1"
+  PPO="--preset micro --steps 1 --warmup 1"
+  # also the variable-length mode: a fifth of the vocabulary ends a response, and token
+  # packing next to micro-batches by rows
+  PPO2="$PPO --zero-stage 2,3 --eos-frac 0.2 --micro-batch-tokens 0,64"
+  FAST="--static-cache"  # torch.compile on CPU would need minutes and a C++ compiler
+else
+  NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+  GEN="--layers 16 --hidden 2048 --vocab 32000 --dtype bf16 --prompts 8 --prompt-len 128 --new-tokens 128 --repeats 2"
+  PPO="--preset opt-1.3b-350m --batch 32 --steps 3 --warmup 1"
+  PPO2="$PPO --batch 16 --steps 2 --zero-stage 2,3"
+  FAST="--static-cache --compile"
+fi
+
+# step NAME NPROC ARGS...: one bench run; its JSON line goes to $WORK/NAME.json, its
+# output to $WORK/NAME.log, its exit status and seconds to $WORK/NAME.status.
+step() {
+  local name=$1 nproc=$2 start rc
+  shift 2
+  start=$(date +%s)
+  "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" \
+    --module ds_rlhf bench "$@" > "$WORK/$name.log" 2>&1
+  rc=$?
+  grep '^{' "$WORK/$name.log" | tail -n 1 > "$WORK/$name.json"
+  echo "$rc $(( $(date +%s) - start ))" > "$WORK/$name.status"
+  echo "gpu_check: $name exit $rc" >&2
+}
+
+start=$(date +%s)
+(cd "$REPO" && "$PYTHON" -m pytest -q -m gpu tests --junitxml="$WORK/gpu_tests.xml" \
+   > "$WORK/gpu_tests.log" 2>&1)
+echo "$? $(( $(date +%s) - start ))" > "$WORK/gpu_tests.status"
+step generation 1 generation $GEN
+step ppo 1 ppo $PPO
+step ppo_static_compile 1 ppo $PPO $FAST
+if [ "$NUM_GPUS" -ge 2 ]; then
+  step ppo_2ranks 2 ppo $PPO2
+fi
+
+"$PYTHON" - "$WORK" "$OUT" "$DRY" "$NUM_GPUS" <<'EOF'
+"""Assemble the report from the steps' files."""
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+work, out, dry, num_gpus = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+
+
+def status(name):
+    rc, seconds = (work / f"{name}.status").read_text().split()
+    return {"ok": rc == "0", "exit_code": int(rc), "seconds": int(seconds)}
+
+
+def bench(name):
+    if not (work / f"{name}.status").exists():
+        return None
+    text = (work / f"{name}.json").read_text().strip()
+    result = status(name)
+    if not text:
+        result["log_tail"] = (work / f"{name}.log").read_text()[-2000:]
+        return result
+    data = json.loads(text)
+    if data["bench"] == "generation":
+        keys = ("params_m", "dtype", "hybrid_engine_s", "switch_s", "zero3_module_s",
+                "decode_ms_per_token", "bandwidth_bound_ms_per_token", "peak_memory_gb_per_rank")
+        return {**result, **{k: data[k] for k in keys}}
+    runs = {variant: {
+        "samples_per_s": r["samples_per_s"],
+        "response_length_mean": r["response_length_mean"],
+        "generated_tokens_per_s": r["generated_tokens_per_s"],
+        "train_tokens_per_s": r["train_tokens_per_s"],
+        "train_mfu": r.get("train_mfu"), "step_s": r["step_s"],
+        "time_split_sum_over_step": r["time_split_sum_over_step"],
+        "switch_over_generate": r["switch_over_generate"],
+        "trained_over_frozen_scoring": r["trained_over_frozen_scoring"],
+    } for variant, r in data["runs"].items()}
+    return {**result, "world_size": data["world_size"], "runs": runs,
+            "peak_memory_gb_per_rank": data["peak_memory_gb_per_rank"]}
+
+
+tests = {}
+xml = work / "gpu_tests.xml"
+if xml.exists():
+    for case in ET.parse(xml).iter("testcase"):
+        kinds = {child.tag for child in case}
+        outcome = ("failed" if kinds & {"failure", "error"} else
+                   "skipped" if "skipped" in kinds else "passed")
+        tests[f"{case.get('classname')}::{case.get('name')}"] = outcome
+report = {
+    "dry_run": dry, "num_gpus": num_gpus, "work_dir": str(work),  # each step's log is there
+    "gpu_tests": {**status("gpu_tests"), "tests": tests},
+    "generation": bench("generation"),
+    "ppo": bench("ppo"),
+    "ppo_static_compile": bench("ppo_static_compile"),
+    "ppo_2ranks": bench("ppo_2ranks"),  # null with fewer than 2 GPUs
+}
+report["ok"] = all(v["ok"] for v in report.values() if isinstance(v, dict))
+out.write_text(json.dumps(report, indent=1) + "\n")
+print(f"gpu_check: report in {out}: {'all passed' if report['ok'] else 'FAILURES'}")
+sys.exit(0 if report["ok"] else 1)
+EOF

@@ -1,0 +1,63 @@
+"""`GPU_CHECK_DRY=1 launch/gpu_check.sh`: the GPU check's plumbing on CPU ranks, tiny models.
+
+One run covers the bench too: 1 rank (generation, PPO, PPO with the static cache) and
+2 ranks (ZeRO-2 and ZeRO-3, by rows and packed by tokens, with variable lengths, interleaved
+in one process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, cpu_env, free_port
+
+pytestmark = pytest.mark.e2e
+
+PPO_FIELDS = {"samples_per_s", "response_length_mean", "generated_tokens_per_s",
+              "train_tokens_per_s", "train_mfu", "step_s", "time_split_sum_over_step",
+              "switch_over_generate", "trained_over_frozen_scoring"}
+
+
+def test_dry_gpu_check_writes_every_field(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run(["bash", "launch/gpu_check.sh"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600,
+                          env=cpu_env(GPU_CHECK_DRY="1", GPU_CHECK_OUT=str(out),
+                                      MASTER_PORT=str(free_port())))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["dry_run"] and report["num_gpus"] == 2
+    # The GPU tests are collected and, without a GPU, skipped.
+    assert report["gpu_tests"]["tests"] and set(report["gpu_tests"]["tests"].values()) == {
+        "skipped"}
+
+    gen = report["generation"]
+    assert gen["ok"] and gen["params_m"] > 0 and len(gen["peak_memory_gb_per_rank"]) == 1
+    assert 0 < gen["switch_s"] < gen["hybrid_engine_s"] and gen["decode_ms_per_token"] > 0
+    assert gen["bandwidth_bound_ms_per_token"] is None  # known only for known GPUs
+
+    two_ranks = {"zero2", "zero2_tokens64", "zero3", "zero3_tokens64"}
+    for name, world, variants in (("ppo", 1, {"zero2"}), ("ppo_static_compile", 1, {"zero2"}),
+                                  ("ppo_2ranks", 2, two_ranks)):
+        ppo = report[name]
+        assert ppo["ok"] and ppo["world_size"] == world and set(ppo["runs"]) == variants
+        assert len(ppo["peak_memory_gb_per_rank"]) == world
+        assert all(m > 0.1 for m in ppo["peak_memory_gb_per_rank"])
+        for run in ppo["runs"].values():
+            assert set(run) == PPO_FIELDS
+            assert run["samples_per_s"] > 0 and run["generated_tokens_per_s"] > 0
+            assert run["train_mfu"] is None  # CPU: no peak to compare with
+            assert run["step_s"]["min"] <= run["step_s"]["median"] <= run["step_s"]["max"]
+            assert 0.7 <= run["time_split_sum_over_step"] <= 1.0  # the phases cover the step
+        lengths = {run["response_length_mean"] for run in ppo["runs"].values()}
+        if name == "ppo_2ranks":  # --eos-frac 0.2: responses end early, the same in every
+            # variant (sampling is per prompt; packing and ZeRO stage change no token)
+            assert len(lengths) == 1 and lengths.pop() < 8
+        else:
+            assert lengths == {8.0}  # fixed length: no EOS
+        # Rank 0 alone prints the result: one JSON line.
+        log = (Path(report["work_dir"]) / f"{name}.log").read_text()
+        assert len([x for x in log.splitlines() if x.startswith("{")]) == 1
