@@ -294,8 +294,9 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
         "time_split_sum_over_step": round(sum(t.values()) / median, 4),
         "switch_over_generate": round(t["switch"] / t["generate"], 3),
         # The trained engines' scoring forwards against the frozen ones' (same shapes).
+        # None unless all four engines run: then the forwards are the same shapes.
         "trained_over_frozen_scoring": round((t["actor_logprobs"] + t["values"]) / frozen, 3)
-        if frozen else None,  # None: no frozen engine (a critic-free run scored by a rule)
+        if len(trainer.engine_names) == 4 else None,
     }
     if torch.cuda.is_available():
         train_s = t["actor_train"] + t["critic_train"]
