@@ -1,5 +1,3 @@
-import sys
+from ds_rlhf.cli import entry
 
-from ds_rlhf.cli import main
-
-sys.exit(main())
+entry()

@@ -141,5 +141,14 @@ def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:
     os._exit(4)
 
 
+def entry() -> None:
+    """`ds-rlhf` and `python -m ds_rlhf`: main(), then the process ends with its exit code
+    (see coordinator.exit_process)."""
+    code = main()
+    from ds_rlhf.coordinator import exit_process
+
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

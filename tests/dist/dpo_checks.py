@@ -20,7 +20,7 @@ import sys
 
 from ds_rlhf import checkpoint, models
 from ds_rlhf.config import DPORunConfig, load_config
-from ds_rlhf.coordinator import stop_distributed
+from ds_rlhf.coordinator import exit_process, stop_distributed
 from ds_rlhf.engines.roles import init_engine
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.trainers.dpo import Reference, build_dpo
@@ -102,6 +102,7 @@ def main() -> None:
         with open(args[1], "w") as f:
             json.dump(seen, f)
     stop_distributed()
+    exit_process(0)  # see its docstring
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 
 from ds_rlhf import generation
 from ds_rlhf.config import load_config
-from ds_rlhf.coordinator import stop_distributed
+from ds_rlhf.coordinator import exit_process, stop_distributed
 from ds_rlhf.trainers.ppo import build_ppo
 
 
@@ -48,6 +48,7 @@ def main() -> None:
     if coord.is_main:
         Path(args[1]).write_text(json.dumps(results))
     stop_distributed()
+    exit_process(0)  # see its docstring
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 
 from ds_rlhf import algo
 from ds_rlhf.cli import main
+from ds_rlhf.coordinator import exit_process
 
 policy_loss = algo.policy_loss
 calls = 0
@@ -23,4 +24,4 @@ def poisoned(*args, **kwargs):
 
 
 algo.policy_loss = poisoned
-sys.exit(main([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))
+exit_process(main([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))

@@ -24,7 +24,7 @@ import torch
 
 from ds_rlhf import algo
 from ds_rlhf.config import load_config
-from ds_rlhf.coordinator import stop_distributed
+from ds_rlhf.coordinator import exit_process, stop_distributed
 from ds_rlhf.engines.roles import RewardModel
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.trainers.ppo import build_ppo
@@ -104,6 +104,7 @@ def main() -> None:
     if trainer.coord.is_main:
         Path(args[1]).write_text(json.dumps(ranks))
     stop_distributed()
+    exit_process(0)  # see its docstring
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import deepspeed
 import torch
 
 from ds_rlhf.config import load_config
-from ds_rlhf.coordinator import stop_distributed
+from ds_rlhf.coordinator import exit_process, stop_distributed
 from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout
 from ds_rlhf.trainers.ppo import build_ppo
@@ -102,6 +102,7 @@ def main() -> None:
         with open(args[1], "w") as f:
             json.dump(result, f)
     stop_distributed()
+    exit_process(0)  # see its docstring
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ so a test pays the launcher and import cost once.
 import sys
 
 from ds_rlhf.config import load_config
-from ds_rlhf.coordinator import stop_distributed
+from ds_rlhf.coordinator import exit_process, stop_distributed
 from ds_rlhf.trainers.ppo import run
 
 
@@ -18,6 +18,7 @@ def main() -> None:
     for path in (a for a in sys.argv[1:] if not a.startswith("--local_rank")):
         run(load_config(path))
     stop_distributed()
+    exit_process(0)  # see its docstring
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from ds_rlhf.cli import main
+from ds_rlhf.coordinator import exit_process
 from ds_rlhf.engines.roles import RewardModel
 
 scores = RewardModel.scores
@@ -21,4 +22,4 @@ def poisoned(self, rollout):
 
 
 RewardModel.scores = poisoned
-sys.exit(main([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))
+exit_process(main([a for a in sys.argv[1:] if not a.startswith("--local_rank")]))
