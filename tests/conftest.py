@@ -31,6 +31,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def float32_tolerance(reference, ulps: int = 64) -> float:
+    """An absolute tolerance of `ulps` float32 epsilons of the largest magnitude in
+    `reference`: for comparing two float32 computations that reduce in different orders
+    (another batch shape, another vector ISA: AVX2 and AVX-512 round differently), whose
+    round-off scales with the size of the values, not with 1."""
+    import torch
+
+    return ulps * torch.finfo(torch.float32).eps * max(float(reference.abs().max()), 1.0)
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict:
     """Tokenizer dir and a prompt file from the demo task (word-level, pad == EOS)."""

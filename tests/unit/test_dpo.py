@@ -16,6 +16,7 @@ from ds_rlhf.config import ConfigError, DPORunConfig, load_config, save_yaml
 from ds_rlhf.data import PreferenceSet
 from ds_rlhf.demo import EOS, VOCAB, tiny_model_config
 from ds_rlhf.trainers.dpo import collate_pairs, sequence_logps
+from tests.conftest import float32_tolerance
 
 
 def t(values):
@@ -158,7 +159,9 @@ def test_sequence_logps_of_a_pad_eos_batch_equal_a_direct_computation():
             token = logprobs.gather(1, ids[0, 1:, None]).squeeze(1)  # token t at index t - 1
             expected.append(float(token[start - 1:].sum()))
             expected_counts.append(len(side[i]) - start)
-    torch.testing.assert_close(sums, t(expected), atol=1e-5, rtol=0)
+    # Sums of ~10 log-probabilities (magnitude ~50, an ulp there 4e-6) from two batch shapes,
+    # so two matmul blockings: a tolerance scaled by the magnitude, not 1e-5 (2.6 ulp).
+    torch.testing.assert_close(sums, t(expected), atol=float32_tolerance(t(expected)), rtol=0)
     assert counts.tolist() == expected_counts  # response + EOS, never the padding
 
 
