@@ -298,34 +298,46 @@ def loss_normalizer(mask: Tensor, loss_agg: str, num_tokens: float, num_sequence
 
 
 @torch.no_grad()
-def group_advantages(scores: Tensor, group_size: int, estimator: str,
-                     eps: float = 1e-6) -> Tensor:
+def group_advantages(scores: Tensor, group_size: int, estimator: str, eps: float = 1e-6,
+                     valid: Tensor | None = None) -> Tensor:
     """One advantage per row from the scores of its group, no critic.
 
     Rows g*n .. g*n+n-1 (n = group_size) are the n samples of one prompt. With mean_g and
-    std_g (Bessel-corrected) over the group's scores r:
+    std_g (Bessel-corrected) over the k valid scores r of the group:
       grpo     (r - mean_g) / (std_g + eps)         Shao et al. 2024 (DeepSeekMath), eq. 4-5
       dr_grpo  r - mean_g                           Liu et al. 2025 (Dr. GRPO): no std
-      rloo     r - (sum_g - r) / (n - 1)            Ahmadian et al. 2024: leave-one-out mean
-    A group whose scores are all equal teaches nothing: its rows get exactly 0 (no NaN,
-    no round-off residue). scores: [N] -> [N] float32, N a multiple of group_size >= 2.
+      rloo     r - (sum_g - r) / (k - 1)            Ahmadian et al. 2024: leave-one-out mean
+    ``valid`` ([N] bool, None: all) marks the rows in the update: an invalid row (its score
+    NaN/inf, dropped) takes no part in its group's statistics and gets 0, whatever its score
+    holds (selected out, never multiplied). A group with fewer than 2 valid rows, or whose
+    valid scores are all equal, teaches nothing: its rows get exactly 0 (no NaN, no
+    round-off residue). scores: [N] -> [N] float32, N a multiple of group_size >= 2.
     """
     if group_size < 2 or scores.numel() % group_size:
         raise ValueError(f"group_advantages needs group_size >= 2 dividing the {scores.numel()} "
                          f"scores, got {group_size}")
-    r = scores.float().reshape(-1, group_size)
-    mean = r.mean(1, keepdim=True)
+    if valid is None:
+        valid = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    valid = valid.bool().reshape(-1, group_size)
+    r = torch.where(valid, scores.float().reshape(-1, group_size), 0.0)
+    k = valid.sum(1, keepdim=True)
+    total = r.sum(1, keepdim=True)
+    mean = total / k.clamp(min=1)
     if estimator == "grpo":
-        advantages = (r - mean) / (r.std(1, keepdim=True) + eps)
+        var = torch.where(valid, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (k - 1).clamp(min=1)
+        advantages = (r - mean) / (var.sqrt() + eps)
     elif estimator == "dr_grpo":
         advantages = r - mean
     elif estimator == "rloo":
-        advantages = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
+        advantages = r - (total - r) / (k - 1).clamp(min=1)
     else:
         raise ValueError(f"unknown group estimator {estimator!r}; valid: "
                          f"{', '.join(GROUP_ESTIMATORS)}")
-    all_equal = (r == r[:, :1]).all(1, keepdim=True)
-    return torch.where(all_equal, 0.0, advantages).reshape(-1)
+    # All valid scores equal: the largest equals the smallest (true for k <= 1 too).
+    all_equal = (torch.where(valid, r, -torch.inf).amax(1, keepdim=True)
+                 == torch.where(valid, r, torch.inf).amin(1, keepdim=True))
+    teaches_nothing = ~valid | (k < 2) | all_equal
+    return torch.where(teaches_nothing, 0.0, advantages).reshape(-1)
 
 
 @torch.no_grad()

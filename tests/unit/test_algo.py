@@ -573,6 +573,36 @@ def test_group_advantages_all_equal_group_is_zero(estimator):
     assert advantages[4:].abs().min() > 0.1
 
 
+def test_group_advantages_dropped_rows_take_no_part_in_their_group():
+    nan, inf = math.nan, math.inf
+    scores = t([1.0, 1.0, nan, 1.0,     # the group: survivors equal -> all 0
+                0.0, nan, 3.0, 6.0,     # 3 valid rows
+                inf, 2.0, nan, -inf])   # 1 valid row: no group statistics -> all 0
+    valid = torch.isfinite(scores)
+    # group 1, valid rows 0, 3, 6: k = 3, sum 9, mean 3, deviations -3, 0, 3,
+    #   var (9 + 0 + 9) / (3 - 1) = 9, std 3
+    #   grpo (eps 0): -3/3, 0/3, 3/3 = -1, 0, 1; dr_grpo: -3, 0, 3
+    #   rloo over the k - 1 = 2 others: 0 - (3 + 6)/2 = -4.5, 3 - (0 + 6)/2 = 0, 6 - (0 + 3)/2 = 4.5
+    # (counting the dropped row as a 0, as before: grpo would give the group
+    #  [0.5, 0.5, -1.5, 0.5])
+    expected = {
+        "grpo": [0.0] * 4 + [-1.0, 0.0, 0.0, 1.0] + [0.0] * 4,
+        "dr_grpo": [0.0] * 4 + [-3.0, 0.0, 0.0, 3.0] + [0.0] * 4,
+        "rloo": [0.0] * 4 + [-4.5, 0.0, 0.0, 4.5] + [0.0] * 4,
+    }
+    for estimator, want in expected.items():
+        got = group_advantages(scores, 4, estimator, eps=0.0, valid=valid)
+        assert got.tolist() == want, estimator  # exact, and no NaN/inf leaks
+        # whatever an invalid row holds (here 0, as drop_rows leaves it) changes nothing
+        zeroed = torch.where(valid, scores, 0.0)
+        assert group_advantages(zeroed, 4, estimator, eps=0.0, valid=valid).tolist() == want
+    # all rows valid: the same as valid=None
+    finite = t([0.0, 1.0, 5.0, 2.0, 2.0, 4.0])
+    for estimator in expected:
+        assert torch.equal(group_advantages(finite, 3, estimator),
+                           group_advantages(finite, 3, estimator, valid=torch.ones(6) > 0))
+
+
 def test_group_advantages_rejects_bad_groups():
     with pytest.raises(ValueError, match="group_size >= 2"):
         group_advantages(t([1.0, 2.0]), 1, "grpo")
