@@ -283,8 +283,9 @@ def loss_normalizer(mask: Tensor, loss_agg: str, num_tokens: float, num_sequence
       seq_mean_token_sum_norm  num_sequences * max_len       sum / (rows x max_len)
                                                              (Dr. GRPO, Liu et al. 2025)
     mask: [B, R] rows of this piece; num_tokens and num_sequences: counts of the WHOLE
-    minibatch (all ranks); max_len: generation.max_new_tokens. len_i = mask[i].sum(),
-    clamped to 1 so an empty row divides nothing by 0. Returns a 0-d tensor when every row
+    minibatch (all ranks), rows dropped from the update (no valid tokens) not counted;
+    max_len: generation.max_new_tokens. len_i = mask[i].sum(), clamped to 1 so an empty row
+    divides nothing by 0. Returns a 0-d tensor when every row
     shares the denominator, else ``[B, 1]``.
     """
     if loss_agg == "token_mean":

@@ -333,17 +333,26 @@ def build_rewards(cfg: PPORunConfig, reward_model, coord=None) -> Rewards:
 
 
 def reward_metrics(per_reward: dict[str, Tensor], scores: Tensor, group_size: int,
-                   coord) -> dict[str, float]:
-    """Over all ranks (coord.sum; coord=None: this process only): "rewards/<name>/mean" of
-    each raw reward, and "rewards/all_equal_groups", the share of groups (rows g*n .. g*n+n-1,
-    n = group_size) whose combined scores are all equal: under a group baseline such a group
-    has zero advantage and teaches nothing (0.0 when group_size == 1)."""
+                   coord, valid: Tensor | None = None) -> dict[str, float]:
+    """Over all ranks (coord.sum; coord=None: this process only) and the rows in the update
+    (`valid`, [N] bool; None: all; rows dropped for a NaN/inf score are not): "rewards/<name>/
+    mean" of each raw reward, and "rewards/all_equal_groups", the share of groups (rows
+    g*n .. g*n+n-1, n = group_size) whose valid rows' combined scores are all equal (or that
+    have fewer than 2 valid rows): under a group baseline such a group has zero advantage and
+    teaches nothing (0.0 when group_size == 1)."""
     names = sorted(per_reward)
+    if valid is None:
+        valid = torch.ones(len(scores), dtype=torch.bool)
     num_groups = len(scores) // group_size if group_size > 1 else 0
-    groups = scores[:num_groups * group_size].reshape(num_groups, group_size)
-    all_equal = (groups == groups[:, :1]).all(dim=1).sum()
-    local = torch.stack([torch.tensor(float(len(scores))), torch.tensor(float(num_groups)),
-                         all_equal.double(), *[per_reward[k].double().sum() for k in names]])
+    size = num_groups * group_size
+    groups = scores[:size].reshape(num_groups, group_size)
+    in_group = valid[:size].reshape(num_groups, group_size)
+    all_equal = (torch.where(in_group, groups, -torch.inf).amax(1)
+                 <= torch.where(in_group, groups, torch.inf).amin(1))
+    # a raw reward of a dropped row may be the NaN that dropped it: selected out
+    sums = [torch.where(valid, per_reward[k].double(), 0.0).sum() for k in names]
+    local = torch.stack([valid.double().sum(), torch.tensor(float(num_groups)),
+                         all_equal.double().sum(), *sums])
     total = coord.sum(local) if coord is not None else local.double()
     rows, groups_total, equal = total[:3].tolist()
     metrics = {f"rewards/{k}/mean": float(v) / max(rows, 1.0)

@@ -149,7 +149,7 @@ class LossScale:
 
     loss_agg: str
     num_tokens: float  # valid response tokens of the global minibatch
-    num_sequences: int  # rows of the global minibatch
+    num_sequences: int  # rows of the global minibatch that are in the update (not dropped)
     max_len: int  # generation.max_new_tokens
 
     def denominators(self, mask: torch.Tensor) -> torch.Tensor:

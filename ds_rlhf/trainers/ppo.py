@@ -152,7 +152,7 @@ class PPOTrainer:
 
         # 5. KL controller, metrics, samples.
         metrics = self.rollout_metrics(rollout, kl)
-        metrics.update(reward_metrics(per_reward, rollout.scores, n, self.coord))
+        metrics.update(reward_metrics(per_reward, rollout.scores, n, self.coord, ~nonfinite))
         metrics["train/nonfinite_score_rows"] = num_dropped
         if samples is not None:
             self.tracker.log_samples(self.coord.gather_objects(samples))
@@ -190,7 +190,8 @@ class PPOTrainer:
     def drop_rows(self, bad: torch.Tensor, rollout: Rollout) -> int:
         """Rows `bad` ([B] bool: a NaN/inf reward score) leave the update, in place: their
         response mask is zeroed (no tokens in the losses, GAE, whitening or the global token
-        counts) and their score set to 0. The rows stay, so every rank still runs the same
+        and sequence counts, no part in their group's statistics) and their score set to 0.
+        The rows stay, so every rank still runs the same
         micro-batches. Returns the number of such rows over all ranks; under
         ppo.nonfinite: stop, any one stops the run (every rank sees the same count)."""
         num_bad = int(self.coord.sum(bad.sum().double()).item())
@@ -225,8 +226,9 @@ class PPOTrainer:
         p, mask = self.cfg.ppo, rollout.response_mask
         estimator, n = p.advantage_estimator, self.cfg.generation.n_samples_per_prompt
         scores = rollout.scores
+        valid = mask.bool().any(1)  # rows dropped by drop_rows have no tokens left
         if estimator == "reinforce_pp_baseline":  # the group's mean score as baseline
-            scores = algo.group_advantages(scores, n, "dr_grpo")
+            scores = algo.group_advantages(scores, n, "dr_grpo", valid=valid)
         # Without a reference engine (no KL term configured) the actor is its own reference:
         # the KL is 0.
         ref_logprobs = rollout.old_logprobs if self.ref is None else rollout.ref_logprobs
@@ -235,7 +237,7 @@ class PPOTrainer:
         if estimator in algo.GROUP_ESTIMATORS:
             # One advantage per row from its group's sequence rewards (score - kl_coef * KL;
             # grpo and dr_grpo have kl_coef 0), on every real token, never whitened.
-            per_row = algo.group_advantages(rollout.rewards.sum(1), n, estimator)
+            per_row = algo.group_advantages(rollout.rewards.sum(1), n, estimator, valid=valid)
             rollout.advantages = torch.where(mask.bool(), per_row[:, None], 0.0)
             return kl
         if estimator == "gae":
@@ -272,10 +274,13 @@ class PPOTrainer:
         for _ in range(p.ppo_epochs):
             schedule = minibatch_schedule(num_rows, p.num_minibatches, world, shuffle)
             for minibatch in self.coord.minibatches(rollout, schedule):
-                num_tokens = self.coord.sum(minibatch.response_mask.sum()).item()
+                # valid tokens and rows (dropped rows have no tokens) of the global minibatch
+                mask = minibatch.response_mask
+                num_tokens, num_sequences = self.coord.sum(
+                    torch.stack([mask.sum(), mask.bool().any(1).sum()])).tolist()
                 if num_tokens == 0:  # every row dropped on every rank: no pass, no step
                     continue
-                scale = LossScale(p.loss_agg, num_tokens, num_rows // p.num_minibatches,
+                scale = LossScale(p.loss_agg, num_tokens, int(num_sequences),
                                   self.cfg.generation.max_new_tokens)
                 for name, role in trained.items():
                     with timer(f"{name}_train"):
