@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -268,9 +270,15 @@ class RewardSpec:
     label_column: str | None = None  # server: the prompt dataset column sent as "labels"
     # (OpenRLHF's --label_key); unset sends "" for every row
     token_env: str | None = None  # server: environment variable holding a bearer token
-    timeout: float = 30.0  # server: seconds to wait for one answer
+    timeout: float = 30.0  # server: seconds for one request, connection and whole answer
+    # included (a deadline, not a per-read timeout)
+    max_response_bytes: int = 4 * 1024 * 1024  # server: longest answer accepted (4 MiB);
+    # a longer one is an invalid answer
+    allow_insecure: bool = False  # server: allow sending the token_env token over plain
+    # http:// to a host that is not loopback (readable on the network); else a config error
     max_retries: int = 3  # server: retries of a failed request (timeout, connection, 5xx,
-    # invalid answer), with exponential backoff; 4xx answers are not retried
+    # 408, 429, invalid answer), with exponential backoff; other 4xx answers, redirects
+    # (never followed: the token stays with `url`) and TLS errors are not retried
     backoff: float = 1.0  # server: seconds before the first retry, doubled for each next one
     batch_size: int = 64  # server: rows per request
 
@@ -749,7 +757,20 @@ def check_values(cfg: Any) -> None:
     cfg.tracking.check()
 
 
-_SERVER_FIELDS = ("label_column", "token_env", "timeout", "max_retries", "backoff", "batch_size")
+_SERVER_FIELDS = ("label_column", "token_env", "timeout", "max_response_bytes",
+                  "allow_insecure", "max_retries", "backoff", "batch_size")
+
+
+def _is_loopback(host: str | None) -> bool:
+    """`host` (a URL's hostname) names this machine: localhost or a loopback address."""
+    if host is None:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve anywhere
+        return False
 
 
 def _check_rewards(cfg: PPORunConfig) -> None:
@@ -780,6 +801,13 @@ def _check_rewards(cfg: PPORunConfig) -> None:
             _require(spec.token_env != "", f"{at}.token_env", "is empty; name an environment "
                      "variable or unset it")
             _require(spec.timeout > 0, f"{at}.timeout", "must be > 0 seconds")
+            _require(spec.max_response_bytes >= 1, f"{at}.max_response_bytes", "must be >= 1")
+            url = urllib.parse.urlsplit(spec.url)
+            _require(spec.token_env is None or url.scheme == "https" or spec.allow_insecure
+                     or _is_loopback(url.hostname), f"{at}.url", f"{spec.url!r} would send the "
+                     f"token in ${spec.token_env} over plain http:// to {url.hostname!r}, "
+                     "readable by anyone on the network path; use https://, or set "
+                     f"{at}.allow_insecure: true if the network is private")
             _require(spec.max_retries >= 0, f"{at}.max_retries", "must be >= 0")
             _require(spec.backoff >= 0, f"{at}.backoff", "must be >= 0 seconds")
             _require(spec.batch_size >= 1, f"{at}.batch_size", "must be at least 1")

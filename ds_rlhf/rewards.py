@@ -18,12 +18,16 @@ The sequence score is sum_k weight_k * r_k over the configured rewards:
                 remote_rm_utils.remote_rm_fn), so servers people run work unchanged:
                 POST {"query": [prompt + completion], "prompts": [prompt],
                 "labels": [label_column value or ""]} -> {"rewards": [float, ...]},
-                `batch_size` rows per request, bearer token from $token_env, `timeout`,
-                `max_retries` with exponential backoff.
+                `batch_size` rows per request, bearer token from $token_env, `timeout` a
+                deadline for the whole request, answers of at most `max_response_bytes`,
+                `max_retries` with exponential backoff. Redirects are refused, never
+                followed (the token stays with `url`); a token over plain http:// to a host
+                that is not loopback is a config error unless `allow_insecure: true`.
 
 Every answer is checked: one finite number per row. A function that cannot be imported,
-raises, or returns a wrong count or a non-number, and a server that fails after its retries,
-give one `RewardError` naming the function or URL (and the row, where there is one). With a
+raises, or returns a wrong count or a non-number (or one past float range, 10**400), and a
+server that fails after its retries (an answer that is not UTF-8, not JSON, too large, too
+slow), give one `RewardError` naming the function or URL (and the row, where there is one). With a
 coordinator the ranks agree after scoring, so every rank raises it together and none waits
 in a collective for a rank that has stopped (see `Rewards.score`).
 
@@ -39,10 +43,12 @@ import json
 import math
 import numbers
 import os
+import socket
+import ssl
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,11 +121,24 @@ def _check_values(values: Any, rows: RewardRows, what: str) -> list[float]:
                           "it must return one number per completion, in order")
     out = []
     for i, v in enumerate(values):
-        if not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            raise RewardError(f"{what} returned {v!r} ({type(v).__name__}) for "
+        try:  # float() of an int past 1.8e308 raises OverflowError
+            number = float(v) if isinstance(v, numbers.Real) else math.nan
+        except (OverflowError, ValueError):
+            number = math.inf
+        if not math.isfinite(number):
+            raise RewardError(f"{what} returned {_show(v)} ({type(v).__name__}) for "
                               f"{rows.describe(i)}; expected a finite number")
-        out.append(float(v))
+        out.append(number)
     return out
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters (an answer can be megabytes long)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for str()
+        return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,41 +245,122 @@ class ServerReward:
         body = json.dumps({
             "query": [p + c for p, c in zip(batch.prompts, batch.completions, strict=True)],
             "prompts": batch.prompts, "labels": labels}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(s.url, data=body, headers=headers, method="POST")
         attempts = 0
         while True:
             attempts += 1
             try:
-                with urllib.request.urlopen(request, timeout=s.timeout) as response:
-                    answer = json.loads(response.read())
+                answer = _parse_json(self._post(body))
                 if not isinstance(answer, dict) or "rewards" not in answer:
-                    raise RewardError(f"answered {str(answer)[:200]!r}, no 'rewards' list")
+                    raise RewardError(f"answered {_show(answer, 200)}, no 'rewards' list")
                 return _check_values(answer["rewards"], batch, "it")
-            except urllib.error.HTTPError as e:
-                problem = f"HTTP {e.code} {e.reason}"
-                if e.code == 401:
-                    problem += (" (unauthorized: set token_env to the environment variable "
-                                "holding the token)" if s.token_env is None else
-                                f" (the token in ${s.token_env} was refused)")
-                if 400 <= e.code < 500 and e.code not in (408, 429):
-                    break  # the request itself is wrong: asking again gives the same answer
-            except RewardError as e:
+            except _Refused as e:  # asking again gives the same answer
                 problem = str(e)
-            except json.JSONDecodeError as e:
-                problem = f"answered invalid JSON ({e})"
-            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
-                reason = getattr(e, "reason", e)
-                problem = (f"no answer within timeout={s.timeout} s"
-                           if isinstance(reason, TimeoutError) or "timed out" in str(reason)
-                           else f"{type(reason).__name__}: {reason}")
+                break
+            except RewardError as e:  # a timeout, a 5xx, 408, 429 or an invalid answer
+                problem = str(e)
+            except ssl.SSLError as e:
+                problem = f"TLS error: {e}"
+                if not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                    break  # a certificate or protocol mismatch does not heal by waiting
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, DNS
+                problem = f"{type(e).__name__}: {e}"
+            except ValueError as e:  # http.client refuses the request (a header with a newline)
+                problem = f"{type(e).__name__}: {e}"
+                break
             if attempts > s.max_retries:
                 break
             time.sleep(s.backoff * 2 ** (attempts - 1))
         raise RewardError(f"{self.what}: {problem} (after {attempts} attempt(s), max_retries="
                           f"{s.max_retries}; a request of {len(batch.prompts)} rows)")
+
+    def _post(self, body: bytes) -> bytes:
+        """POST `body` to the URL; the answer's body, read whole within `timeout` seconds (a
+        deadline for the connection, the request and the answer together: a server that
+        trickles bytes cannot hold the rank) and at most `max_response_bytes` long.
+
+        http.client, not urllib: no redirect is ever followed (urllib would send the bearer
+        token to wherever a 3xx points, and turn the POST into a GET), and no proxy from the
+        environment is used. At the deadline a timer shuts the socket down, which ends any
+        blocked read at once."""
+        s, url = self.spec, urllib.parse.urlsplit(self.spec.url)
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=s.timeout,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=s.timeout)
+        expired, sockets = threading.Event(), []
+
+        def expire() -> None:
+            expired.set()
+            for sock in sockets:  # the plain socket under TLS too: its reads end at once
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed
+
+        timer = threading.Timer(s.timeout, expire)
+        timer.start()
+        try:
+            conn.connect()  # bounded by the socket timeout; the timer covers what follows
+            sockets.append(conn.sock)  # kept: http.client drops conn.sock on Connection: close
+            if expired.is_set():
+                raise TimeoutError
+            target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            conn.request("POST", target, body, headers)
+            response = conn.getresponse()
+            if 300 <= response.status < 400:
+                raise _Refused(f"answered HTTP {response.status} {response.reason} redirecting "
+                               f"to {response.getheader('Location')!r}; redirects are not "
+                               "followed (the token must not go to another address): set url "
+                               "to the address that answers")
+            if not 200 <= response.status < 300:
+                problem = f"HTTP {response.status} {response.reason}"
+                if response.status == 401:
+                    problem += (" (unauthorized: set token_env to the environment variable "
+                                "holding the token)" if s.token_env is None else
+                                f" (the token in ${s.token_env} was refused)")
+                if 400 <= response.status < 500 and response.status not in (408, 429):
+                    raise _Refused(problem)  # the request itself is wrong
+                raise RewardError(problem)
+            data = bytearray()
+            while chunk := response.read(min(1 << 16, s.max_response_bytes + 1 - len(data))):
+                data += chunk
+                if len(data) > s.max_response_bytes:
+                    raise RewardError(f"answered more than max_response_bytes="
+                                      f"{s.max_response_bytes} bytes")
+            if expired.is_set():  # the shutdown may look like a short but complete answer
+                raise TimeoutError
+            return bytes(data)
+        except RewardError:
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            if expired.is_set() or isinstance(e, TimeoutError):
+                raise RewardError(f"no answer within timeout={s.timeout} s (a deadline for "
+                                  "the whole request)") from e
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
+
+
+class _Refused(RewardError):
+    """A server answer that asking again would not change (a redirect, most 4xx)."""
+
+
+def _parse_json(data: bytes) -> Any:
+    """The JSON document in a server's answer, or a RewardError saying why not."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RewardError(f"answered a body that is not UTF-8 ({e})") from e
+    # ValueError: invalid JSON, or an integer past Python's 4300-digit limit;
+    # RecursionError: arrays nested thousands deep
+    except (ValueError, RecursionError) as e:
+        raise RewardError(f"answered invalid JSON ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from e
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ the rows they belong to, metrics. Ranks agreeing on a failure: tests/dist/test_r
 from __future__ import annotations
 
 import json
+import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -218,6 +220,150 @@ def test_unreachable_server(monkeypatch):
         build_rewards(_cfg(_server_spec(url)), None).score(_rows(["a"]))
 
 
+class RawServer:
+    """A TCP server on 127.0.0.1 that answers every connection with the raw bytes `reply`
+    (whatever was asked), or with `pieces` sent `gap` seconds apart (a trickle), then
+    closes; `requests` holds what each connection sent (for a POST: head and body)."""
+
+    def __init__(self, reply: bytes = b"", pieces: list[bytes] | None = None, gap: float = 0.0):
+        self.pieces, self.gap, self.requests = pieces or [reply], gap, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/get_reward"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(5)
+            data = conn.recv(1 << 16)
+            if data.startswith((b"POST", b"GET")):  # else a TLS hello: answer it at once
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(1 << 16)
+                head = data.partition(b"\r\n\r\n")[0].decode().lower()
+                length = int(re.search(r"content-length: *(\d+)", head)[1]) \
+                    if "content-length" in head else 0
+                while len(data.partition(b"\r\n\r\n")[2]) < length:
+                    data += conn.recv(1 << 16)
+            self.requests.append(data)
+            try:
+                for piece in self.pieces:
+                    conn.sendall(piece)
+                    time.sleep(self.gap)
+            except OSError:
+                pass  # the client gave up
+
+    def close(self):
+        self.sock.close()
+
+
+def _http(body: bytes, status: str = "200 OK", headers: str = "") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{headers}"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+@pytest.fixture
+def raw_servers():
+    servers = []
+
+    def start(*args, **kw) -> RawServer:
+        servers.append(RawServer(*args, **kw))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirects_are_refused_and_the_token_stays(raw_servers, monkeypatch, status):
+    elsewhere = raw_servers(_http(b'{"rewards": [1.0]}'))  # would answer anything
+    location = elsewhere.url.replace("/get_reward", "/steal")
+    redirecting = raw_servers(_http(b"", f"{status} Moved", f"Location: {location}\r\n"))
+    monkeypatch.setenv("RM_TOKEN", "s3cret")
+    spec = _server_spec(redirecting.url, token_env="RM_TOKEN")
+    with pytest.raises(RewardError) as e:
+        build_rewards(_cfg(spec), None).score(_rows(["a"]))
+    assert f"HTTP {status}" in str(e.value) and location in str(e.value)
+    assert "after 1 attempt(s)" in str(e.value)  # the answer would be the same again
+    assert b"Bearer s3cret" in redirecting.requests[0]
+    assert elsewhere.requests == []  # neither the token nor a GET ever went there
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+def test_timeout_is_a_deadline_for_the_whole_answer(raw_servers, where):
+    answer = _http(b'{"rewards": [' + b" " * 40 + b"5.0]}")  # 118 bytes
+    head, body = answer[:len(answer) - 45], answer[len(answer) - 45:]
+    # 2 bytes every 20 ms (no single read waits anywhere near the 0.3 s timeout): the whole
+    # answer would take ~1.2 s; or the head at once and the body as slowly (~0.5 s)
+    trickle = answer if where == "head" else body
+    pieces = [trickle[i:i + 2] for i in range(0, len(trickle), 2)]
+    server = raw_servers(pieces=pieces if where == "head" else [head, *pieces], gap=0.02)
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match=r"no answer within timeout=0.3 s"):
+        build_rewards(_cfg(_server_spec(server.url, timeout=0.3, max_retries=0)), None).score(
+            _rows(["a"]))
+    assert time.perf_counter() - start < 0.45  # held to the deadline, not per read
+
+
+def test_answer_size_is_capped(raw_servers):
+    server = raw_servers(_http(b'{"rewards": [5.0], "pad": "' + b"x" * 5000 + b'"}'))
+    spec = _server_spec(server.url, max_response_bytes=1000, max_retries=0)
+    with pytest.raises(RewardError, match="more than max_response_bytes=1000 bytes"):
+        build_rewards(_cfg(spec), None).score(_rows(["a"]))
+    spec.max_response_bytes = 6000  # the same answer fits
+    assert build_rewards(_cfg(spec), None).score(_rows(["a"]))[0].tolist() == [5.0]
+
+
+@pytest.mark.parametrize("body, problem", [
+    # float() of a 400-digit integer raised OverflowError
+    (b'{"rewards": [1' + b"0" * 400 + b"]}", r"returned 1000.*\.\.\. \(int\) for row 0"),
+    # json.loads of an integer past 4300 digits raised ValueError
+    (b'{"rewards": [1' + b"0" * 5000 + b"]}", r"invalid JSON \(ValueError: Exceeds the limit"),
+    (b'{"rewards": [1.0], "note": "\xff"}', "not UTF-8"),  # UnicodeDecodeError
+    (b"[" * 100_000 + b"]" * 100_000, r"invalid JSON \(RecursionError"),
+])
+def test_answers_that_escaped_the_error_path_are_reward_errors(raw_servers, body, problem):
+    server = raw_servers(_http(body))
+    with pytest.raises(RewardError, match=problem) as e:
+        build_rewards(_cfg(_server_spec(server.url, max_retries=0)), None).score(_rows(["a"]))
+    assert server.url in str(e.value) and len(str(e.value)) < 600
+
+
+def test_function_returning_a_huge_integer_is_a_reward_error(tmp_path):
+    path = tmp_path / "huge.py"
+    path.write_text("def big(p, c, **kw): return [1.0, 10**400]\n"
+                    "def bigger(p, c, **kw): return [10**5000, 1.0]\n")
+    with pytest.raises(RewardError, match=r"big' \(rewards\[0\]\) returned 1000.*\.\.\. "
+                       r"\(int\) for row 1 \(prompt index 1"):
+        build_rewards(_cfg(RewardSpec(function=f"{path}:big")), None).score(_rows(["a", "b"]))
+    with pytest.raises(RewardError, match=r"returned an integer of about 5000 digits \(int\) "
+                       "for row 0"):
+        build_rewards(_cfg(RewardSpec(function=f"{path}:bigger")), None).score(_rows(["a", "b"]))
+
+
+def test_tls_errors_are_not_retried(raw_servers):
+    server = raw_servers(_http(b'{"rewards": [1.0]}'))  # plain HTTP behind an https:// URL
+    url = server.url.replace("http://", "https://")
+    with pytest.raises(RewardError, match=r"TLS error: .*after 1 attempt\(s\)"):
+        build_rewards(_cfg(_server_spec(url)), None).score(_rows(["a"]))
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status, attempts", [(403, 1), (404, 1), (408, 3), (429, 3)])
+def test_4xx_are_retried_only_for_408_and_429(raw_servers, status, attempts):
+    server = raw_servers(_http(b"{}", f"{status} Nope"))
+    with pytest.raises(RewardError, match=f"HTTP {status} .*after {attempts} attempt"):
+        build_rewards(_cfg(_server_spec(server.url)), None).score(_rows(["a"]))
+    assert len(server.requests) == attempts
+
+
 # --------------------------------------------------------------------------------------------
 # Columns from the data file to the rows; config checks
 # --------------------------------------------------------------------------------------------
@@ -275,6 +421,8 @@ def test_reward_config_round_trip(tmp_path):
     ([{"function": "m:f", "timeout": 5}], "rewards[0].timeout"),  # server field on a function
     ([{"url": "localhost:5000"}], "rewards[0].url"),
     ([{"url": "http://x", "batch_size": 0}], "rewards[0].batch_size"),
+    ([{"url": "http://x", "max_response_bytes": 0}], "rewards[0].max_response_bytes"),
+    ([{"function": "m:f", "allow_insecure": True}], "rewards[0].allow_insecure"),
     ([{"function": "m:f"}, {"function": "n:f"}], "rewards[1].name"),  # both named "f"
 ])
 def test_reward_config_errors_name_the_field(rewards, field):
@@ -296,3 +444,29 @@ def test_ints_bools_tuples_and_tensors_are_numbers(tmp_path):
     cfg = _cfg(RewardSpec(function=f"{path}:ints"), RewardSpec(function=f"{path}:tensor"))
     _, per = build_rewards(cfg, None).score(_rows(["a", "b"]))
     assert per["ints"].tolist() == [1.0, 1.0] and per["tensor"].tolist() == [0.5, 2.0]
+
+
+@pytest.mark.parametrize("url, allow_insecure, ok", [
+    ("http://rm.example:5000/get_reward", False, False),  # the token in the clear
+    ("http://10.0.0.7/get_reward", False, False),
+    ("http://rm.example:5000/get_reward", True, True),  # the user says the network is private
+    ("https://rm.example/get_reward", False, True),
+    ("http://127.0.0.1:5000/get_reward", False, True),  # loopback never leaves the machine
+    ("http://localhost:5000/get_reward", False, True),
+    ("http://[::1]:5000/get_reward", False, True),
+])
+def test_token_over_plain_http_to_another_host_is_refused(url, allow_insecure, ok):
+    cfg = PPORunConfig(rewards=[RewardSpec(url=url, token_env="RM_TOKEN",
+                                           allow_insecure=allow_insecure)])
+    cfg.actor.model.path = cfg.critic.model.path = "/models/x"
+    cfg.data.datasets = [DatasetSpec(path="p.jsonl")]
+    if ok:
+        check_values(cfg)
+        cfg.rewards[0].token_env = None  # no token: nothing to leak
+        check_values(cfg)
+        return
+    with pytest.raises(ConfigError, match=r"^rewards\[0\].url: .*\$RM_TOKEN over plain http:// "
+                       r".*allow_insecure: true"):
+        check_values(cfg)
+    cfg.rewards[0].token_env = None
+    check_values(cfg)
