@@ -286,11 +286,12 @@ class ServerReward:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        # the port always given: http.client would read "::1" (from [::1]) as host ":" port 1
         if url.scheme == "https":
-            conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=s.timeout,
+            conn = http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=s.timeout,
                                                context=ssl.create_default_context())
         else:
-            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=s.timeout)
+            conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=s.timeout)
         expired, sockets = threading.Event(), []
 
         def expire() -> None:

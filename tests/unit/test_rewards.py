@@ -300,16 +300,16 @@ def test_redirects_are_refused_and_the_token_stays(raw_servers, monkeypatch, sta
 def test_timeout_is_a_deadline_for_the_whole_answer(raw_servers, where):
     answer = _http(b'{"rewards": [' + b" " * 40 + b"5.0]}")  # 118 bytes
     head, body = answer[:len(answer) - 45], answer[len(answer) - 45:]
-    # 2 bytes every 20 ms (no single read waits anywhere near the 0.3 s timeout): the whole
-    # answer would take ~1.2 s; or the head at once and the body as slowly (~0.5 s)
+    # 2 bytes every 50 ms (no single read waits anywhere near the 0.3 s timeout): the whole
+    # answer would take ~3 s; or the head at once and the body as slowly (~1.2 s)
     trickle = answer if where == "head" else body
     pieces = [trickle[i:i + 2] for i in range(0, len(trickle), 2)]
-    server = raw_servers(pieces=pieces if where == "head" else [head, *pieces], gap=0.02)
+    server = raw_servers(pieces=pieces if where == "head" else [head, *pieces], gap=0.05)
     start = time.perf_counter()
     with pytest.raises(RewardError, match=r"no answer within timeout=0.3 s"):
         build_rewards(_cfg(_server_spec(server.url, timeout=0.3, max_retries=0)), None).score(
             _rows(["a"]))
-    assert time.perf_counter() - start < 0.45  # held to the deadline, not per read
+    assert time.perf_counter() - start < 0.9  # held to the deadline (slack for a busy CPU)
 
 
 def test_answer_size_is_capped(raw_servers):
