@@ -2,7 +2,7 @@
 
     rewards = build_rewards(cfg, reward_model, coord)       # before training; checks all
     scores, per_reward = rewards.score(reward_rows(rollout, prompts, tokenizer))
-    metrics.update(reward_metrics(per_reward, scores, group_size, coord))
+    metrics.update(reward_metrics(per_reward, scores, group_size, coord, valid))
 
 Every reward is a source with one small interface: `RewardRows` in, one float per row out.
 The sequence score is sum_k weight_k * r_k over the configured rewards:
