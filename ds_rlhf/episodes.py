@@ -199,7 +199,7 @@ class Episode:
     tool_calls: int = 0
     tool_errors: int = 0
     env_reward: float = 0.0
-    truncated: bool = False  # cut by a limit (max_total_tokens, max_turns, max_new_tokens)
+    truncated: bool = False  # cut by max_total_tokens, or max_turns with a call pending
     done: bool = False
 
     def append(self, role: str, ids: list[int]) -> None:
@@ -333,21 +333,16 @@ class EpisodeRunner:
                            torch.tensor([len(episodes[i].response) for i in live]),
                            min(self.max_new_tokens, max(budgets)))
             last_turn = turn == self.cfg.max_turns - 1
-            pending = []  # (row, tool calls) or (row, observation ids)
             for i, out, budget in zip(live, outs, budgets, strict=True):
                 e = episodes[i]
-                out = list(out)[:budget]
+                out = list(out)[:budget]  # a turn ends at EOS or max_new_tokens
                 e.append("assistant", out)
                 e.last_turn, e.turns = out, e.turns + 1
-                if not out or out[-1] != self.eos:  # cut by max_new_tokens or the budget
-                    e.done = e.truncated = True
-                    continue
-                pending.append(i)
             start = time.perf_counter()
             if self.tools is not None:
-                self._tool_turn(episodes, pending, last_turn)
+                self._tool_turn(episodes, live, last_turn)
             else:
-                for i in pending:
+                for i in live:
                     try:
                         self._env_turn(episodes[i], envs[i], last_turn)
                     except Exception as e:
@@ -366,7 +361,7 @@ class EpisodeRunner:
         batch: list[tuple[int, list[ToolCall]]] = []
         for i in rows:
             e = episodes[i]
-            text = self.tokenizer.decode(e.last_turn[:-1])
+            text = self.tokenizer.decode(self._without_eos(e.last_turn))
             try:
                 calls = [c if isinstance(c, ToolCall) else ToolCall(c["name"], c["arguments"])
                          for c in self.parser(text)]
@@ -399,8 +394,11 @@ class EpisodeRunner:
                 messages.append({"role": "tool", "name": call.name, "content": text})
             self._observe(e, messages)
 
+    def _without_eos(self, turn: list[int]) -> list[int]:
+        return turn[:-1] if turn[-1:] == [self.eos] else turn
+
     def _env_turn(self, e: Episode, env: Any, last_turn: bool) -> None:
-        text = self.tokenizer.decode(e.last_turn[:-1], skip_special_tokens=True)
+        text = self.tokenizer.decode(self._without_eos(e.last_turn), skip_special_tokens=True)
         observation, reward, done = _check_step(env.step(text), "step()")
         e.env_reward += reward
         if done:

@@ -218,10 +218,11 @@ def test_limits_cut_episodes_with_the_truncated_flag():
     assert e.truncated and e.turns == 2 and len(e.response) == budget
     assert rollout.response_mask[0].sum() == budget
     assert rollout.action_mask[0, -2:].tolist() == [0, 0]  # the cut observation
-    # max_turns with a call pending; a turn without EOS (cut by max_new_tokens)
+    # max_turns with a call pending; a turn without EOS (at max_new_tokens) is a turn
     _, _, episodes = run(runner(max_turns=1), {0: [CALL_1], 1: [ids("5 5")]})
-    assert [x.truncated for x in episodes.episodes] == [True, True]
-    assert episodes.stats().tolist() == [2, 2, 1, 0, 2]
+    assert [x.truncated for x in episodes.episodes] == [True, False]
+    assert episodes.stats().tolist() == [2, 2, 1, 0, 1]
+    assert episodes.final_texts(TOK) == [calculator.tool_call(1, 2), "5 5"]
 
 
 ENV_FILE = '''
