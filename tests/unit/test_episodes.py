@@ -379,3 +379,18 @@ def test_tools_without_schema_or_chat_template_fail_at_build(tmp_path):
     plain.chat_template = None
     with pytest.raises(EpisodeError, match="no chat template"):
         runner(plain)
+
+
+def test_example_environment_guess_number():
+    """ds_rlhf/demo/guess_env.py, the documented example: hints until the right guess."""
+    r = runner(tools=[], environment="ds_rlhf.demo.guess_env:GuessNumber", max_turns=6)
+    rows = [{"prompt": "what is", "secret": 37}, {"prompt": "what is", "secret": 3}]
+    script = {0: [ids(x) + [EOS] for x in ("50", "25", "37")],
+              1: [ids(x) + [EOS] for x in ("what", "3")]}
+    model, rollout, episodes = run(r, script, rows=rows)
+    assert episodes.env_rewards() == pytest.approx([0.9, 0.95])
+    assert [e.turns for e in episodes.episodes] == [3, 2]
+    hint = ids("user : higher assistant :")  # "higher": <unk> in this vocabulary
+    assert model.calls[1][0][0] == ids("user : what is assistant :") + script[0][0] + hint
+    assert [p["role"] for p in episodes.parts(0, TOK)] == [
+        "assistant", "user", "assistant", "user", "assistant"]
