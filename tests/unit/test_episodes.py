@@ -394,3 +394,51 @@ def test_example_environment_guess_number():
     assert model.calls[1][0][0] == ids("user : what is assistant :") + script[0][0] + hint
     assert [p["role"] for p in episodes.parts(0, TOK)] == [
         "assistant", "user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize("estimator", ["gae", "reinforce_pp"])
+def test_returns_and_gae_run_over_the_models_tokens_only(estimator):
+    """With observations between the model's turns, returns-to-go and GAE equal those of the
+    model's tokens side by side (observations skipped, not a stop), and are 0 on them."""
+    from types import SimpleNamespace
+
+    from ds_rlhf.trainers.ppo import PPOTrainer
+
+    torch.manual_seed(0)
+    action = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0], [1, 0, 1, 1, 0, 0, 0, 0]])
+    response = torch.tensor([[1] * 7 + [0], [1, 1, 1, 1, 0, 0, 0, 0]])
+
+    def rollout(action, response, old, ref, values):
+        return Rollout(prompt_ids=torch.zeros(2, 1, dtype=torch.long),
+                       prompt_mask=torch.ones(2, 1, dtype=torch.long),
+                       response_ids=torch.zeros_like(response), response_mask=response,
+                       prompt_index=torch.arange(2), action_mask=action,
+                       old_logprobs=old, ref_logprobs=ref, values=values,
+                       scores=torch.tensor([1.0, -2.0]))
+
+    old, ref, values = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8)
+    cfg = load_config(None, {"actor": {"model": {"init": {}}}, "critic": {"model": {"init": {}}},
+                             "data": {"datasets": [{"path": "x"}]},
+                             "rewards": [{"function": "m:f"}],
+                             "ppo": {"advantage_estimator": estimator, "kl_coef": 0.1,
+                                     "whiten_advantages": False, "gamma": 0.9, "lam": 0.8}},
+                      cls=PPORunConfig)
+    trainer = SimpleNamespace(cfg=cfg, ref=object(), kl_ctl=SimpleNamespace(value=0.1))
+    episode = rollout(action, response, old, ref, values)
+    PPOTrainer.advantages(trainer, episode)
+    # the same model tokens, side by side, no observations
+    model = (action * response).bool()
+
+    def side_by_side(t):  # row i's model tokens first, zeros after
+        return torch.stack([torch.nn.functional.pad(t[i][model[i]], (0, 8 - int(model[i].sum())))
+                            for i in range(2)])
+
+    packed = [side_by_side(t) for t in (old, ref, values)]
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    mask[0, :5], mask[1, :3] = 1, 1
+    side = rollout(None, mask, *packed)
+    PPOTrainer.advantages(trainer, side)
+    torch.testing.assert_close(episode.advantages[model], side.advantages[mask.bool()])
+    assert episode.advantages[~model].abs().max() == 0
+    if estimator == "gae":
+        torch.testing.assert_close(episode.returns[model], side.returns[mask.bool()])
