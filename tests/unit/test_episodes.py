@@ -442,3 +442,25 @@ def test_returns_and_gae_run_over_the_models_tokens_only(estimator):
     assert episode.advantages[~model].abs().max() == 0
     if estimator == "gae":
         torch.testing.assert_close(episode.returns[model], side.returns[mask.bool()])
+
+
+def test_an_environment_failure_on_one_rank_stops_every_rank():
+    """rewards.raise_together, as a rank without an error sees it: the other rank's
+    EpisodeError, its type and message (naming that rank), raised here too."""
+    from ds_rlhf.rewards import raise_together
+
+    class OtherRankFailed:  # rank 0's view of a 2-rank run whose rank 1 failed
+        rank = 0
+
+        def any(self, flag):
+            return True
+
+        def gather_objects(self, items):
+            assert items == []
+            return [(EpisodeError, "environment 'e.py:E' (rollout.environment): step() "
+                     "raised KeyError (on rank 1)")]
+
+    with pytest.raises(EpisodeError, match=r"step\(\) raised KeyError \(on rank 1\)") as info:
+        raise_together(OtherRankFailed(), None)
+    assert info.value.every_rank
+    raise_together(None, None)  # one process, no error: nothing
