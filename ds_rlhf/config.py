@@ -860,9 +860,10 @@ def _check_rollout(cfg: PPORunConfig) -> None:
                      "is an episode setting but neither rollout.tools nor rollout.environment "
                      "is set; set one of them or remove it")
         return
-    _require(cfg.generation.gather_weights, "generation.gather_weights", "multi-turn episodes "
-             "need the gathered copy (true): through the ZeRO-3 module every forward is a "
-             "collective, and episodes end after different numbers of turns on each rank")
+    _require(cfg.generation.gather_weights or cfg.actor.zero_stage != 3,
+             "generation.gather_weights", "multi-turn episodes under ZeRO-3 need the gathered "
+             "copy (true): through the ZeRO-3 module every forward is a collective, and "
+             "episodes end after different numbers of turns on each rank")
     _require(cfg.generation.max_new_tokens <= r.max_total_tokens, "generation.max_new_tokens",
              f"{cfg.generation.max_new_tokens} (tokens per model turn) exceeds "
              f"rollout.max_total_tokens={r.max_total_tokens} (tokens per episode); lower it")

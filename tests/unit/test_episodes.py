@@ -364,6 +364,9 @@ def test_rollout_config_is_checked_before_any_engine(tmp_path):
     load_config(None, no_reward, cls=PPORunConfig)  # the environment's reward suffices
     gather = {**base, "generation": {"gather_weights": False, "n_samples_per_prompt": 2},
               "rollout": {"tools": ["m:f"]}}
+    load_config(None, {**gather, "actor": {**base["actor"], "zero_stage": 2}},
+                cls=PPORunConfig)  # ZeRO-2 generates on the module itself, no collectives
+    gather["actor"] = {**base["actor"], "zero_stage": 3}
     with pytest.raises(ConfigError, match="generation.gather_weights"):
         load_config(None, gather, cls=PPORunConfig)
 
