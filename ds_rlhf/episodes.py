@@ -168,14 +168,19 @@ class Tools:
         return [r for r in results]  # type: ignore[misc]
 
 
-def render_delta(tokenizer, messages: list[dict]) -> str:
+_STAND_IN = "ds_rlhf_stand_in_turn"
+
+
+def render_delta(tokenizer, messages: list[dict], after_eos: bool = True) -> str:
     """The text the chat template adds for `messages` after an assistant turn, up to the next
     generation prompt: how tool results and message observations are appended. Rendered
-    after a fixed stand-in conversation, so it depends on `messages` alone."""
+    after a fixed stand-in conversation, so it depends on `messages` alone. `after_eos`: the
+    model's turn ended with the EOS token, so what the template writes after an assistant's
+    EOS (Qwen's newline after <|im_end|>) comes first, as in the SFT data's rendering."""
     if tokenizer.chat_template is None:
         raise EpisodeError(f"tokenizer {tokenizer.name_or_path!r} has no chat template, "
                            "which tool results and message observations are rendered with")
-    base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _STAND_IN}]
     before = tokenizer.apply_chat_template(base, tokenize=False)
     after = tokenizer.apply_chat_template(base + list(messages), tokenize=False,
                                           add_generation_prompt=True)
@@ -183,7 +188,10 @@ def render_delta(tokenizer, messages: list[dict]) -> str:
         raise EpisodeError("the chat template renders a conversation differently once "
                            f"{messages[0]['role']!r} messages follow, so they cannot be "
                            "appended to an episode; use string observations")
-    return after[len(before):]
+    tail = before[before.rfind(_STAND_IN) + len(_STAND_IN):]  # after an assistant's text
+    eos = tokenizer.eos_token or ""
+    suffix = tail[tail.index(eos) + len(eos):] if after_eos and eos and eos in tail else ""
+    return suffix + after[len(before):]
 
 
 @dataclass
@@ -412,7 +420,7 @@ class EpisodeRunner:
         """Append an observation (text as is, messages through the chat template), cut to
         the episode's budget (then the episode ends, truncated)."""
         text = observation if isinstance(observation, str) else \
-            render_delta(self.tokenizer, observation)
+            render_delta(self.tokenizer, observation, e.last_turn[-1:] == [self.eos])
         role = "environment" if isinstance(observation, str) else observation[0]["role"]
         ids = self.encode(text)
         budget = self.cfg.max_total_tokens - len(e.response)

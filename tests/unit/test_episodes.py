@@ -201,7 +201,7 @@ def test_hostile_tools_and_malformed_calls_end_no_episode(hostile, monkeypatch):
     assert (e[0].turns, e[0].tool_calls, e[0].tool_errors) == (3, 5, 5)  # 4 calls, then a
     assert (e[1].turns, e[1].tool_calls, e[1].tool_errors) == (2, 1, 1)  # malformed turn
     assert not any(x.truncated for x in e)
-    observations = [s for s in seen if s.startswith("tool")]
+    observations = [s.lstrip() for s in seen if s.lstrip().startswith("tool")]
     assert "tool : error: boom raised RuntimeError: kaboom tool : error: slow did not " \
            "answer within 0.3 s tool : error: number returned int, not a string tool : " \
            "error: the result of huge has more than 50 tokens assistant : " in observations
@@ -467,3 +467,19 @@ def test_an_environment_failure_on_one_rank_stops_every_rank():
         raise_together(OtherRankFailed(), None)
     assert info.value.every_rank
     raise_together(None, None)  # one process, no error: nothing
+
+
+def test_observations_follow_the_chat_template_after_the_models_eos():
+    """A Qwen-like template writes a newline after each <|im_end|> (here <eos>): an
+    observation after the model's EOS starts with it, as the SFT rendering has it."""
+    qwen = calculator.build_tokenizer()
+    qwen.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                          "{{ m['content'] }}<eos>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tool = [{"role": "tool", "content": "82"}]
+    from ds_rlhf.episodes import render_delta
+
+    assert render_delta(qwen, tool) == "\n<|im_start|>tool\n82<eos>\n<|im_start|>assistant\n"
+    assert render_delta(qwen, tool, after_eos=False) == \
+        "<|im_start|>tool\n82<eos>\n<|im_start|>assistant\n"
+    assert render_delta(TOK, tool) == " tool : 82 assistant : "  # the demo's: a space
