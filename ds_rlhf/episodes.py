@@ -373,7 +373,7 @@ class EpisodeRunner:
             try:
                 calls = [c if isinstance(c, ToolCall) else ToolCall(c["name"], c["arguments"])
                          for c in self.parser(text)]
-            except (ValueError, KeyError, TypeError) as err:  # a malformed call
+            except Exception as err:  # a malformed call (a parser raises ValueError)
                 e.tool_calls, e.tool_errors = e.tool_calls + 1, e.tool_errors + 1
                 if not last_turn:
                     self._observe(e, [{"role": "tool", "name": "error",
