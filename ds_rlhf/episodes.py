@@ -19,6 +19,10 @@ Two ways to define an episode (rollout.tools or rollout.environment, see config.
                done)` answers each model turn. The rewards of all steps add up to the
                episode's environment reward (rewards/environment/mean).
 
+A model turn ends at the tokenizer's EOS or after generation.max_new_tokens tokens. An
+episode is cut (episode/truncated) when it reaches rollout.max_total_tokens response tokens
+(model turns and observations), or rollout.max_turns with a tool call or observation pending.
+
 Token in, token out: the model's tokens are appended exactly as sampled, never decoded and
 re-encoded (decoding is only for parsing); observations (tool results, environment text)
 are encoded once and appended. `Rollout.action_mask` is 1 on the model's tokens, 0 on
