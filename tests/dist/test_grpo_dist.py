@@ -38,8 +38,9 @@ class Echo:
 
 def _agent(assets, tmp, name: str, steps: int) -> dict:
     """GRPO on environment episodes: 2 turns of up to 8 tokens, a 3-token observation
-    between them; the environment's reward is the only one (no reward model)."""
-    return _config(assets, tmp, name, 2, {**GRPO, "steps": steps,
+    between them; the environment's reward is the only one (no reward model). ZeRO-3: each
+    turn generates on the gathered copy, filled once per step."""
+    return _config(assets, tmp, name, 3, {**GRPO, "steps": steps,
                                           "loss_agg": "seq_mean_token_mean"},
                    reward={"model": {}, "zero_stage": 3},
                    rollout={"environment": f"{tmp / 'env.py'}:Echo", "max_turns": 3,
