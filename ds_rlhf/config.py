@@ -143,6 +143,36 @@ class GenerationConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Multi-turn episodes: tools or an environment answer the model between its turns (see
+    ds_rlhf/episodes.py). With neither set, a rollout is one prompt and one response."""
+
+    tools: list[str] = field(default_factory=list)  # tool functions, each
+    # "package.module:function" or "path/to/file.py:function": typed, docstringed, returning
+    # str; their JSON schemas go to the chat template (tools=)
+    tool_parser: str = "hermes"  # how tool calls are read from a model turn: "hermes"
+    # (<tool_call>{"name": ..., "arguments": {...}}</tool_call>, Qwen/Hermes templates) or a
+    # function "module:fn" / "file.py:fn" taking the turn's text, returning
+    # [{"name": str, "arguments": dict}, ...] and raising ValueError on a malformed call
+    environment: str | None = None  # an environment class "module:Class" / "file.py:Class"
+    # with reset(row) -> prompt (str or messages) and step(action_text) -> (observation,
+    # reward, done); one instance per episode. Exclusive with tools
+    env_reward_weight: float = 1.0  # weight of the environment's summed step rewards in the
+    # sequence score (metric rewards/environment/mean), next to the run's other rewards
+    max_turns: int = 4  # model turns per episode at most
+    max_total_tokens: int = 256  # response tokens of an episode at most (model turns and
+    # observations; the prompt is not counted); a longer episode is cut (episode/truncated)
+    tool_timeout: float = 10.0  # seconds a tool call may run; then the model sees an error
+    max_observation_tokens: int = 256  # a tool result longer than this (in tokens) is an error
+    # observation instead
+
+    @property
+    def multi_turn(self) -> bool:
+        """Episodes instead of one response per prompt."""
+        return bool(self.tools) or self.environment is not None
+
+
+@dataclass
 class PPOConfig:
     """The PPO algorithm and its critic-free variants (formulas: ds_rlhf/algo.py and
     design/PPO_SPEC.md)."""
@@ -307,6 +337,7 @@ class PPORunConfig:
     # added to the reward model's score by weight
     data: DataConfig = field(default_factory=DataConfig)  # prompt data
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # multi-turn episodes
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the algorithm
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # logging
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
@@ -708,6 +739,7 @@ def check_values(cfg: Any) -> None:
         _require(m.path is not None or m.init is not None, f"{role}.model",
                  "no weights given; set model.path (hub name or directory) or model.init")
     _check_rewards(cfg)
+    _check_rollout(cfg)
     g, p, d = cfg.generation, cfg.ppo, cfg.data
     _require(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be at least 1")
     _require(g.temperature > 0, "generation.temperature", "must be > 0 (it divides the logits)")
@@ -745,12 +777,14 @@ def check_values(cfg: Any) -> None:
              "ppo.kl_loss_coef for a KL loss term (or rloo / reinforce_pp for a KL reward)")
     _require(p.uses_critic or not cfg.checkpoint.export_critic, "checkpoint.export_critic",
              f"ppo.advantage_estimator {estimator} trains no critic; unset export_critic")
-    longest = d.max_prompt_len + g.max_new_tokens
+    longest = d.max_prompt_len + (cfg.rollout.max_total_tokens if cfg.rollout.multi_turn
+                                  else g.max_new_tokens)
     for role in ("actor", "critic", "ref", "reward"):
         tokens = getattr(cfg, role).micro_batch_tokens
         _require(tokens == 0 or tokens >= longest, f"{role}.micro_batch_tokens", f"{tokens} "
-                 f"cannot hold one sequence of data.max_prompt_len + generation.max_new_tokens = "
-                 f"{longest} tokens; raise it to at least {longest}")
+                 f"cannot hold one sequence of data.max_prompt_len + generation.max_new_tokens "
+                 f"(rollout.max_total_tokens for episodes) = {longest} tokens; raise it to at "
+                 f"least {longest}")
     _check_checkpoint(cfg.checkpoint)
     _check_distributed(cfg.distributed)
     _check_data(d, _STEP_FORMATS["ppo"], "PPO")
@@ -777,10 +811,13 @@ def _check_rewards(cfg: PPORunConfig) -> None:
     """At least one reward; each `rewards` entry a well-formed function or server; unique
     names. Importing the functions and reading tokens is build_rewards' job (rewards.py)."""
     has_model = cfg.reward.model.path is not None or cfg.reward.model.init is not None
-    _require(has_model or len(cfg.rewards) > 0, "reward.model / rewards", "no reward: set "
-             "reward.model.path (a reward model) or add a `rewards` entry (a reward function "
-             "or a reward server)")
+    _require(has_model or len(cfg.rewards) > 0 or cfg.rollout.environment is not None,
+             "reward.model / rewards", "no reward: set reward.model.path (a reward model), add "
+             "a `rewards` entry (a reward function or a reward server) or set "
+             "rollout.environment (its step rewards)")
     names = {cfg.reward.name: "reward.name"} if has_model else {}
+    if cfg.rollout.environment is not None:
+        names["environment"] = "rollout.environment"
     _require(cfg.reward.name != "", "reward.name", "is empty; name the reward model's reward")
     _require(math.isfinite(cfg.reward.weight), "reward.weight", "must be a finite number")
     default = RewardSpec()
@@ -816,6 +853,48 @@ def _check_rewards(cfg: PPORunConfig) -> None:
         _require(name not in names, f"{at}.name", f"{name!r} is also the name of "
                  f"{names.get(name)}; give each reward its own name")
         names[name] = at
+
+
+def _is_ref(ref: str) -> bool:
+    """ "package.module:name" or "path/to/file.py:name"."""
+    module, _, name = ref.rpartition(":")
+    return module != "" and name.isidentifier()
+
+
+def _check_rollout(cfg: PPORunConfig) -> None:
+    """The episode settings; importing tools and environments is episodes.build_episodes'."""
+    r = cfg.rollout
+    form = "is not 'package.module:name' or 'path/to/file.py:name'"
+    for i, ref in enumerate(r.tools):
+        _require(_is_ref(ref), f"rollout.tools[{i}]", f"{ref!r} {form}")
+    _require(r.environment is None or _is_ref(r.environment), "rollout.environment",
+             f"{r.environment!r} {form}")
+    _require(not (r.tools and r.environment), "rollout.tools", "an episode has tools or an "
+             "environment, not both; let the environment call the tools in its step()")
+    _require(r.tool_parser == "hermes" or _is_ref(r.tool_parser), "rollout.tool_parser",
+             f"{r.tool_parser!r} is not 'hermes' nor a function 'module:fn' / 'file.py:fn'")
+    _require(r.max_turns >= 1, "rollout.max_turns", "must be at least 1")
+    _require(r.max_total_tokens >= 1, "rollout.max_total_tokens", "must be at least 1")
+    _require(r.tool_timeout > 0, "rollout.tool_timeout", "must be > 0 seconds")
+    _require(r.max_observation_tokens >= 1, "rollout.max_observation_tokens",
+             "must be at least 1")
+    _require(math.isfinite(r.env_reward_weight), "rollout.env_reward_weight",
+             "must be a finite number")
+    if not r.multi_turn:
+        default = RolloutConfig()
+        for name in ("tool_parser", "env_reward_weight", "max_turns", "max_total_tokens",
+                     "tool_timeout", "max_observation_tokens"):
+            _require(getattr(r, name) == getattr(default, name), f"rollout.{name}",
+                     "is an episode setting but neither rollout.tools nor rollout.environment "
+                     "is set; set one of them or remove it")
+        return
+    _require(cfg.generation.gather_weights or cfg.actor.zero_stage != 3,
+             "generation.gather_weights", "multi-turn episodes under ZeRO-3 need the gathered "
+             "copy (true): through the ZeRO-3 module every forward is a collective, and "
+             "episodes end after different numbers of turns on each rank")
+    _require(cfg.generation.max_new_tokens <= r.max_total_tokens, "generation.max_new_tokens",
+             f"{cfg.generation.max_new_tokens} (tokens per model turn) exceeds "
+             f"rollout.max_total_tokens={r.max_total_tokens} (tokens per episode); lower it")
 
 
 @dataclass(frozen=True)

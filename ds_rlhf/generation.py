@@ -156,6 +156,7 @@ def generate(
     static_cache: bool = False,
     decode: Callable | None = None,
     sample_index: Tensor | None = None,
+    position_offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample responses for left-padded prompts with a KV cache.
 
@@ -177,6 +178,10 @@ def generate(
             ``torch.compile(model)`` with ``static_cache``.
         sample_index: ``[B]`` which sample of its prompt each row is (None: all 0), so the
             n rows of one prompt draw differently.
+        position_offset: ``[B]`` where in its episode's response each row's first new token
+            sits (later turns of a multi-turn episode; None: all 0): token t of the row draws
+            the uniform of response position offset + t, so a turn's draws do not repeat
+            the first turn's.
 
     Returns:
         ``(response_ids, response_mask)``, ``[B, R]`` on the model's device, where R is the
@@ -204,7 +209,14 @@ def generate(
 
     uniforms = None
     if not greedy:
-        uniforms = prompt_uniforms(seed, index, step, max_new_tokens, sample_index).to(device)
+        if position_offset is None:
+            uniforms = prompt_uniforms(seed, index, step, max_new_tokens, sample_index)
+        else:
+            offset = torch.as_tensor(position_offset).reshape(-1, 1).long().cpu()
+            uniforms = prompt_uniforms(seed, index, step, int(offset.max()) + max_new_tokens,
+                                       sample_index)
+            uniforms = uniforms.gather(1, offset + torch.arange(max_new_tokens))
+        uniforms = uniforms.to(device)
     eos = _eos_tensor(eos_token_id, device)
 
     # Prompt forward: explicit positions so left padding does not shift them.

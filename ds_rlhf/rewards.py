@@ -75,6 +75,7 @@ class RewardRows:
     completions: list[str]  # decoded response of each row (up to and without the EOS)
     columns: dict[str, list]  # the prompt dataset's other columns, one value per row
     rollout: Rollout  # the token view (the reward-model reward reads this)
+    env_rewards: list[float] | None = None  # episodes: the environment's summed step rewards
 
     def describe(self, i: int) -> str:
         """How errors name row i: its prompt index, prompt and completion."""
@@ -85,28 +86,35 @@ class RewardRows:
         """The rows `idx`, in that order."""
         return RewardRows([self.prompts[i] for i in idx], [self.completions[i] for i in idx],
                           {k: [v[i] for i in idx] for k, v in self.columns.items()},
-                          self.rollout.select(list(idx)))
+                          self.rollout.select(list(idx)),
+                          None if self.env_rewards is None else
+                          [self.env_rewards[i] for i in idx])
 
 
 def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def reward_rows(rollout: Rollout, prompts, tokenizer) -> RewardRows:
+def reward_rows(rollout: Rollout, prompts, tokenizer, episodes=None) -> RewardRows:
     """The rows of `rollout` with their prompt texts, decoded completions and columns
-    (`prompts` is the run's PromptSet; rollout.prompt_index indexes it)."""
+    (`prompts` is the run's PromptSet; rollout.prompt_index indexes it). Multi-turn
+    `episodes` (episodes.Episodes): the completion is the model's last turn (its answer),
+    and the environment's rewards come along."""
     index = rollout.prompt_index.tolist()
-    lengths = rollout.response_lengths.tolist()
-    completions = []
-    for row, n in zip(rollout.response_ids.tolist(), lengths, strict=True):
-        ids = row[:n]
-        if ids and ids[-1] == tokenizer.eos_token_id:
-            ids = ids[:-1]
-        completions.append(tokenizer.decode(ids, skip_special_tokens=True))
+    if episodes is not None:
+        completions = episodes.final_texts(tokenizer)
+    else:
+        completions = []
+        lengths = rollout.response_lengths.tolist()
+        for row, n in zip(rollout.response_ids.tolist(), lengths, strict=True):
+            ids = row[:n]
+            if ids and ids[-1] == tokenizer.eos_token_id:
+                ids = ids[:-1]
+            completions.append(tokenizer.decode(ids, skip_special_tokens=True))
     return RewardRows(
         prompts=[prompts.texts[i] for i in index], completions=completions,
         columns={name: [values[i] for i in index] for name, values in prompts.columns.items()},
-        rollout=rollout)
+        rollout=rollout, env_rewards=None if episodes is None else episodes.env_rewards())
 
 
 def _check_values(values: Any, rows: RewardRows, what: str) -> list[float]:
@@ -156,10 +164,21 @@ class ModelReward:
         return self.model.scores(rows.rollout)
 
 
-def load_function(ref: str, where: str) -> Callable:
-    """The callable named by "package.module:function" or "path/to/file.py:function"."""
+def load_function(ref: str, where: str, what: str | None = None,
+                  error: type[UserInputError] | None = None) -> Callable:
+    """The callable named by "package.module:function" or "path/to/file.py:function";
+    failures raise `error` (default RewardError) naming `what` (default: this reward
+    function, at config field `where`.function)."""
     module_name, _, fn_name = ref.rpartition(":")
-    what = f"reward function {ref!r} ({where}.function)"
+    what = what or f"reward function {ref!r} ({where}.function)"
+    error = error or RewardError
+    try:
+        return _load(module_name, fn_name, what)
+    except RewardError as e:
+        raise error(str(e)) from e.__cause__
+
+
+def _load(module_name: str, fn_name: str, what: str) -> Callable:
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).resolve()
@@ -402,19 +421,26 @@ class Rewards:
             except RewardError as e:
                 error = error or e
                 per_reward[r.name] = torch.zeros(n)
-        if self.coord is not None and self.coord.any(error is not None):
-            # every rank raises the first failing rank's error, naming that rank
-            messages = self.coord.gather_objects(
-                [] if error is None else [f"{error} (on rank {self.coord.rank})"])
-            shared = RewardError(messages[0])
-            shared.every_rank = True
-            raise shared from error
-        if error is not None:
-            raise error
+        raise_together(self.coord, error)
         scores = torch.zeros(n)
         for r in self.rewards:
             scores += r.weight * per_reward[r.name]
         return scores, per_reward
+
+
+def raise_together(coord, error: UserInputError | None) -> None:
+    """Ranks agree on a failure: if any rank has an `error`, every rank raises the first
+    failing rank's (its type and message, naming that rank), so none waits in a collective
+    for a rank that stopped. Without a coord (one process), `error` is raised as is."""
+    if coord is not None and coord.any(error is not None):
+        messages = coord.gather_objects(
+            [] if error is None else [(type(error), f"{error} (on rank {coord.rank})")])
+        kind, message = messages[0]
+        shared = kind(message)
+        shared.every_rank = True
+        raise shared from error
+    if error is not None:
+        raise error
 
 
 def build_rewards(cfg: PPORunConfig, reward_model, coord=None) -> Rewards:
@@ -430,6 +456,9 @@ def build_rewards(cfg: PPORunConfig, reward_model, coord=None) -> Rewards:
         source = (FunctionReward(spec.function, where) if spec.function is not None
                   else ServerReward(spec, where))
         rewards.append(Reward(spec.display_name, spec.weight, source))
+    if cfg.rollout.environment is not None:  # the episodes' summed step rewards
+        rewards.append(Reward("environment", cfg.rollout.env_reward_weight,
+                              lambda rows: rows.env_rewards))
     return Rewards(rewards, coord)
 
 

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 # The fields aligned to response tokens ([B, R]); the prompt fields are [B, P], the rest [B].
-PER_TOKEN = ("response_ids", "response_mask", "old_logprobs", "ref_logprobs", "values",
-             "rewards", "advantages", "returns")
+PER_TOKEN = ("response_ids", "response_mask", "action_mask", "old_logprobs", "ref_logprobs",
+             "values", "rewards", "advantages", "returns")
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Rollout:
     response_mask: Tensor  # [B, R] 1 for real response tokens including EOS, 0 after it
     prompt_index: Tensor  # [B] long, global index of the prompt in the dataset (sampling seed)
     sample_index: Tensor | None = None  # [B] long, which of its prompt's n samples (seed)
+    action_mask: Tensor | None = None  # [B, R] long, multi-turn episodes: 1 on the tokens
+    # the model wrote, 0 on tool / environment observations (context only); None: all
     old_logprobs: Tensor | None = None  # [B, R] float32, actor at sampling time
     ref_logprobs: Tensor | None = None  # [B, R] float32, frozen reference model
     values: Tensor | None = None  # [B, R] float32, critic at sampling time (old values)
@@ -47,6 +49,14 @@ class Rollout:
     def sequence_mask(self) -> Tensor:
         """[B, P + R] attention mask matching ``sequence_ids``."""
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """[B, R] the tokens the losses, KL terms and token counts see: the real response
+        tokens the model wrote (``response_mask``, times ``action_mask`` in episodes)."""
+        if self.action_mask is None:
+            return self.response_mask
+        return self.response_mask * self.action_mask
 
     @property
     def response_lengths(self) -> Tensor:

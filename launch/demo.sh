@@ -4,29 +4,32 @@
 # scored with the task's gold scorer on held-out prompts.
 # With `grpo`: the verifiable-reward demo, SFT -> GRPO with a rule-based reward function
 # (ds_rlhf/demo/largest.py), then held-out greedy accuracy of the SFT and GRPO policies.
+# With `tools`: the tool-use demo, SFT -> GRPO on multi-turn episodes with a calculator tool
+# (ds_rlhf/demo/calculator.py), then held-out greedy episodes of the SFT and GRPO policies.
 #
 #   bash launch/demo.sh            # SFT -> RM -> PPO
 #   bash launch/demo.sh grpo       # SFT -> GRPO
+#   bash launch/demo.sh tools      # SFT -> GRPO with a tool
 #
 # Variables:
 #   NPROC       data-parallel ranks (default 2)
-#   OUTPUT_DIR  where everything goes (default outputs/demo, or outputs/demo_grpo with grpo);
-#               summary.json at its top
+#   OUTPUT_DIR  where everything goes (default outputs/demo, outputs/demo_grpo with grpo,
+#               outputs/demo_tools with tools); summary.json at its top
 #   GPU         1 to run on GPUs (default 0: CPU ranks with DS_ACCELERATOR=cpu, gloo)
 #   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
-#   GRPO_STEPS  GRPO steps (default: the value in ds_rlhf/demo/grpo.yaml)
+#   GRPO_STEPS  GRPO steps (default: the value in ds_rlhf/demo/grpo.yaml or tools.yaml)
 #   MASTER_PORT the ranks' rendezvous port (default 29500; pick another when it is taken)
-# Configs: ds_rlhf/demo/{sft,rm,ppo,dpo}.yaml and {largest_sft,grpo}.yaml; this script only
-# fills in the paths.
+# Configs: ds_rlhf/demo/{sft,rm,ppo,dpo}.yaml, {largest_sft,grpo}.yaml and
+# {tools_sft,tools}.yaml; this script only fills in the paths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${1:-ppo}
-if [ "$DEMO" != ppo ] && [ "$DEMO" != grpo ]; then
-  echo "usage: bash launch/demo.sh [grpo]" >&2
+if [ "$DEMO" != ppo ] && [ "$DEMO" != grpo ] && [ "$DEMO" != tools ]; then
+  echo "usage: bash launch/demo.sh [grpo|tools]" >&2
   exit 2
 fi
 NPROC=${NPROC:-2}
-OUT=${OUTPUT_DIR:-outputs/demo$([ "$DEMO" = grpo ] && echo _grpo || true)}
+OUT=${OUTPUT_DIR:-outputs/demo$([ "$DEMO" != ppo ] && echo "_$DEMO" || true)}
 START=$(date +%s.%N)
 if [ "${GPU:-0}" = 0 ]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -53,6 +56,24 @@ if [ "$DEMO" = grpo ]; then
 
   echo "== evaluation on held-out prompts (greedy)"
   python -m ds_rlhf.demo.evaluate "$OUT" --task largest --max-new-tokens 4 --start-time "$START"
+  exit 0
+fi
+
+if [ "$DEMO" = tools ]; then
+  echo "== data: $DATA"
+  python -m ds_rlhf.demo.calculator "$DATA"
+
+  echo "== step 1: supervised fine-tuning on imperfect demonstrations (conversations with tool calls)"
+  launch sft --config ds_rlhf/demo/tools_sft.yaml --output_dir "$OUT/sft" \
+    --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: messages}]"
+
+  echo "== step 2: GRPO on multi-turn episodes with a calculator tool"
+  launch ppo --config ds_rlhf/demo/tools.yaml --output_dir "$OUT/grpo" \
+    --actor.model.path "$OUT/sft/model" --data.datasets "[{path: $DATA/prompts.jsonl, format: messages}]" \
+    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"}
+
+  echo "== evaluation on held-out prompts (greedy episodes with the tool)"
+  python -m ds_rlhf.demo.evaluate "$OUT" --task tools --start-time "$START"
   exit 0
 fi
 

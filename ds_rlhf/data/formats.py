@@ -97,12 +97,13 @@ def conversations(spec: DatasetSpec, index: int, table: Table,
     return values
 
 
-def render(tokenizer: Any, conv: list[dict[str, str]], generation_prompt: bool) -> str:
+def render(tokenizer: Any, conv: list[dict[str, str]], generation_prompt: bool,
+           tools: list[dict] | None = None) -> str:
     if tokenizer.chat_template is None:
         raise DataError(f"format 'messages' needs a tokenizer with a chat template; "
                          f"{tokenizer.name_or_path!r} has none: use another format or set "
                          "tokenizer.chat_template")
-    return tokenizer.apply_chat_template(conv, tokenize=False,
+    return tokenizer.apply_chat_template(conv, tokenize=False, tools=tools,
                                          add_generation_prompt=generation_prompt)
 
 
@@ -112,8 +113,9 @@ def prompt_messages(conv: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def prompts(spec: DatasetSpec, index: int, table: Table, rows: list[int],
-            tokenizer: Any) -> list[str]:
-    """The prompt text of each row (rendered with the chat template for `messages`)."""
+            tokenizer: Any, tools: list[dict] | None = None) -> list[str]:
+    """The prompt text of each row (rendered with the chat template for `messages`, with
+    the JSON schemas of `tools` when given)."""
     fmt = spec.format
     if fmt in ("prompt", "prompt_completion", "preference"):
         return text_column(spec, index, table, "prompt_column", rows)
@@ -121,7 +123,7 @@ def prompts(spec: DatasetSpec, index: int, table: Table, rows: list[int],
         return _hh_rows(spec, index, table, rows)[0]
     if fmt == "messages":
         convs = conversations(spec, index, table, rows)
-        return [render(tokenizer, prompt_messages(c), True) for c in convs]
+        return [render(tokenizer, prompt_messages(c), True, tools) for c in convs]
     raise DataError(f"{where(spec, index)}: format {fmt!r} has no prompts; use prompt, "
                      f"prompt_completion, preference, hh or messages (data.datasets[{index}]"
                      ".format)")

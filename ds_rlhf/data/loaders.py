@@ -149,9 +149,11 @@ def _load(cfg: DataConfig, tokenizer: Any, split: Split,
 # entry after a tokenizer change and no race when many ranks on many nodes start at once.
 
 
-def load_prompts(cfg: DataConfig, tokenizer: Any, split: Split = "train") -> PromptSet:
+def load_prompts(cfg: DataConfig, tokenizer: Any, split: Split = "train",
+                 tools: list[dict] | None = None) -> PromptSet:
     """Prompts of every dataset (formats prompt, prompt_completion, preference, hh, messages),
-    with the datasets' other columns for reward functions (`PromptSet.columns`).
+    with the datasets' other columns for reward functions (`PromptSet.columns`). `tools`:
+    JSON schemas the chat template renders into `messages` prompts (multi-turn tool runs).
 
     Mixed datasets with different columns: `columns` has the union, and a row whose dataset
     lacks a column gets None there (so a reward function can tell "no answer" from any answer)
@@ -162,7 +164,7 @@ def load_prompts(cfg: DataConfig, tokenizer: Any, split: Split = "train") -> Pro
 
     def rows_fn(index: int, table: Any, rows: list[int]) -> tuple[list, int]:
         spec = cfg.datasets[index]
-        texts = formats.prompts(spec, index, table, rows, tokenizer)
+        texts = formats.prompts(spec, index, table, rows, tokenizer, tools)
         ids = _encode(tokenizer, texts, special=spec.format != "messages")
         keep = _check_prompt_lens(cfg, index, rows, [len(x) for x in ids])
         other = formats.other_columns(spec, table)

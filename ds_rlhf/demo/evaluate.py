@@ -2,6 +2,7 @@
 
     python -m ds_rlhf.demo.evaluate OUTPUT_DIR [--samples 4] [--start-time UNIX_SECONDS]
     python -m ds_rlhf.demo.evaluate OUTPUT_DIR --task largest --max-new-tokens 4
+    python -m ds_rlhf.demo.evaluate OUTPUT_DIR --task tools
 
 Reviews (default): reads OUTPUT_DIR/{data/eval_prompts.jsonl, sft/model, rm/eval.json,
 ppo/actor, ppo/metrics.jsonl, dpo/model, dpo/eval.json}; each policy samples `--samples`
@@ -10,7 +11,11 @@ responses per prompt at temperature 1 (the distribution PPO optimises), decoded 
 Largest (the verifiable-reward demo): reads OUTPUT_DIR/{data/eval_prompts.jsonl, sft/model,
 grpo/actor, grpo/metrics.jsonl, grpo/config.yaml}; each policy answers every held-out prompt
 greedily, checked by the task's reward function (accuracy_sft, accuracy_rl).
-Either writes OUTPUT_DIR/summary.json and prints a short summary.
+Tools (the tool-use demo): reads OUTPUT_DIR/{data/eval_prompts.jsonl, sft/model, grpo/actor,
+grpo/config.yaml}; each policy plays one greedy episode per held-out prompt with the run's
+tools (ds_rlhf.episodes, the same loop as training), its final answer checked by the task's
+reward function (accuracy_sft, accuracy_rl, valid_tool_calls, mean_turns).
+Each writes OUTPUT_DIR/summary.json and prints a short summary.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_rlhf.data import collate_left
-from ds_rlhf.demo import largest
+from ds_rlhf.demo import calculator, largest
 from ds_rlhf.demo.task import gold_score
 from ds_rlhf.generation import generate
 from ds_rlhf.tracking import read_metrics
@@ -97,6 +102,82 @@ def main_grpo(out: Path, start_time: float | None, max_new_tokens: int) -> dict:
     return summary
 
 
+def greedy_episodes(model_dir: Path, rows: list[dict], rollout: dict, max_new_tokens: int):
+    """One greedy episode per row ({"messages", "answer"}) with the run's tools: the
+    Episodes, and 1.0 where the final answer is right."""
+    from ds_rlhf.config import RolloutConfig
+    from ds_rlhf.episodes import EpisodeRunner
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def backend(contexts, prompt_index, sample_index, offsets, max_new):
+        ids, mask = collate_left(contexts, pad)
+        response, response_mask = generate(model, ids, mask, prompt_index, step=0, seed=0,
+                                           max_new_tokens=max_new, eos_token_id=eos,
+                                           pad_token_id=pad, greedy=True)
+        return [row[:n] for row, n in zip(response.tolist(), response_mask.sum(1).tolist(),
+                                          strict=True)]
+
+    runner = EpisodeRunner(RolloutConfig(**rollout), tokenizer, max_new_tokens, 64)
+    prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False,
+                                             add_generation_prompt=True, tools=runner.schemas)
+               for r in rows]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    n = len(rows)
+    _, episodes = runner.run(backend, prompt_ids, [{"prompt": p, **r} for p, r in
+                                                   zip(prompts, rows, strict=True)],
+                             torch.arange(n), torch.zeros(n, dtype=torch.long))
+    right = calculator.reward(prompts, episodes.final_texts(tokenizer),
+                              [r["answer"] for r in rows])
+    return episodes, right, prompts
+
+
+def main_tools(out: Path, start_time: float | None) -> dict:
+    """The tool-use demo (ds_rlhf/demo/calculator.py): SFT vs GRPO, greedy episodes."""
+    rows = [json.loads(x) for x in
+            (out / "data" / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
+    config = yaml.safe_load((out / "grpo" / "config.yaml").read_text())
+    max_new = config["generation"]["max_new_tokens"]
+    sft, sft_right, prompts = greedy_episodes(out / "sft" / "model", rows, config["rollout"],
+                                              max_new)
+    rl, rl_right, _ = greedy_episodes(out / "grpo" / "actor", rows, config["rollout"], max_new)
+    tokenizer = AutoTokenizer.from_pretrained(out / "sft" / "model")
+    _, turns, calls, errors, _ = rl.stats().tolist()
+    k = next((i for i, (a, b) in enumerate(zip(sft_right, rl_right, strict=True)) if b > a), 0)
+
+    def example(episodes):
+        return " ".join(p["text"] for p in episodes.parts(k, tokenizer))
+
+    summary = {
+        "accuracy_sft": round(sum(sft_right) / len(rows), 4),
+        "accuracy_rl": round(sum(rl_right) / len(rows), 4),
+        "valid_tool_calls": round((calls - errors) / calls, 4) if calls else None,
+        "mean_turns": round(turns / len(rows), 4),
+        "tool_calls_sft": round(sft.stats()[2].item() / len(rows), 4),
+        "tool_calls_rl": round(calls / len(rows), 4),
+        "rl_steps": read_metrics(out / "grpo" / "metrics.jsonl")[-1]["step"],
+        "eval_prompts": len(rows),
+        "example_sft": f"{prompts[k]}{example(sft)}", "example_rl": f"{prompts[k]}{example(rl)}",
+    }
+    summary["accuracy_gain"] = round(summary["accuracy_rl"] - summary["accuracy_sft"], 4)
+    if start_time is not None:
+        summary["wall_s"] = round(time.time() - start_time, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nheld-out greedy accuracy, SFT policy : {summary['accuracy_sft']:.3f} "
+          f"({summary['tool_calls_sft']:.2f} tool calls per episode)\n"
+          f"held-out greedy accuracy, RL policy  : {summary['accuracy_rl']:.3f} "
+          f"(gain {summary['accuracy_gain']:+.3f}, {summary['rl_steps']} GRPO steps)\n"
+          f"RL policy: {summary['tool_calls_rl']:.2f} tool calls per episode, "
+          f"{summary['valid_tool_calls']} of them valid, {summary['mean_turns']:.2f} turns\n"
+          f"SFT episode: {summary['example_sft']}\nRL episode:  {summary['example_rl']}\n"
+          + (f"wall time: {summary['wall_s']:.0f} s\n" if "wall_s" in summary else "")
+          + f"summary: {out / 'summary.json'}")
+    return summary
+
+
 def _config_value(run_dir: Path, section: str, key: str):
     """A value of the run's resolved config (run_dir/config.yaml)."""
     return yaml.safe_load((run_dir / "config.yaml").read_text())[section][key]
@@ -110,12 +191,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--start-time", type=float, default=None,
                         help="when the pipeline started (unix seconds), for wall_s")
-    parser.add_argument("--task", choices=("reviews", "largest"), default="reviews",
-                        help="reviews: the SFT -> RM -> PPO demo; largest: SFT -> GRPO")
+    parser.add_argument("--task", choices=("reviews", "largest", "tools"), default="reviews",
+                        help="reviews: the SFT -> RM -> PPO demo; largest: SFT -> GRPO; "
+                        "tools: SFT -> GRPO with a calculator tool")
     args = parser.parse_args(argv)
     out = args.output_dir
     if args.task == "largest":
         return main_grpo(out, args.start_time, args.max_new_tokens)
+    if args.task == "tools":
+        return main_tools(out, args.start_time)
     prompts = [json.loads(x)["prompt"] for x in
                (out / "data" / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
     sft = mean_gold(out / "sft" / "model", prompts, args.samples, args.max_new_tokens)

@@ -148,9 +148,9 @@ class LossScale:
     micro-batches takes the same step (see algo.loss_normalizer)."""
 
     loss_agg: str
-    num_tokens: float  # valid response tokens of the global minibatch
+    num_tokens: float  # valid response tokens of the global minibatch (Rollout.loss_mask)
     num_sequences: int  # rows of the global minibatch that are in the update (not dropped)
-    max_len: int  # generation.max_new_tokens
+    max_len: int  # generation.max_new_tokens (rollout.max_total_tokens for episodes)
 
     def denominators(self, mask: torch.Tensor) -> torch.Tensor:
         """The losses' num_tokens for the rows of `mask` (0-d, or [b, 1] per row)."""
@@ -218,7 +218,7 @@ class _Trainable:
         for i, idx in enumerate(micro_batches):
             chunk = minibatch.select(idx)
             self.skipped = 0
-            denominator = self._loss_denominator(scale.denominators(chunk.response_mask))
+            denominator = self._loss_denominator(scale.denominators(chunk.loss_mask))
             loss, stats, output = loss_fn(chunk, denominator)
             loss = self._guard(loss, output)
             num_skipped += self.skipped
@@ -236,7 +236,7 @@ class _Trainable:
             if self.skipped:
                 totals["skipped_microbatches"] += 1 / self.coord.world_size  # summed later
                 continue
-            num_chunk_tokens = float(chunk.response_mask.sum())
+            num_chunk_tokens = float(chunk.loss_mask.sum())
             totals["loss"] = totals.get("loss", 0.0) + loss.item() / (
                 self.coord.world_size * self.grad_accum)
             for key, value in stats.items():
@@ -269,9 +269,12 @@ class Actor(_Trainable):
 
     @torch.no_grad()
     def generate(self, prompt_ids, prompt_mask, prompt_index, step: int,
-                 greedy: bool = False, sample_index=None) -> Rollout:
+                 greedy: bool = False, sample_index=None, position_offset=None,
+                 max_new_tokens: int | None = None) -> Rollout:
         """Sample responses for left-padded prompts ([B, P]); reproducible per row: a row's
-        draws follow its (prompt_index, sample_index) (sample_index None: all 0)."""
+        draws follow its (prompt_index, sample_index) (sample_index None: all 0) and, for a
+        later turn of an episode, position_offset ([B], see generation.generate).
+        max_new_tokens: this call's limit (default generation.max_new_tokens)."""
         if self._gen is None:
             raise RuntimeError("Actor.generate must run inside `with actor.generation_mode():`")
         g, device = self.gen_cfg, self.engine.device
@@ -281,6 +284,7 @@ class Actor(_Trainable):
         order = torch.argsort(prompt_mask.sum(1), stable=True)
         if sample_index is None:
             sample_index = torch.zeros_like(prompt_index)
+        max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
         pieces = []
         for start in range(0, len(prompt_ids), g.batch_size):
             rows = order[start:start + g.batch_size]
@@ -288,11 +292,12 @@ class Actor(_Trainable):
             pieces.append(generation.generate(
                 self._gen.model, prompt_ids[rows, first:].to(device),
                 prompt_mask[rows, first:].to(device), prompt_index[rows], step=step,
-                seed=self.seed, max_new_tokens=g.max_new_tokens, eos_token_id=self.eos_token_id,
+                seed=self.seed, max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, greedy=greedy, synced=self._gen.synced,
                 static_cache=g.static_cache, decode=self._gen.decode,
-                sample_index=sample_index[rows]))
+                sample_index=sample_index[rows],
+                position_offset=None if position_offset is None else position_offset[rows]))
         response_ids, response_mask = generation.pad_responses(pieces, self.pad_token_id)
         unsort = torch.argsort(order)
         response_ids, response_mask = response_ids[unsort.to(device)], response_mask[
@@ -314,10 +319,10 @@ class Actor(_Trainable):
             logprobs = _token_logprobs(self.engine, chunk, self.gen_cfg.temperature)
             chunk, denominator = chunk.to(logprobs.device), denominator.to(logprobs.device)
             loss, stats = algo.policy_loss(
-                logprobs, chunk.old_logprobs, chunk.advantages, chunk.response_mask,
+                logprobs, chunk.old_logprobs, chunk.advantages, chunk.loss_mask,
                 self.clip_eps, num_tokens=denominator, clip_eps_high=self.clip_eps_high)
             if self.kl_loss_coef:  # GRPO's beta * KL(actor || reference), in the loss
-                kl, kl_stats = algo.kl_loss(logprobs, chunk.ref_logprobs, chunk.response_mask,
+                kl, kl_stats = algo.kl_loss(logprobs, chunk.ref_logprobs, chunk.loss_mask,
                                             self.kl_loss_estimator, num_tokens=denominator)
                 loss, stats["ref_kl"] = loss + self.kl_loss_coef * kl, kl_stats["kl"]
             return loss, stats, logprobs
@@ -340,7 +345,7 @@ class Critic(_Trainable):
         def loss_fn(chunk: Rollout, denominator: torch.Tensor):
             values = _token_values(self.engine, chunk)
             chunk, denominator = chunk.to(values.device), denominator.to(values.device)
-            return (*algo.value_loss(values, chunk.values, chunk.returns, chunk.response_mask,
+            return (*algo.value_loss(values, chunk.values, chunk.returns, chunk.loss_mask,
                                      self.clip_eps, num_tokens=denominator), values)
         return self._run(minibatch, scale, loss_fn)
 

@@ -39,6 +39,13 @@ from ds_rlhf.engines.roles import (
     RewardModel,
     init_engine,
 )
+from ds_rlhf.episodes import (
+    EpisodeRunner,
+    Episodes,
+    actor_backend,
+    build_episodes,
+    episode_metrics,
+)
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.rewards import Rewards, build_rewards, reward_metrics, reward_rows
 from ds_rlhf.rollout import Rollout, minibatch_schedule
@@ -61,6 +68,7 @@ class PPOTrainer:
     kl_ctl: algo.AdaptiveKLController | algo.FixedKLController
     tracker: Tracker
     preempted: checkpoint.PreemptionFlag
+    episodes: EpisodeRunner | None = None  # multi-turn episodes (rollout.tools/environment)
     step: int = 0  # PPO steps completed
     saved_step: int = 0  # the step of the newest checkpoint (0: none)
     untrained_steps: int = 0  # PPO steps in a row that took no optimizer step
@@ -123,9 +131,17 @@ class PPOTrainer:
             [self.prompts.input_ids[i] for i in prompt_index], self.tokenizer.pad_token_id)
 
         # 2. Rollout: sample responses, then score them with the models the run has.
+        episodes = None
         with timer("generate"), self.actor.generation_mode():
-            rollout = self.actor.generate(prompt_ids, prompt_mask, prompt_index, step,
-                                          sample_index=sample_index)
+            if self.episodes is None:
+                rollout = self.actor.generate(prompt_ids, prompt_mask, prompt_index, step,
+                                              sample_index=sample_index)
+            else:  # a multi-turn episode per row, tools or environment answering
+                rollout, episodes = self.episodes.run(
+                    actor_backend(self.actor, step, self.tokenizer.pad_token_id),
+                    [self.prompts.input_ids[i] for i in prompt_index],
+                    self.dataset_rows(prompt_index), prompt_index, sample_index, self.coord,
+                    self.tokenizer.pad_token_id)
         with timer("actor_logprobs"):
             rollout.old_logprobs = self.actor.logprobs(rollout)
         if self.ref is not None:
@@ -136,11 +152,12 @@ class PPOTrainer:
                 rollout.values = self.critic.values(rollout)
         with timer("reward"):
             scores, per_reward = self.rewards.score(reward_rows(rollout, self.prompts,
-                                                                self.tokenizer))
+                                                                self.tokenizer, episodes))
             nonfinite = ~torch.isfinite(scores)  # before score_clip makes inf finite
             rollout.scores = self.adjust_scores(scores, rollout)
         every = cfg.tracking.sample_every
-        samples = self.samples(rollout, step) if every and step % every == 0 else None
+        samples = self.samples(rollout, step, episodes) if every and step % every == 0 \
+            else None
         num_dropped = self.drop_rows(nonfinite, rollout)
 
         # 3. Per-token rewards and advantages of ppo.advantage_estimator.
@@ -154,6 +171,10 @@ class PPOTrainer:
         metrics = self.rollout_metrics(rollout, kl)
         metrics.update(reward_metrics(per_reward, rollout.scores, n, self.coord, ~nonfinite))
         metrics["train/nonfinite_score_rows"] = num_dropped
+        if episodes is not None:
+            metrics.update(episode_metrics(self.coord.sum(episodes.stats()).tolist()))
+            timer.seconds["env"] = episodes.env_seconds
+            timer.seconds["generate"] -= episodes.env_seconds
         if samples is not None:
             self.tracker.log_samples(self.coord.gather_objects(samples))
         num_rows = cfg.ppo.rollout_batch_size * n
@@ -176,16 +197,27 @@ class PPOTrainer:
             metrics["perf/samples_per_s"]
         return metrics
 
-    def samples(self, rollout: Rollout, step: int) -> list[dict]:
+    def samples(self, rollout: Rollout, step: int, episodes: Episodes | None) -> list[dict]:
+        """samples.jsonl rows; an episode's also list its parts, each with its role."""
         rows = []
         for i in range(len(rollout)):
             response = rollout.response_ids[i, :int(rollout.response_lengths[i])].tolist()
+            prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()].tolist()
             rows.append({"step": step, "prompt_index": int(rollout.prompt_index[i]),
                          "sample_index": int(rollout.sample_index[i]),
-                         "prompt": self.prompts.texts[int(rollout.prompt_index[i])],
+                         "prompt": self.prompts.texts[int(rollout.prompt_index[i])]
+                         if episodes is None else self.tokenizer.decode(prompt),
                          "response": self.tokenizer.decode(response), "response_ids": response,
                          "score": float(rollout.scores[i])})  # NaN: null in samples.jsonl
+            if episodes is not None:
+                rows[-1]["parts"] = episodes.parts(i, self.tokenizer)
         return rows
+
+    def dataset_rows(self, prompt_index: torch.Tensor) -> list[dict]:
+        """The dataset row of each prompt as environments see it: {"prompt", **columns}."""
+        p = self.prompts
+        return [{"prompt": p.texts[i], **{k: v[i] for k, v in p.columns.items()}}
+                for i in prompt_index.tolist()]
 
     def drop_rows(self, bad: torch.Tensor, rollout: Rollout) -> int:
         """Rows `bad` ([B] bool: a NaN/inf reward score) leave the update, in place: their
@@ -223,7 +255,7 @@ class PPOTrainer:
     def advantages(self, rollout: Rollout) -> torch.Tensor:
         """rollout.rewards and .advantages (and .returns for GAE) by ppo.advantage_estimator,
         the table of design/PPO_SPEC.md; returns the per-token KL to the reference [B, R]."""
-        p, mask = self.cfg.ppo, rollout.response_mask
+        p, mask = self.cfg.ppo, rollout.loss_mask
         estimator, n = p.advantage_estimator, self.cfg.generation.n_samples_per_prompt
         scores = rollout.scores
         valid = mask.bool().any(1)  # rows dropped by drop_rows have no tokens left
@@ -240,11 +272,19 @@ class PPOTrainer:
             per_row = algo.group_advantages(rollout.rewards.sum(1), n, estimator, valid=valid)
             rollout.advantages = torch.where(mask.bool(), per_row[:, None], 0.0)
             return kl
+        # In episodes the model's tokens have observations between them: the recursions run
+        # over the model's tokens only, moved together (a stable sort), then put back.
+        order = torch.argsort(1 - mask, dim=1, stable=True)
+        packed = mask.gather(1, order)
         if estimator == "gae":
-            rollout.advantages, rollout.returns = algo.gae(rollout.rewards, rollout.values, mask,
-                                                           p.gamma, p.lam)
+            advantages, returns = algo.gae(rollout.rewards.gather(1, order),
+                                           rollout.values.gather(1, order), packed, p.gamma,
+                                           p.lam)
+            rollout.returns = torch.zeros_like(returns).scatter(1, order, returns)
         else:  # reinforce_pp, reinforce_pp_baseline: returns-to-go, no critic
-            rollout.advantages = algo.discounted_returns(rollout.rewards, mask, p.gamma)
+            advantages = algo.discounted_returns(rollout.rewards.gather(1, order), packed,
+                                                 p.gamma)
+        rollout.advantages = torch.zeros_like(advantages).scatter(1, order, advantages)
         if p.whiten_advantages:
             rollout.advantages = self.coord.masked_whiten(rollout.advantages, mask)
         return kl
@@ -275,19 +315,19 @@ class PPOTrainer:
             schedule = minibatch_schedule(num_rows, p.num_minibatches, world, shuffle)
             for minibatch in self.coord.minibatches(rollout, schedule):
                 # valid tokens and rows (dropped rows have no tokens) of the global minibatch
-                mask = minibatch.response_mask
+                mask = minibatch.loss_mask
                 num_tokens, num_sequences = self.coord.sum(
                     torch.stack([mask.sum(), mask.bool().any(1).sum()])).tolist()
                 if num_tokens == 0:  # every row dropped on every rank: no pass, no step
                     continue
                 scale = LossScale(p.loss_agg, num_tokens, int(num_sequences),
-                                  self.cfg.generation.max_new_tokens)
+                                  self.max_response_len)
                 for name, role in trained.items():
                     with timer(f"{name}_train"):
                         stats = role.train_step(minibatch, scale)
                     for key, value in stats.items():
                         totals[f"{name}/{key}"] = totals.get(f"{name}/{key}", 0.0) + value
-                totals["tokens"] = totals.get("tokens", 0.0) + float(minibatch.response_mask.sum())
+                totals["tokens"] = totals.get("tokens", 0.0) + float(minibatch.loss_mask.sum())
         g = self.coord.sum_dict(totals)
         num_updates, tokens = p.ppo_epochs * p.num_minibatches, max(g["tokens"], 1.0)
         g = {key: g.get(key, 0.0) for key in (  # a key is missing if every micro-batch skipped
@@ -311,11 +351,18 @@ class PPOTrainer:
             metrics["val/clipfrac_avg"] = g["critic/clipfrac"] / tokens
         return metrics
 
+    @property
+    def max_response_len(self) -> int:
+        """Response tokens of a row at most: one response, or an episode's budget."""
+        if self.episodes is not None:
+            return self.cfg.rollout.max_total_tokens
+        return self.cfg.generation.max_new_tokens
+
     def rollout_metrics(self, rollout: Rollout, kl: torch.Tensor) -> dict[str, float]:
         lengths = rollout.response_lengths.double()
         kl_seq = kl.sum(1).double()  # kl is already zero on padding
         has_eos = self.ends_with_eos(rollout)
-        max_new = self.cfg.generation.max_new_tokens
+        max_new = self.max_response_len
         local = torch.stack([  # rows dropped for a NaN/inf score have no tokens: not counted
             (lengths > 0).double().sum(), rollout.scores.double().sum(),
             kl_seq.sum(), (rollout.scores.double() - self.kl_ctl.value * kl_seq).sum(),
@@ -346,10 +393,13 @@ def _tokenizers(cfg: PPORunConfig):
 def _check_lengths(cfg: PPORunConfig) -> None:
     actor_config = models.hf_config(cfg.actor.model, "actor")
     limit = getattr(actor_config, "max_position_embeddings", None)
-    needed = cfg.data.max_prompt_len + cfg.generation.max_new_tokens
+    response = "rollout.max_total_tokens" if cfg.rollout.multi_turn else \
+        "generation.max_new_tokens"
+    needed = cfg.data.max_prompt_len + (cfg.rollout.max_total_tokens if cfg.rollout.multi_turn
+                                        else cfg.generation.max_new_tokens)
     if limit is not None and needed > limit:
         raise ConfigError(
-            f"data.max_prompt_len + generation.max_new_tokens = {needed} exceeds the actor's "
+            f"data.max_prompt_len + {response} = {needed} exceeds the actor's "
             f"max_position_embeddings ({limit}); lower one of them")
 
 
@@ -360,7 +410,11 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     sizes = derive_sizes(cfg, world_size)
     _check_lengths(cfg)
     tokenizer = _tokenizers(cfg)
-    prompts = load_prompts(cfg.data, tokenizer, split="train")
+    # imports tools, parser and environment, checks the chat template: fail early
+    episodes = build_episodes(cfg.rollout, tokenizer, cfg.generation.max_new_tokens,
+                              cfg.data.max_prompt_len)
+    prompts = load_prompts(cfg.data, tokenizer, split="train",
+                           tools=episodes.schemas if episodes is not None else None)
     build_rewards(cfg, None)  # imports the reward functions, reads server tokens: fail early
     sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
@@ -416,7 +470,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
                         tracking=cfg.tracking, config=cfg,
                         start_step=state["step"] if state else 0,
                         run_id=state.get("wandb_run_id") if state else None),
-        preempted=preempted,
+        preempted=preempted, episodes=episodes,
     )
     if coord.is_main:  # what was built, for the user and for tools (bench, tests)
         print(f"engines: {', '.join(trainer.engine_names)} (ppo.advantage_estimator "

@@ -23,6 +23,30 @@ GRPO = {"advantage_estimator": "grpo", "kl_coef": 0.0, "rollout_batch_size": 4,
 RLOO = {"advantage_estimator": "rloo", "kl_coef": 0.05, "rollout_batch_size": 4}
 
 
+# An environment whose episodes have two model turns whatever the (random) model writes.
+ENV = '''
+class Echo:
+    def reset(self, row):
+        self.turns = 0
+        return row["prompt"]
+
+    def step(self, action):
+        self.turns += 1
+        return " it is good", sum(map(ord, action)) % 7 / 7, self.turns == 2
+'''
+
+
+def _agent(assets, tmp, name: str, steps: int) -> dict:
+    """GRPO on environment episodes: 2 turns of up to 8 tokens, a 3-token observation
+    between them; the environment's reward is the only one (no reward model). ZeRO-3: each
+    turn generates on the gathered copy, filled once per step."""
+    return _config(assets, tmp, name, 3, {**GRPO, "steps": steps,
+                                          "loss_agg": "seq_mean_token_mean"},
+                   reward={"model": {}, "zero_stage": 3},
+                   rollout={"environment": f"{tmp / 'env.py'}:Echo", "max_turns": 3,
+                            "max_total_tokens": 24})
+
+
 def _config(assets, tmp, name: str, zero_stage: int, ppo: dict, **sections) -> dict:
     base = ppo_config(assets, tmp / name)
     stage = {"zero_stage": zero_stage}
@@ -38,6 +62,7 @@ def runs(assets, tmp_path_factory):
     (tmp / "reward_fn.py").write_text(  # a rule with spread inside groups, no model
         "def char_code(prompts, completions, **columns):\n"
         "    return [sum(map(ord, c)) % 7 / 7 for c in completions]\n")
+    (tmp / "env.py").write_text(ENV)
     configs = {
         # A reward function only, kl_coef 0 and kl_loss_coef 0: the actor is the only
         # engine. seq_mean_token_mean over the global minibatch; 2 minibatches drawn from
@@ -55,17 +80,23 @@ def runs(assets, tmp_path_factory):
         "rloo": _config(assets, tmp, "rloo", 2, {**RLOO, "steps": 2}),
         "rloo_cut": _config(assets, tmp, "rloo_cut", 2, {**RLOO, "steps": 1}),
         "rloo_resumed": _config(assets, tmp, "rloo_cut", 2, {**RLOO, "steps": 2}),
+        # multi-turn episodes with an environment: 2 steps; 1 step then resumed to 2
+        "agent": _agent(assets, tmp, "agent", 2),
+        "agent_cut": _agent(assets, tmp, "agent_cut", 1),
+        "agent_resumed": _agent(assets, tmp, "agent_cut", 2),
     }
     paths = [write_yaml(cfg, tmp / f"{name}.yaml") for name, cfg in configs.items()]
     proc = run_deepspeed(2, ["tests/dist/runs.py", *map(str, paths)], module=False,
                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    one = write_yaml({**configs["grpo"], "output_dir": str(tmp / "grpo_1rank")},
-                     tmp / "grpo_1rank.yaml")
-    proc1 = run_deepspeed(1, ["tests/dist/runs.py", str(one)], module=False, timeout=600)
+    ones = [write_yaml({**configs[name], "output_dir": str(tmp / f"{name}_1rank")},
+                       tmp / f"{name}_1rank.yaml") for name in ("grpo", "agent")]
+    proc1 = run_deepspeed(1, ["tests/dist/runs.py", *map(str, ones)], module=False,
+                          timeout=600)
     assert proc1.returncode == 0, proc1.stdout[-4000:] + proc1.stderr[-4000:]
-    out = {name: tmp / name for name in configs if name != "rloo_resumed"}
-    return {**out, "grpo_1rank": tmp / "grpo_1rank", "stdout": proc.stdout}
+    out = {name: tmp / name for name in configs if not name.endswith("_resumed")}
+    return {**out, "grpo_1rank": tmp / "grpo_1rank", "agent_1rank": tmp / "agent_1rank",
+            "stdout": proc.stdout}
 
 
 @pytest.mark.parametrize("name, steps", [("grpo", 1), ("grpo_kl", 2), ("rloo_z3", 2),
@@ -146,3 +177,46 @@ def test_resumed_critic_free_run_equals_uninterrupted_run(runs):
         for key in ("objective/scores", "objective/kl", "loss/policy_avg",
                     "policy/approxkl_avg", "response_length/mean"):
             assert a[key] == b[key], (a["step"], key)
+
+
+def test_multi_turn_one_rank_equals_two_ranks(runs):
+    """Environment episodes on 1 and 2 ranks: the same episodes token for token, the same
+    metrics and the same actor after 2 GRPO steps of 2 minibatches each."""
+    def samples(out):
+        rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        return {(r["step"], r["prompt_index"], r["sample_index"]): r for r in rows}
+
+    one, two = samples(runs["agent_1rank"]), samples(runs["agent"])
+    assert sorted(one) == sorted(two) and len(one) == 2 * 4 * N
+    for key, row in two.items():
+        assert one[key]["response_ids"] == row["response_ids"]
+        assert [p["role"] for p in row["parts"]] == ["assistant", "environment", "assistant"]
+        assert row["parts"][1]["text"] == "it is good"
+    a = AutoModelForCausalLM.from_pretrained(runs["agent_1rank"] / "actor").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs["agent"] / "actor").state_dict()
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], atol=1e-5, rtol=0)
+    for m1, m2 in zip(read_metrics(runs["agent_1rank"] / "metrics.jsonl"),
+                      read_metrics(runs["agent"] / "metrics.jsonl"), strict=True):
+        for key in ("objective/scores", "loss/policy_avg", "policy/approxkl_avg",
+                    "episode/turns_mean", "episode/truncated", "response_length/mean"):
+            assert m1[key] == pytest.approx(m2[key], abs=1e-5), key
+        assert m2["episode/turns_mean"] == 2.0  # the environment ends every episode there
+        assert m2["episode/tool_calls_mean"] == 0.0 and m2["episode/tool_errors"] == 0.0
+        assert m2["episode/truncated"] == 0.0 and m2["timing/env"] >= 0.0
+        assert m2["rewards/environment/mean"] == pytest.approx(m2["objective/scores"], abs=1e-6)
+        assert m2["policy/approxkl_avg"] > 0
+
+
+def test_resumed_multi_turn_run_equals_uninterrupted_run(runs):
+    full = read_metrics(runs["agent"] / "metrics.jsonl")
+    cut = read_metrics(runs["agent_cut"] / "metrics.jsonl")
+    assert [m["step"] for m in cut] == [1, 2]
+    for a, b in zip(full, cut, strict=True):
+        for key in ("objective/scores", "loss/policy_avg", "policy/approxkl_avg",
+                    "response_length/mean", "episode/turns_mean"):
+            assert a[key] == b[key], (a["step"], key)
+    a = AutoModelForCausalLM.from_pretrained(runs["agent"] / "actor").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs["agent_cut"] / "actor").state_dict()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name

@@ -105,3 +105,32 @@ def test_memory_switches_change_memory_not_results(assets, tmp_path):
             for key in ("objective/scores", "objective/kl", "loss/policy_avg",
                         "loss/value_avg"):
                 assert a[key] == pytest.approx(b[key], abs=1e-6), (name, key)
+
+
+def test_tool_without_schema_fails_before_any_engine(assets, tmp_path):
+    (tmp_path / "tools.py").write_text("def lookup(key):\n    return key\n")
+    cfg = ppo_config(assets, tmp_path / "out",
+                     rollout={"tools": [f"{tmp_path / 'tools.py'}:lookup"],
+                              "max_total_tokens": 24})
+    _fails_with(_ppo(cfg, tmp_path), "rollout.tools[0]", "no JSON schema", "docstring")
+
+
+def test_environment_failure_ends_the_run_with_exit_2(assets, tmp_path):
+    """An environment whose step() raises mid-episode: exit 2, one message naming the
+    environment, the method and the row; no traceback."""
+    (tmp_path / "env.py").write_text(
+        "class Broken:\n"
+        "    def reset(self, row):\n"
+        "        return row['prompt']\n"
+        "    def step(self, action):\n"
+        "        raise ZeroDivisionError('no moves left')\n")
+    cfg = ppo_config(assets, tmp_path / "out", ppo={"steps": 1, "rollout_batch_size": 2,
+                                                    "advantage_estimator": "reinforce_pp"},
+                     rollout={"environment": f"{tmp_path / 'env.py'}:Broken",
+                              "max_total_tokens": 24})
+    del cfg["critic"], cfg["reward"]
+    proc = _ppo(cfg, tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert (f"error: environment '{tmp_path / 'env.py'}:Broken' (rollout.environment): step() "
+            "raised ZeroDivisionError: no moves left on the row of prompt index") in proc.stderr

@@ -133,3 +133,39 @@ def test_largest_task_rule_data_and_tokenizer(tmp_path):
     assert len(tokenizer) == len(largest.VOCAB) == 15  # ds_rlhf/demo/largest_sft.yaml's vocab
     assert tokenizer.decode(tokenizer(" 9")["input_ids"] + [tokenizer.eos_token_id],
                             skip_special_tokens=True) == "9"
+
+
+def test_calculator_task_data_tool_and_tokenizer(tmp_path):
+    """The tool-use demo: held-out pairs, imperfect demonstrations, a tool call that survives
+    decode for the hermes parser, and the chat template's SFT rows match the episodes."""
+    from ds_rlhf.demo import calculator
+    from ds_rlhf.episodes import ToolCall, hermes_parser, render_delta
+
+    assert calculator.add(37, 45) == "82"
+    assert calculator.reward(["p"] * 3, ["82", " 82 ", "37"], ["82"] * 3) == [1.0, 1.0, 0.0]
+    rows = calculator.make_rows(seed=0)
+    assert rows == calculator.make_rows(seed=0)
+    question = {r["messages"][0]["content"] for name in ("sft.jsonl", "prompts.jsonl")
+                for r in rows[name]}
+    held_out = {r["messages"][0]["content"] for r in rows["eval_prompts.jsonl"]}
+    assert len(held_out) == calculator.NUM_EVAL and not held_out & question
+    uses_tool = [len(r["messages"]) == 4 for r in rows["sft.jsonl"]]
+    assert abs(sum(uses_tool) / len(uses_tool) - calculator.SFT_RULES["tool"]) < 0.03
+    calculator.write(tmp_path, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    call = tokenizer(calculator.tool_call(37, 45), add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in call and len(call) == 19
+    assert hermes_parser(tokenizer.decode(call)) == [ToolCall("add", {"a": 37, "b": 45})]
+    # an SFT conversation renders to the tokens an episode is built of
+    sft = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "what is 37 + 45 ?"},
+         {"role": "assistant", "content": calculator.tool_call(37, 45)},
+         {"role": "tool", "content": "82"}, {"role": "assistant", "content": "82"}],
+        tokenize=False)
+    episode = (tokenizer.apply_chat_template([{"role": "user", "content": "what is 37 + 45 ?"}],
+                                             tokenize=False, add_generation_prompt=True)
+               + calculator.tool_call(37, 45) + " <eos> "
+               + render_delta(tokenizer, [{"role": "tool", "name": "add", "content": "82"}])
+               + "82 <eos> ")
+    assert tokenizer(sft)["input_ids"] == tokenizer(episode)["input_ids"]
+    assert len(tokenizer) == 220  # ds_rlhf/demo/tools_sft.yaml's vocab_size

@@ -1,0 +1,497 @@
+"""Multi-turn episodes: the model acts, a tool or an environment answers, for several turns.
+
+    runner = build_episodes(cfg.rollout, tokenizer, cfg.generation.max_new_tokens)  # checks
+    rollout, episodes = runner.run(actor_backend(actor, step), prompt_ids, rows,
+                                   prompt_index, sample_index, coord)
+
+Two ways to define an episode (rollout.tools or rollout.environment, see config.py):
+
+  tools        plain Python functions with type hints and a docstring, returning str. Their
+               JSON schemas (transformers' get_json_schema) go to the chat template
+               (`tools=`, where the prompts are rendered). After each model turn the tool
+               calls are parsed from its text (rollout.tool_parser; "hermes" reads
+               <tool_call>{"name": ..., "arguments": {...}}</tool_call>), run, and their
+               results appended as `tool` messages. The episode ends at a turn without a
+               tool call, or at rollout.max_turns.
+  environment  a class; one instance per episode. `reset(row) -> str | list[message]` gives
+               the prompt (row: the dataset row, {"prompt": text, **other columns}, the
+               columns reward functions see); `step(action_text) -> (observation, reward,
+               done)` answers each model turn. The rewards of all steps add up to the
+               episode's environment reward (rewards/environment/mean).
+
+A model turn ends at the tokenizer's EOS or after generation.max_new_tokens tokens. An
+episode is cut (episode/truncated) when it reaches rollout.max_total_tokens response tokens
+(model turns and observations), or rollout.max_turns with a tool call or observation pending.
+
+Token in, token out: the model's tokens are appended exactly as sampled, never decoded and
+re-encoded (decoding is only for parsing); observations (tool results, environment text)
+are encoded once and appended. `Rollout.action_mask` is 1 on the model's tokens, 0 on
+observations: only the model's tokens enter the losses, KL terms and token counts.
+
+Generation is behind one interface (`TurnBackend`): prompt token ids and per-row seeds in,
+response token ids out. Token t of a turn draws the uniform of its position in the episode's
+response (generation.generate's position_offset), so sampling stays a function of (seed,
+prompt, sample, step, position): 1 rank equals 2 ranks, and a resumed run repeats.
+
+Hostile tools: a tool that raises, runs past rollout.tool_timeout (each call runs in its own
+daemon thread; a call past its time is abandoned, Python cannot kill a thread), returns a
+non-string or a result over rollout.max_observation_tokens, an unknown tool and a malformed
+call all become an error observation the model sees (episode/tool_errors). An environment
+that raises or answers wrongly is a bug in the run: `EpisodeError` names it and the row, and
+every rank stops with it (exit 2) after all episodes of the step have ended; no collective
+runs inside an episode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import numbers
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ds_rlhf.config import RolloutConfig, UserInputError
+from ds_rlhf.rewards import load_function, raise_together
+from ds_rlhf.rollout import Rollout
+
+# (context ids per row, prompt_index [b], sample_index [b], position_offset [b],
+#  max_new_tokens) -> the new tokens of each row, up to and including its EOS.
+TurnBackend = Callable[[list[list[int]], Tensor, Tensor, Tensor, int], list[list[int]]]
+
+
+class EpisodeError(UserInputError):
+    """A tool set, parser or environment that cannot run; names it (and the row)."""
+
+    every_rank = False  # set when all ranks raise it together (rewards.raise_together)
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict
+
+
+_HERMES = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def hermes_parser(text: str) -> list[ToolCall]:
+    """Tool calls in Hermes / Qwen form: <tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>, any number of them. Raises ValueError on a malformed call (bad JSON, no
+    name, arguments not an object, an unclosed tag)."""
+    calls = []
+    for body in _HERMES.findall(text):
+        try:
+            call = json.loads(body.strip())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tool call is not valid JSON ({e}): {body.strip()[:200]!r}") \
+                from e
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise ValueError(f"tool call has no \"name\" string: {body.strip()[:200]!r}")
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"tool call arguments are not valid JSON ({e})") from e
+        if not isinstance(arguments, dict):
+            raise ValueError(f"tool call arguments must be an object, got {arguments!r}")
+        calls.append(ToolCall(call["name"], arguments))
+    if not calls and "<tool_call>" in text:
+        raise ValueError("<tool_call> without a closing </tool_call>")
+    return calls
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+class Tools:
+    """The run's tool functions by name, their schemas, and calls under a timeout."""
+
+    def __init__(self, refs: Sequence[str], timeout: float):
+        from transformers.utils import get_json_schema
+
+        self.timeout = timeout
+        self.functions: dict[str, Callable] = {}
+        self.schemas: list[dict] = []
+        for i, ref in enumerate(refs):
+            what = f"tool {ref!r} (rollout.tools[{i}])"
+            fn = load_function(ref, f"rollout.tools[{i}]", what, EpisodeError)
+            try:
+                schema = get_json_schema(fn)
+            except Exception as e:  # no docstring, an argument without a type or description
+                raise EpisodeError(f"{what}: no JSON schema ({e}); give it type hints and a "
+                                   "Google-style docstring with an Args: section") from e
+            name = schema["function"]["name"]
+            if name in self.functions:
+                raise EpisodeError(f"{what}: a second tool named {name!r}; rename one")
+            self.functions[name] = fn
+            self.schemas.append(schema)
+
+    def run(self, calls: Sequence[ToolCall]) -> list[tuple[str, bool]]:
+        """(result text, ok) of each call, all calls in parallel, each in a daemon thread
+        that gets `timeout` seconds; a failure becomes an error text, never an exception."""
+        results: list[tuple[str, bool] | None] = [None] * len(calls)
+        threads = []
+        for k, call in enumerate(calls):
+            fn = self.functions.get(call.name)
+            if fn is None:
+                results[k] = (f"error: no tool named {call.name!r}; the tools are "
+                              f"{', '.join(sorted(self.functions))}", False)
+                continue
+
+            def target(k=k, fn=fn, call=call):
+                try:
+                    value = fn(**call.arguments)
+                except Exception as e:
+                    results[k] = (f"error: {call.name} raised {type(e).__name__}: {e}", False)
+                    return
+                if not isinstance(value, str):
+                    results[k] = (f"error: {call.name} returned {type(value).__name__}, not a "
+                                  "string", False)
+                    return
+                results[k] = (value, True)
+
+            thread = threading.Thread(target=target, daemon=True, name=f"tool-{call.name}")
+            thread.start()
+            threads.append((k, thread))
+        deadline = time.monotonic() + self.timeout
+        for k, thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread.is_alive() or results[k] is None:  # abandoned: it may finish later
+                results[k] = (f"error: {calls[k].name} did not answer within "
+                              f"{self.timeout:g} s", False)
+        return [r for r in results]  # type: ignore[misc]
+
+
+_STAND_IN = "ds_rlhf_stand_in_turn"
+
+
+def render_delta(tokenizer, messages: list[dict], after_eos: bool = True) -> str:
+    """The text the chat template adds for `messages` after an assistant turn, up to the next
+    generation prompt: how tool results and message observations are appended. Rendered
+    after a fixed stand-in conversation, so it depends on `messages` alone. `after_eos`: the
+    model's turn ended with the EOS token, so what the template writes after an assistant's
+    EOS (Qwen's newline after <|im_end|>) comes first, as in the SFT data's rendering."""
+    if tokenizer.chat_template is None:
+        raise EpisodeError(f"tokenizer {tokenizer.name_or_path!r} has no chat template, "
+                           "which tool results and message observations are rendered with")
+    base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _STAND_IN}]
+    before = tokenizer.apply_chat_template(base, tokenize=False)
+    after = tokenizer.apply_chat_template(base + list(messages), tokenize=False,
+                                          add_generation_prompt=True)
+    if not after.startswith(before):
+        raise EpisodeError("the chat template renders a conversation differently once "
+                           f"{messages[0]['role']!r} messages follow, so they cannot be "
+                           "appended to an episode; use string observations")
+    tail = before[before.rfind(_STAND_IN) + len(_STAND_IN):]  # after an assistant's text
+    eos = tokenizer.eos_token or ""
+    suffix = tail[tail.index(eos) + len(eos):] if after_eos and eos and eos in tail else ""
+    return suffix + after[len(before):]
+
+
+@dataclass
+class Episode:
+    """One row's episode: the prompt, then every token after it, whose they are."""
+
+    prompt_ids: list[int]
+    response: list[int] = field(default_factory=list)  # model turns and observations
+    action: list[int] = field(default_factory=list)  # 1: the model's token, 0: observation
+    parts: list[tuple[str, int]] = field(default_factory=list)  # (role, tokens) in order
+    last_turn: list[int] = field(default_factory=list)  # the model's last turn
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    env_reward: float = 0.0
+    truncated: bool = False  # cut by max_total_tokens, or max_turns with a call pending
+    done: bool = False
+
+    def append(self, role: str, ids: list[int]) -> None:
+        self.response += ids
+        self.action += [int(role == "assistant")] * len(ids)
+        self.parts.append((role, len(ids)))
+
+
+@dataclass
+class Episodes:
+    """A step's finished episodes on this rank (row i of the rollout is episodes[i])."""
+
+    episodes: list[Episode]
+    env_seconds: float  # time in tools and environment calls
+
+    def final_texts(self, tokenizer) -> list[str]:
+        """The model's last turn of each episode, decoded without its EOS: the completion
+        reward functions see."""
+        out = []
+        for e in self.episodes:
+            ids = e.last_turn[:-1] if e.last_turn[-1:] == [tokenizer.eos_token_id] \
+                else e.last_turn
+            out.append(tokenizer.decode(ids, skip_special_tokens=True))
+        return out
+
+    def env_rewards(self) -> list[float]:
+        return [e.env_reward for e in self.episodes]
+
+    def parts(self, i: int, tokenizer) -> list[dict]:
+        """Episode i as [{"role", "text"}] in order: samples.jsonl."""
+        e, start, out = self.episodes[i], 0, []
+        for role, n in e.parts:
+            out.append({"role": role, "text": tokenizer.decode(e.response[start:start + n])})
+            start += n
+        return out
+
+    def stats(self) -> Tensor:
+        """Sums over this rank: [episodes, turns, tool calls, tool errors, truncated]."""
+        es = self.episodes
+        return torch.tensor([len(es), sum(e.turns for e in es), sum(e.tool_calls for e in es),
+                             sum(e.tool_errors for e in es), sum(e.truncated for e in es)],
+                            dtype=torch.float64)
+
+
+def episode_metrics(totals: Sequence[float]) -> dict[str, float]:
+    """The metrics of Episodes.stats summed over ranks."""
+    n, turns, calls, errors, truncated = totals
+    n = n or float("nan")
+    return {"episode/turns_mean": turns / n, "episode/tool_calls_mean": calls / n,
+            "episode/tool_errors": errors, "episode/truncated": truncated / n}
+
+
+def _check_step(answer: Any, what: str) -> tuple[Any, float, bool]:
+    if not (isinstance(answer, tuple) and len(answer) == 3):
+        raise EpisodeError(f"{what} returned {_short(str(answer))}, not a tuple (observation, "
+                           "reward, done)")
+    observation, reward, done = answer
+    if not isinstance(observation, (str, list)):
+        raise EpisodeError(f"{what} returned an observation of type "
+                           f"{type(observation).__name__}; return a str or a list of messages")
+    if not isinstance(reward, numbers.Real) or not math.isfinite(float(reward)):
+        raise EpisodeError(f"{what} returned reward {reward!r}; expected a finite number")
+    return observation, float(reward), bool(done)
+
+
+class EpisodeRunner:
+    """Runs a step's episodes on one rank (module doc)."""
+
+    def __init__(self, cfg: RolloutConfig, tokenizer, max_new_tokens: int,
+                 max_prompt_len: int):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens  # per model turn (generation.max_new_tokens)
+        self.max_prompt_len = max_prompt_len
+        self.eos = tokenizer.eos_token_id
+        self.tools = Tools(cfg.tools, cfg.tool_timeout) if cfg.tools else None
+        self.env_cls = None
+        if cfg.environment is not None:
+            self.env_cls = load_function(cfg.environment, "rollout.environment",
+                                         f"environment {cfg.environment!r}", EpisodeError)
+            if not inspect.isclass(self.env_cls):
+                raise EpisodeError(f"environment {cfg.environment!r} is not a class; give a "
+                                   "class with reset(row) and step(action_text)")
+        if cfg.tool_parser == "hermes":
+            self.parser: Callable[[str], list] = hermes_parser
+        else:
+            self.parser = load_function(cfg.tool_parser, "rollout.tool_parser",
+                                        f"tool parser {cfg.tool_parser!r}", EpisodeError)
+        if self.tools is not None:  # fail now, not in the first step
+            render_delta(tokenizer, [{"role": "tool", "name": "t", "content": "0"}])
+
+    @property
+    def schemas(self) -> list[dict] | None:
+        """The tools' JSON schemas for the chat template, or None."""
+        return None if self.tools is None else self.tools.schemas
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---------------------------------------------------------------------------------------
+
+    def run(self, backend: TurnBackend, prompt_ids: list[list[int]], rows: list[dict],
+            prompt_index: Tensor, sample_index: Tensor, coord=None,
+            pad_token_id: int = 0) -> tuple[Rollout, Episodes]:
+        """Every row's episode to its end, then one Rollout (with action_mask). `rows[i]`:
+        the dataset row of row i ({"prompt": text, **columns}). An environment failure on
+        any rank raises EpisodeError on every rank (with `coord`) once all rows ended."""
+        env_seconds, error = 0.0, None
+        envs: list[Any] = [None] * len(prompt_ids)
+        episodes = [Episode(list(p)) for p in prompt_ids]
+        if self.env_cls is not None:
+            start = time.perf_counter()
+            for i in range(len(episodes)):
+                try:
+                    envs[i] = self.env_cls()
+                    episodes[i].prompt_ids = self._env_prompt(envs[i].reset(dict(rows[i])),
+                                                              rows[i], int(prompt_index[i]))
+                except Exception as e:
+                    error = self._env_error(e, "reset", rows[i], int(prompt_index[i]))
+                    break
+            env_seconds += time.perf_counter() - start
+        for turn in range(self.cfg.max_turns):
+            if error is not None:
+                break
+            live = [i for i, e in enumerate(episodes) if not e.done]
+            if not live:
+                break
+            budgets = [self.cfg.max_total_tokens - len(episodes[i].response) for i in live]
+            outs = backend([episodes[i].prompt_ids + episodes[i].response for i in live],
+                           prompt_index[live], sample_index[live],
+                           torch.tensor([len(episodes[i].response) for i in live]),
+                           min(self.max_new_tokens, max(budgets)))
+            last_turn = turn == self.cfg.max_turns - 1
+            for i, out, budget in zip(live, outs, budgets, strict=True):
+                e = episodes[i]
+                out = list(out)[:budget]  # a turn ends at EOS or max_new_tokens
+                e.append("assistant", out)
+                e.last_turn, e.turns = out, e.turns + 1
+            start = time.perf_counter()
+            if self.tools is not None:
+                self._tool_turn(episodes, live, last_turn)
+            else:
+                for i in live:
+                    try:
+                        self._env_turn(episodes[i], envs[i], last_turn)
+                    except Exception as e:
+                        error = self._env_error(e, "step", rows[i], int(prompt_index[i]))
+                        break
+            env_seconds += time.perf_counter() - start
+        raise_together(coord, error)
+        for e in episodes:  # max_turns reached with a call or observation pending: cut
+            if not e.done:
+                e.done = e.truncated = True
+        return self._rollout(episodes, prompt_index, sample_index, pad_token_id), \
+            Episodes(episodes, env_seconds)
+
+    def _tool_turn(self, episodes: list[Episode], rows: list[int], last_turn: bool) -> None:
+        """Parse each row's turn; run all calls of all rows together; append the results."""
+        batch: list[tuple[int, list[ToolCall]]] = []
+        for i in rows:
+            e = episodes[i]
+            text = self.tokenizer.decode(self._without_eos(e.last_turn))
+            try:
+                calls = [c if isinstance(c, ToolCall) else ToolCall(c["name"], c["arguments"])
+                         for c in self.parser(text)]
+            except Exception as err:  # a malformed call (a parser raises ValueError)
+                e.tool_calls, e.tool_errors = e.tool_calls + 1, e.tool_errors + 1
+                if not last_turn:
+                    self._observe(e, [{"role": "tool", "name": "error",
+                                       "content": f"error: {err}"}])
+                else:
+                    e.done = e.truncated = True
+                continue
+            if not calls:
+                e.done = True  # the answer: a turn without a tool call
+            elif last_turn:
+                e.tool_calls += len(calls)
+                e.done = e.truncated = True
+            else:
+                batch.append((i, calls))
+        flat = [c for _, calls in batch for c in calls]
+        results = iter(self.tools.run(flat) if flat else [])
+        for i, calls in batch:
+            e, messages = episodes[i], []
+            for call in calls:
+                text, ok = next(results)
+                if ok and len(self.encode(text)) > self.cfg.max_observation_tokens:
+                    text, ok = (f"error: the result of {call.name} has more than "
+                                f"{self.cfg.max_observation_tokens} tokens", False)
+                e.tool_calls += 1
+                e.tool_errors += not ok
+                messages.append({"role": "tool", "name": call.name, "content": text})
+            self._observe(e, messages)
+
+    def _without_eos(self, turn: list[int]) -> list[int]:
+        return turn[:-1] if turn[-1:] == [self.eos] else turn
+
+    def _env_turn(self, e: Episode, env: Any, last_turn: bool) -> None:
+        text = self.tokenizer.decode(self._without_eos(e.last_turn), skip_special_tokens=True)
+        observation, reward, done = _check_step(env.step(text), "step()")
+        e.env_reward += reward
+        if done:
+            e.done = True
+        elif last_turn:
+            e.done = e.truncated = True
+        else:
+            self._observe(e, observation)
+
+    def _observe(self, e: Episode, observation: str | list[dict]) -> None:
+        """Append an observation (text as is, messages through the chat template), cut to
+        the episode's budget (then the episode ends, truncated)."""
+        text = observation if isinstance(observation, str) else \
+            render_delta(self.tokenizer, observation, e.last_turn[-1:] == [self.eos])
+        role = "environment" if isinstance(observation, str) else observation[0]["role"]
+        ids = self.encode(text)
+        budget = self.cfg.max_total_tokens - len(e.response)
+        if len(ids) >= budget:  # no room for the model's next turn
+            ids, e.done, e.truncated = ids[:budget], True, True
+        e.append(role, ids)
+
+    def _env_prompt(self, prompt: Any, row: dict, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        elif isinstance(prompt, list):
+            ids = self.encode(self.tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True))
+        else:
+            raise TypeError(f"reset() returned {type(prompt).__name__}; return the prompt as "
+                            "a str or a list of messages")
+        if not ids or len(ids) > self.max_prompt_len:
+            raise ValueError(f"reset() gave a prompt of {len(ids)} tokens; it must have 1 to "
+                             f"data.max_prompt_len={self.max_prompt_len}")
+        return ids
+
+    def _env_error(self, e: Exception, method: str, row: dict, index: int) -> EpisodeError:
+        if isinstance(e, EpisodeError):
+            detail = str(e)
+        else:
+            detail = f"{method}() raised {type(e).__name__}: {e}"
+        return EpisodeError(f"environment {self.cfg.environment!r} (rollout.environment): "
+                            f"{detail} on the row of prompt index {index} "
+                            f"({_short(str(row.get('prompt', '')))})")
+
+    @staticmethod
+    def _rollout(episodes: list[Episode], prompt_index: Tensor, sample_index: Tensor,
+                 pad: int) -> Rollout:
+        from ds_rlhf.data import collate_left
+
+        prompt_ids, prompt_mask = collate_left([e.prompt_ids for e in episodes], pad)
+        width = max(max(len(e.response) for e in episodes), 1)
+        ids = torch.full((len(episodes), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        action = torch.zeros_like(ids)
+        for i, e in enumerate(episodes):
+            n = len(e.response)
+            ids[i, :n] = torch.tensor(e.response, dtype=torch.long)
+            mask[i, :n] = 1
+            action[i, :n] = torch.tensor(e.action, dtype=torch.long)
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=ids,
+                       response_mask=mask, prompt_index=prompt_index.cpu(),
+                       sample_index=sample_index.cpu(), action_mask=action)
+
+
+def actor_backend(actor, step: int, pad_token_id: int) -> TurnBackend:
+    """The hf backend: the actor in generation mode (engines.roles.Actor.generate)."""
+    from ds_rlhf.data import collate_left
+
+    def generate(contexts, prompt_index, sample_index, offsets, max_new_tokens):
+        ids, mask = collate_left(contexts, pad_token_id)
+        r = actor.generate(ids, mask, prompt_index, step, sample_index=sample_index,
+                           position_offset=offsets, max_new_tokens=max_new_tokens)
+        return [row[:n] for row, n in zip(r.response_ids.tolist(),
+                                          r.response_lengths.tolist(), strict=True)]
+    return generate
+
+
+def build_episodes(cfg: RolloutConfig, tokenizer, max_new_tokens: int,
+                   max_prompt_len: int) -> EpisodeRunner | None:
+    """The run's episode runner (imports tools, parser and environment: call it before any
+    engine is built), or None for single-turn runs."""
+    if not cfg.multi_turn:
+        return None
+    return EpisodeRunner(cfg, tokenizer, max_new_tokens, max_prompt_len)
