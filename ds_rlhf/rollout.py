@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 # The fields aligned to response tokens ([B, R]); the prompt fields are [B, P], the rest [B].
-PER_TOKEN = ("response_ids", "response_mask", "old_logprobs", "ref_logprobs", "values",
-             "rewards", "advantages", "returns")
+PER_TOKEN = ("response_ids", "response_mask", "sampler_logprobs", "old_logprobs",
+             "ref_logprobs", "values", "rewards", "advantages", "returns")
 
 
 @dataclass
@@ -27,6 +27,11 @@ class Rollout:
     response_mask: Tensor  # [B, R] 1 for real response tokens including EOS, 0 after it
     prompt_index: Tensor  # [B] long, global index of the prompt in the dataset (sampling seed)
     sample_index: Tensor | None = None  # [B] long, which of its prompt's n samples (seed)
+    # [B, R] float32, 0 on padding: log-prob of each sampled token under the sampler's own
+    # logits (log_softmax(logits / temperature) over the full vocabulary, no top-k/top-p
+    # renormalisation), so it compares directly with old_logprobs (the sampler/trainer
+    # mismatch, corrected by ppo.rollout_correction). Filled by the generation backend.
+    sampler_logprobs: Tensor | None = None
     old_logprobs: Tensor | None = None  # [B, R] float32, actor at sampling time
     ref_logprobs: Tensor | None = None  # [B, R] float32, frozen reference model
     values: Tensor | None = None  # [B, R] float32, critic at sampling time (old values)

@@ -292,14 +292,14 @@ class Actor(_Trainable):
                 pad_token_id=self.pad_token_id, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, greedy=greedy, synced=self._gen.synced,
                 static_cache=g.static_cache, decode=self._gen.decode,
-                sample_index=sample_index[rows]))
-        response_ids, response_mask = generation.pad_responses(pieces, self.pad_token_id)
-        unsort = torch.argsort(order)
-        response_ids, response_mask = response_ids[unsort.to(device)], response_mask[
-            unsort.to(device)]
+                sample_index=sample_index[rows], return_logprobs=True))
+        unsort = torch.argsort(order).to(device)
+        response_ids, response_mask, sampler_logprobs = (
+            x[unsort].cpu() for x in generation.pad_responses(pieces, self.pad_token_id))
         return Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
-                       response_ids=response_ids.cpu(), response_mask=response_mask.cpu(),
-                       prompt_index=prompt_index.cpu(), sample_index=sample_index.cpu())
+                       response_ids=response_ids, response_mask=response_mask,
+                       prompt_index=prompt_index.cpu(), sample_index=sample_index.cpu(),
+                       sampler_logprobs=sampler_logprobs)
 
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         return _forward_all(self.engine, rollout, self.batcher,
