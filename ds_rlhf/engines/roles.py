@@ -253,6 +253,7 @@ class Actor(_Trainable):
         self.gen_cfg = gen_cfg
         self.clip_eps, self.clip_eps_high = ppo.clip_eps, ppo.clip_eps_high
         self.kl_loss_coef, self.kl_loss_estimator = ppo.kl_loss_coef, ppo.kl_loss_estimator
+        self.rollout_correction, self.rollout_is_cap = ppo.rollout_correction, ppo.rollout_is_cap
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self.seed = seed
@@ -271,7 +272,8 @@ class Actor(_Trainable):
     def generate(self, prompt_ids, prompt_mask, prompt_index, step: int,
                  greedy: bool = False, sample_index=None) -> Rollout:
         """Sample responses for left-padded prompts ([B, P]); reproducible per row: a row's
-        draws follow its (prompt_index, sample_index) (sample_index None: all 0)."""
+        draws follow its (prompt_index, sample_index) (sample_index None: all 0). The Rollout
+        carries the sampler's logprobs of the drawn tokens (sampler_logprobs)."""
         if self._gen is None:
             raise RuntimeError("Actor.generate must run inside `with actor.generation_mode():`")
         g, device = self.gen_cfg, self.engine.device
@@ -313,9 +315,14 @@ class Actor(_Trainable):
         def loss_fn(chunk: Rollout, denominator: torch.Tensor):
             logprobs = _token_logprobs(self.engine, chunk, self.gen_cfg.temperature)
             chunk, denominator = chunk.to(logprobs.device), denominator.to(logprobs.device)
+            is_weights = None  # from the chunk's own old_logprobs, however they were computed
+            if self.rollout_correction == "tis":  # the sampler drew the tokens (Yao et al. 2025)
+                is_weights, _ = algo.rollout_is_weights(chunk.old_logprobs, chunk.sampler_logprobs,
+                                                        chunk.response_mask, self.rollout_is_cap)
             loss, stats = algo.policy_loss(
                 logprobs, chunk.old_logprobs, chunk.advantages, chunk.response_mask,
-                self.clip_eps, num_tokens=denominator, clip_eps_high=self.clip_eps_high)
+                self.clip_eps, num_tokens=denominator, clip_eps_high=self.clip_eps_high,
+                is_weights=is_weights)
             if self.kl_loss_coef:  # GRPO's beta * KL(actor || reference), in the loss
                 kl, kl_stats = algo.kl_loss(logprobs, chunk.ref_logprobs, chunk.response_mask,
                                             self.kl_loss_estimator, num_tokens=denominator)

@@ -311,19 +311,32 @@ class PPOTrainer:
         kl_seq = kl.sum(1).double()  # kl is already zero on padding
         has_eos = self.ends_with_eos(rollout)
         max_new = self.cfg.generation.max_new_tokens
-        local = torch.stack([  # rows dropped for a NaN/inf score have no tokens: not counted
-            (lengths > 0).double().sum(), rollout.scores.double().sum(),
-            kl_seq.sum(), (rollout.scores.double() - self.kl_ctl.value * kl_seq).sum(),
-            lengths.sum(), has_eos.double().sum(), ((lengths >= max_new) & ~has_eos).double().sum(),
-        ])
-        n, scores, kl_sum, rlhf, length, eos, clipped = self.coord.sum(local).tolist()
+        # The sampler/trainer mismatch; its means times their counts (tokens, non-empty rows)
+        # add up over ranks.
+        _, mismatch = algo.rollout_is_weights(rollout.old_logprobs, rollout.sampler_logprobs,
+                                              rollout.response_mask, self.cfg.ppo.rollout_is_cap)
+        num_rows, num_tokens = float((lengths > 0).sum()), float(lengths.sum())
+        local = torch.tensor([  # rows dropped for a NaN/inf score have no tokens: not counted
+            num_rows, float(rollout.scores.double().sum()), float(kl_seq.sum()),
+            float((rollout.scores.double() - self.kl_ctl.value * kl_seq).sum()), num_tokens,
+            float(has_eos.double().sum()), float(((lengths >= max_new) & ~has_eos).sum()),
+            mismatch["logprob_abs_diff"] * num_tokens, mismatch["capped_frac"] * num_tokens,
+            mismatch["mismatch_kl"] * num_rows,
+        ], dtype=torch.float64)
+        n, scores, kl_sum, rlhf, length, eos, clipped, abs_diff, capped, mismatch_kl = \
+            self.coord.sum(local).tolist()
         n = n or float("nan")  # every row dropped: means are undefined (null in metrics.jsonl)
-        return {
+        tokens = length or float("nan")
+        metrics = {
             "objective/scores": scores / n, "objective/kl": kl_sum / n,
             "objective/rlhf_reward": rlhf / n, "objective/kl_coef": self.kl_ctl.value,
             "response_length/mean": length / n, "response_length/clip_ratio": clipped / n,
             "val/num_eos_tokens": eos,
+            "rollout/logprob_abs_diff": abs_diff / tokens, "rollout/mismatch_kl": mismatch_kl / n,
         }
+        if self.cfg.ppo.rollout_correction == "tis":
+            metrics["rollout/is_capped_frac"] = capped / tokens
+        return metrics
 
 
 def _tokenizers(cfg: PPORunConfig):

@@ -46,6 +46,13 @@ def runs(assets, tmp_path_factory):
                                                  "loss_agg": "seq_mean_token_mean"},
                         reward={"model": {}, "zero_stage": 3},
                         rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}]),
+        # "grpo" with truncated importance sampling: the hf sampler's logprobs equal the
+        # trainer's up to round-off, so the update must be "grpo"'s
+        "grpo_tis": _config(assets, tmp, "grpo_tis", 3, {**GRPO, "steps": 1,
+                                                         "loss_agg": "seq_mean_token_mean",
+                                                         "rollout_correction": "tis"},
+                            reward={"model": {}, "zero_stage": 3},
+                            rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}]),
         # a KL loss term needs the reference; DAPO's clip-higher; Dr. GRPO's normalisation
         "grpo_kl": _config(assets, tmp, "grpo_kl", 2, {
             **GRPO, "steps": 2, "kl_loss_coef": 0.1, "kl_loss_estimator": "k2", "clip_eps_high": 0.28,
@@ -68,8 +75,8 @@ def runs(assets, tmp_path_factory):
     return {**out, "grpo_1rank": tmp / "grpo_1rank", "stdout": proc.stdout}
 
 
-@pytest.mark.parametrize("name, steps", [("grpo", 1), ("grpo_kl", 2), ("rloo_z3", 2),
-                                         ("rloo", 2)])
+@pytest.mark.parametrize("name, steps", [("grpo", 1), ("grpo_tis", 1), ("grpo_kl", 2),
+                                         ("rloo_z3", 2), ("rloo", 2)])
 def test_critic_free_runs_finish_with_finite_metrics(runs, name, steps):
     metrics = read_metrics(runs[name] / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
@@ -146,3 +153,21 @@ def test_resumed_critic_free_run_equals_uninterrupted_run(runs):
         for key in ("objective/scores", "objective/kl", "loss/policy_avg",
                     "policy/approxkl_avg", "response_length/mean"):
             assert a[key] == b[key], (a["step"], key)
+
+
+def test_tis_with_the_hf_sampler_changes_nothing(runs):
+    """The hf decode loop's sampler logprobs are the trainer's up to fp32 round-off: the
+    mismatch metrics are ~0, no weight is capped, and the tis update is the plain one."""
+    plain = read_metrics(runs["grpo"] / "metrics.jsonl")[0]
+    tis = read_metrics(runs["grpo_tis"] / "metrics.jsonl")[0]
+    for m in (plain, tis):
+        assert 0 <= m["rollout/logprob_abs_diff"] < 1e-4
+        assert abs(m["rollout/mismatch_kl"]) < 1e-3
+    assert tis["rollout/is_capped_frac"] == 0.0 and "rollout/is_capped_frac" not in plain
+    assert tis["rollout/logprob_abs_diff"] == plain["rollout/logprob_abs_diff"]  # same draws
+    for key in ("loss/policy_avg", "policy/approxkl_avg", "policy/clipfrac_avg"):
+        assert tis[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+    a = AutoModelForCausalLM.from_pretrained(runs["grpo"] / "actor").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs["grpo_tis"] / "actor").state_dict()
+    for name, value in a.items():  # lr 1e-3 moves a weight ~1e-3 per step: 1e-6 is 0.1% of it
+        torch.testing.assert_close(b[name], value, atol=1e-6, rtol=1e-5)
