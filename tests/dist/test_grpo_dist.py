@@ -169,5 +169,8 @@ def test_tis_with_the_hf_sampler_changes_nothing(runs):
         assert tis[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
     a = AutoModelForCausalLM.from_pretrained(runs["grpo"] / "actor").state_dict()
     b = AutoModelForCausalLM.from_pretrained(runs["grpo_tis"] / "actor").state_dict()
-    for name, value in a.items():  # lr 1e-3 moves a weight ~1e-3 per step: 1e-6 is 0.1% of it
-        torch.testing.assert_close(b[name], value, atol=1e-6, rtol=1e-5)
+    # Adam (lr 1e-3) moves a weight up to ~1e-3 per step. A weight whose gradient nearly
+    # cancels to 0 is sensitive to round-off in its terms, so single weights may differ by
+    # up to 1% of a step (seen: 3 of 26k above 1e-7, at most 2.5e-6); on average 1e-5 of it.
+    diff = torch.cat([(b[name] - value).abs().flatten() for name, value in a.items()])
+    assert diff.max() < 1e-5 and diff.mean() < 1e-8, (diff.max(), diff.mean())
