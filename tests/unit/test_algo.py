@@ -728,11 +728,14 @@ def test_loss_agg_gradient_is_invariant_to_sharding(loss_name, loss_agg):
     DeepSpeed's averaging, give the gradient of loss_agg computed in one piece by hand."""
     mask, old, advantages, noise = make_minibatch()  # 8 rows, lengths 6 1 0 3 6 2 5 4
     leaf = (old + 0.3 * noise).requires_grad_(True)
+    sampler = old - 0.8 * noise.flip(0)  # TIS weights computed per piece, some capped
 
     def loss_fn(rows, num_tokens):
         if loss_name == "policy_loss":
+            is_weights, _ = rollout_is_weights(old[rows], sampler[rows], mask[rows])
             return policy_loss(leaf[rows], old[rows], advantages[rows], mask[rows], 0.2,
-                               num_tokens=num_tokens, clip_eps_high=0.3)[0]
+                               num_tokens=num_tokens, clip_eps_high=0.3,
+                               is_weights=is_weights)[0]
         return kl_loss(leaf[rows], old[rows], mask[rows], "k3", num_tokens=num_tokens)[0]
 
     # one piece, the definitions written out
