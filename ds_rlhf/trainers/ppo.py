@@ -315,14 +315,14 @@ class PPOTrainer:
         # add up over ranks.
         _, mismatch = algo.rollout_is_weights(rollout.old_logprobs, rollout.sampler_logprobs,
                                               rollout.response_mask, self.cfg.ppo.rollout_is_cap)
-        num_rows, num_tokens = float((lengths > 0).sum()), float(lengths.sum())
-        local = torch.tensor([  # rows dropped for a NaN/inf score have no tokens: not counted
-            num_rows, float(rollout.scores.double().sum()), float(kl_seq.sum()),
-            float((rollout.scores.double() - self.kl_ctl.value * kl_seq).sum()), num_tokens,
-            float(has_eos.double().sum()), float(((lengths >= max_new) & ~has_eos).sum()),
+        num_rows, num_tokens = (lengths > 0).double().sum(), lengths.sum()
+        local = torch.stack([  # rows dropped for a NaN/inf score have no tokens: not counted
+            num_rows, rollout.scores.double().sum(),
+            kl_seq.sum(), (rollout.scores.double() - self.kl_ctl.value * kl_seq).sum(),
+            num_tokens, has_eos.double().sum(), ((lengths >= max_new) & ~has_eos).double().sum(),
             mismatch["logprob_abs_diff"] * num_tokens, mismatch["capped_frac"] * num_tokens,
             mismatch["mismatch_kl"] * num_rows,
-        ], dtype=torch.float64)
+        ])
         n, scores, kl_sum, rlhf, length, eos, clipped, abs_diff, capped, mismatch_kl = \
             self.coord.sum(local).tolist()
         n = n or float("nan")  # every row dropped: means are undefined (null in metrics.jsonl)
