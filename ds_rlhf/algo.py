@@ -179,15 +179,18 @@ def policy_loss(
     clip_eps: float,
     num_tokens: float | Tensor | None = None,
     clip_eps_high: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate loss (Schulman et al. 2017, "Proximal Policy Optimization
     Algorithms", eq. 7), negated to be minimised, summed over tokens:
       ratio     = exp(logprobs - old_logprobs)
-      per_token = max(-A * ratio, -A * clamp(ratio, 1 - clip_eps, 1 + clip_eps_high))
+      per_token = max(-A * ratio, -A * clamp(ratio, 1 - clip_eps, 1 + clip_eps_high)) * w
       loss      = sum(per_token * mask / num_tokens)
     logprobs (with grad), old_logprobs, advantages, mask: [B, R]; loss: 0-d float32.
     ``clip_eps_high`` (None: clip_eps) is DAPO's "clip-higher" (Yu et al. 2025, eq. 10): a
     wider upper clip lets unlikely tokens with positive advantage gain more per step.
+    ``is_weights`` w ([B, R], no gradient; None: 1) reweights each token's clipped term, e.g.
+    the truncated importance weights of :func:`rollout_is_weights`.
 
     ``num_tokens`` defaults to mask.sum(). The trainer passes the valid-token count of the
     whole optimizer mini-batch across ranks (scaled for DeepSpeed's gradient averaging), or
@@ -209,6 +212,9 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        # Selected to 0 on padding first: a NaN weight there would make 0 * NaN gradients.
+        per_token = per_token * torch.where(mask, is_weights.detach().float(), 0.0)
     loss = _aggregate(per_token, mask, num_tokens)
     stats = {
         "clipfrac": _stat(masked_mean((clipped > unclipped).float(), mask)),
@@ -216,6 +222,43 @@ def policy_loss(
         "ratio": _stat(masked_mean(ratio, mask)),
     }
     return loss, stats
+
+
+@torch.no_grad()
+def rollout_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor,
+                       cap: float = 2.0) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance sampling (TIS) for the sampler/trainer mismatch (Yao et al. 2025,
+    "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"): the tokens were
+    drawn by the sampler (e.g. vLLM), whose probabilities differ slightly from the trainer's at
+    the same weights, so each token's policy-gradient term is reweighted by
+      w_t = min(exp(old_logprobs_t - sampler_logprobs_t), cap)
+    on real tokens, 0 on padding. old_logprobs: the trainer's at sampling time;
+    sampler_logprobs: the sampler's for the same tokens and temperature; both [B, R]. Returns
+    ``(weights, stats)``, weights [B, R] float32 without gradient. ``cap`` > 0.
+
+    stats (python floats, over this piece):
+      logprob_abs_diff  masked mean of |old_logprobs - sampler_logprobs| per token
+      capped_frac       share of real tokens whose weight the cap cut (exp(..) > cap)
+      mismatch_kl       KL(sampler || trainer) per sequence: the k1 estimate
+                        sum_t (sampler_logprobs_t - old_logprobs_t) over a row's tokens (the
+                        tokens are the sampler's draws), averaged over the rows that have
+                        at least one real token
+    """
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    mask = mask.bool()
+    # Selected before exp: garbage on padding must not become inf or NaN.
+    log_ratio = torch.where(mask, old_logprobs.float() - sampler_logprobs.float(), 0.0)
+    ratio = torch.exp(log_ratio)
+    weights = torch.where(mask, ratio.clamp(max=cap), 0.0)
+    nonempty = mask.any(dim=1)
+    kl_per_row = (-log_ratio).sum(dim=1)  # k1 of KL(sampler || trainer); 0 on padding
+    stats = {
+        "logprob_abs_diff": _stat(masked_mean(log_ratio.abs(), mask)),
+        "capped_frac": _stat(masked_mean((ratio > cap).float(), mask)),
+        "mismatch_kl": _stat(masked_mean(kl_per_row, nonempty)),
+    }
+    return weights, stats
 
 
 def value_loss(

@@ -208,6 +208,14 @@ class PPOConfig:
     # micro-batch on every rank (train/skipped_microbatches). "stop": exit 3 on either
     max_untrained_steps: int = 3  # stop with exit 3 after this many PPO steps in a row that
     # took no optimizer step (every row dropped or every micro-batch skipped); 0 never stops
+    rollout_correction: Literal["none", "tis"] = "none"  # the sampler/trainer mismatch (the
+    # sampler's logprobs differ from the trainer's old_logprobs by round-off, or more with
+    # another backend): "tis" weights each token's policy-gradient term by
+    # min(exp(old_logprobs - sampler_logprobs), rollout_is_cap) (truncated importance
+    # sampling, Yao et al. 2025); "none": weight 1. rollout/logprob_abs_diff and
+    # rollout/mismatch_kl are logged either way
+    rollout_is_cap: float = 2.0  # the TIS cap C of that weight (rollout_correction: tis;
+    # rollout/is_capped_frac is the share of tokens it cut)
 
     @property
     def uses_critic(self) -> bool:
@@ -768,6 +776,8 @@ def check_values(cfg: Any) -> None:
     _require(p.kl_loss_coef >= 0, "ppo.kl_loss_coef", "must be >= 0")
     _require(p.clip_eps_high is None or p.clip_eps_high > 0, "ppo.clip_eps_high",
              "must be > 0 or null (null: clip_eps)")
+    _require(math.isfinite(p.rollout_is_cap) and p.rollout_is_cap > 0, "ppo.rollout_is_cap",
+             f"must be a finite number > 0, got {p.rollout_is_cap} (Yao et al. 2025 use 2)")
     estimator = p.advantage_estimator
     _require(not p.uses_groups or g.n_samples_per_prompt >= 2, "generation.n_samples_per_prompt",
              f"ppo.advantage_estimator {estimator} compares the samples of a prompt; set "

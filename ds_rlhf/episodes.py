@@ -63,8 +63,10 @@ from ds_rlhf.rewards import load_function, raise_together
 from ds_rlhf.rollout import Rollout
 
 # (context ids per row, prompt_index [b], sample_index [b], position_offset [b],
-#  max_new_tokens) -> the new tokens of each row, up to and including its EOS.
-TurnBackend = Callable[[list[list[int]], Tensor, Tensor, Tensor, int], list[list[int]]]
+#  max_new_tokens) -> (the new tokens of each row, up to and including its EOS; the sampler's
+#  log-probability of each of them, or None when the backend has none).
+TurnOutput = tuple[list[list[int]], list[list[float]] | None]
+TurnBackend = Callable[[list[list[int]], Tensor, Tensor, Tensor, int], TurnOutput]
 
 
 class EpisodeError(UserInputError):
@@ -205,6 +207,7 @@ class Episode:
     prompt_ids: list[int]
     response: list[int] = field(default_factory=list)  # model turns and observations
     action: list[int] = field(default_factory=list)  # 1: the model's token, 0: observation
+    sampler_logprobs: list[float] = field(default_factory=list)  # 0.0 on observations
     parts: list[tuple[str, int]] = field(default_factory=list)  # (role, tokens) in order
     last_turn: list[int] = field(default_factory=list)  # the model's last turn
     turns: int = 0
@@ -214,8 +217,9 @@ class Episode:
     truncated: bool = False  # cut by max_total_tokens, or max_turns with a call pending
     done: bool = False
 
-    def append(self, role: str, ids: list[int]) -> None:
+    def append(self, role: str, ids: list[int], logprobs: list[float] | None = None) -> None:
         self.response += ids
+        self.sampler_logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
         self.action += [int(role == "assistant")] * len(ids)
         self.parts.append((role, len(ids)))
 
@@ -333,6 +337,7 @@ class EpisodeRunner:
                     error = self._env_error(e, "reset", rows[i], int(prompt_index[i]))
                     break
             env_seconds += time.perf_counter() - start
+        has_logprobs = True  # every turn's backend call gave the sampler's logprobs
         for turn in range(self.cfg.max_turns):
             if error is not None:
                 break
@@ -340,15 +345,16 @@ class EpisodeRunner:
             if not live:
                 break
             budgets = [self.cfg.max_total_tokens - len(episodes[i].response) for i in live]
-            outs = backend([episodes[i].prompt_ids + episodes[i].response for i in live],
+            outs, logprobs = backend([episodes[i].prompt_ids + episodes[i].response for i in live],
                            prompt_index[live], sample_index[live],
                            torch.tensor([len(episodes[i].response) for i in live]),
                            min(self.max_new_tokens, max(budgets)))
             last_turn = turn == self.cfg.max_turns - 1
-            for i, out, budget in zip(live, outs, budgets, strict=True):
+            has_logprobs = has_logprobs and logprobs is not None
+            for k, (i, out, budget) in enumerate(zip(live, outs, budgets, strict=True)):
                 e = episodes[i]
                 out = list(out)[:budget]  # a turn ends at EOS or max_new_tokens
-                e.append("assistant", out)
+                e.append("assistant", out, None if logprobs is None else logprobs[k][:len(out)])
                 e.last_turn, e.turns = out, e.turns + 1
             start = time.perf_counter()
             if self.tools is not None:
@@ -365,7 +371,8 @@ class EpisodeRunner:
         for e in episodes:  # max_turns reached with a call or observation pending: cut
             if not e.done:
                 e.done = e.truncated = True
-        return self._rollout(episodes, prompt_index, sample_index, pad_token_id), \
+        return self._rollout(episodes, prompt_index, sample_index, pad_token_id,
+                             has_logprobs), \
             Episodes(episodes, env_seconds)
 
     def _tool_turn(self, episodes: list[Episode], rows: list[int], last_turn: bool) -> None:
@@ -457,7 +464,7 @@ class EpisodeRunner:
 
     @staticmethod
     def _rollout(episodes: list[Episode], prompt_index: Tensor, sample_index: Tensor,
-                 pad: int) -> Rollout:
+                 pad: int, has_logprobs: bool) -> Rollout:
         from ds_rlhf.data import collate_left
 
         prompt_ids, prompt_mask = collate_left([e.prompt_ids for e in episodes], pad)
@@ -465,14 +472,17 @@ class EpisodeRunner:
         ids = torch.full((len(episodes), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         action = torch.zeros_like(ids)
+        sampler_logprobs = torch.zeros(ids.shape, dtype=torch.float32)
         for i, e in enumerate(episodes):
             n = len(e.response)
             ids[i, :n] = torch.tensor(e.response, dtype=torch.long)
             mask[i, :n] = 1
             action[i, :n] = torch.tensor(e.action, dtype=torch.long)
+            sampler_logprobs[i, :n] = torch.tensor(e.sampler_logprobs, dtype=torch.float32)
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=ids,
                        response_mask=mask, prompt_index=prompt_index.cpu(),
-                       sample_index=sample_index.cpu(), action_mask=action)
+                       sample_index=sample_index.cpu(), action_mask=action,
+                       sampler_logprobs=sampler_logprobs if has_logprobs else None)
 
 
 def actor_backend(actor, step: int, pad_token_id: int) -> TurnBackend:
@@ -483,8 +493,9 @@ def actor_backend(actor, step: int, pad_token_id: int) -> TurnBackend:
         ids, mask = collate_left(contexts, pad_token_id)
         r = actor.generate(ids, mask, prompt_index, step, sample_index=sample_index,
                            position_offset=offsets, max_new_tokens=max_new_tokens)
-        return [row[:n] for row, n in zip(r.response_ids.tolist(),
-                                          r.response_lengths.tolist(), strict=True)]
+        lengths = r.response_lengths.tolist()
+        return ([row[:n] for row, n in zip(r.response_ids.tolist(), lengths, strict=True)],
+                [row[:n] for row, n in zip(r.sampler_logprobs.tolist(), lengths, strict=True)])
     return generate
 
 

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["generate", "pad_responses", "prompt_uniforms", "sample_tokens"]
+__all__ = ["generate", "pad_responses", "prompt_uniforms", "sample_tokens",
+           "sampled_logprobs"]
 
 
 def _row_seed(seed: int, prompt_index: int, step: int, sample_index: int = 0) -> int:
@@ -157,7 +158,8 @@ def generate(
     decode: Callable | None = None,
     sample_index: Tensor | None = None,
     position_offset: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_logprobs: bool = False,
+) -> tuple[Tensor, ...]:
     """Sample responses for left-padded prompts with a KV cache.
 
     Args:
@@ -182,11 +184,14 @@ def generate(
             sits (later turns of a multi-turn episode; None: all 0): token t of the row draws
             the uniform of response position offset + t, so a turn's draws do not repeat
             the first turn's.
+        return_logprobs: also return the sampler's log-probability of each drawn token (see
+            :func:`sampled_logprobs`); the tokens drawn are the same either way.
 
     Returns:
         ``(response_ids, response_mask)``, ``[B, R]`` on the model's device, where R is the
         number of decode steps run (``<= max_new_tokens``). The mask is 1 up to and including
-        each row's EOS, 0 after it; ids after the EOS are ``pad_token_id``.
+        each row's EOS, 0 after it; ids after the EOS are ``pad_token_id``. With
+        ``return_logprobs``, a third ``[B, R]`` float32 tensor, 0 after the EOS.
     """
     device = _model_device(model)
     prompt_ids = prompt_ids.to(device=device, dtype=torch.long)
@@ -205,6 +210,8 @@ def generate(
 
     if max_new_tokens <= 0:
         empty = torch.empty(batch, 0, dtype=torch.long, device=device)
+        if return_logprobs:
+            return empty, empty.clone(), empty.float()
         return empty, empty.clone()
 
     uniforms = None
@@ -246,6 +253,7 @@ def generate(
     pad = torch.full((batch,), int(pad_token_id), dtype=torch.long, device=device)
     tokens: list[Tensor] = []
     masks: list[Tensor] = []
+    logprobs: list[Tensor] = []
     for t in range(max_new_tokens):
         logits = out.logits[:, -1, :]
         u = None if uniforms is None else uniforms[:, t]
@@ -254,6 +262,8 @@ def generate(
         token = torch.where(live, token, pad)
         tokens.append(token)
         masks.append(live.long())
+        if return_logprobs:
+            logprobs.append(torch.where(live, sampled_logprobs(logits, token, temperature), 0.0))
         if eos.numel():
             done = done | (live & torch.isin(token, eos))
 
@@ -279,20 +289,34 @@ def generate(
             **kwargs,
         )
 
-    return torch.stack(tokens, dim=1), torch.stack(masks, dim=1)
+    out = torch.stack(tokens, dim=1), torch.stack(masks, dim=1)
+    return (*out, torch.stack(logprobs, dim=1)) if return_logprobs else out
+
+
+def sampled_logprobs(logits: Tensor, token: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(logits / temperature)[token]`` in float32 over the full vocabulary:
+    logits ``[B, V]``, token ``[B]`` -> ``[B]``.
+
+    The distribution the trainer's old_logprobs use (algo.logprobs_from_logits, the same ops),
+    not the top-k / top-p renormalised one that drew the token, so the two compare directly
+    (the sampler/trainer mismatch); in greedy mode too.
+    """
+    scaled = logits.float() / float(temperature)
+    return scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
 
 
 def pad_responses(
-    chunks: Sequence[tuple[Tensor, Tensor]], pad_token_id: int
-) -> tuple[Tensor, Tensor]:
-    """Concatenate ``(ids [b, r_i], mask [b, r_i])`` chunks along the batch, right-padding
-    each to the widest ``r`` with ``pad_token_id`` (ids) and 0 (mask)."""
+    chunks: Sequence[tuple[Tensor, ...]], pad_token_id: int
+) -> tuple[Tensor, ...]:
+    """Concatenate ``(ids [b, r_i], mask [b, r_i], *per_token [b, r_i])`` chunks along the
+    batch, right-padding each to the widest ``r`` with ``pad_token_id`` (ids) and 0 (mask
+    and the other per-token tensors, e.g. the sampler's logprobs)."""
     if not chunks:
         raise ValueError("pad_responses needs at least one chunk")
-    width = max(ids.shape[1] for ids, _ in chunks)
-    all_ids, all_masks = [], []
-    for ids, mask in chunks:
-        extra = width - ids.shape[1]
-        all_ids.append(torch.nn.functional.pad(ids, (0, extra), value=int(pad_token_id)))
-        all_masks.append(torch.nn.functional.pad(mask, (0, extra), value=0))
-    return torch.cat(all_ids, dim=0), torch.cat(all_masks, dim=0)
+    width = max(chunk[0].shape[1] for chunk in chunks)
+    columns = []
+    for k, parts in enumerate(zip(*chunks, strict=True)):
+        value = int(pad_token_id) if k == 0 else 0
+        columns.append(torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]),
+                                                          value=value) for x in parts]))
+    return tuple(columns)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 # The fields aligned to response tokens ([B, R]); the prompt fields are [B, P], the rest [B].
-PER_TOKEN = ("response_ids", "response_mask", "action_mask", "old_logprobs", "ref_logprobs",
-             "values", "rewards", "advantages", "returns")
+PER_TOKEN = ("response_ids", "response_mask", "action_mask", "sampler_logprobs",
+             "old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns")
 
 
 @dataclass
@@ -29,6 +29,11 @@ class Rollout:
     sample_index: Tensor | None = None  # [B] long, which of its prompt's n samples (seed)
     action_mask: Tensor | None = None  # [B, R] long, multi-turn episodes: 1 on the tokens
     # the model wrote, 0 on tool / environment observations (context only); None: all
+    # [B, R] float32, 0 on padding: log-prob of each sampled token under the sampler's own
+    # logits (log_softmax(logits / temperature) over the full vocabulary, no top-k/top-p
+    # renormalisation), so it compares directly with old_logprobs (the sampler/trainer
+    # mismatch, corrected by ppo.rollout_correction). Filled by the generation backend.
+    sampler_logprobs: Tensor | None = None
     old_logprobs: Tensor | None = None  # [B, R] float32, actor at sampling time
     ref_logprobs: Tensor | None = None  # [B, R] float32, frozen reference model
     values: Tensor | None = None  # [B, R] float32, critic at sampling time (old values)

@@ -119,7 +119,7 @@ def greedy_episodes(model_dir: Path, rows: list[dict], rollout: dict, max_new_to
                                            max_new_tokens=max_new, eos_token_id=eos,
                                            pad_token_id=pad, greedy=True)
         return [row[:n] for row, n in zip(response.tolist(), response_mask.sum(1).tolist(),
-                                          strict=True)]
+                                          strict=True)], None
 
     runner = EpisodeRunner(RolloutConfig(**rollout), tokenizer, max_new_tokens, 64)
     prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False,

@@ -253,6 +253,7 @@ class Actor(_Trainable):
         self.gen_cfg = gen_cfg
         self.clip_eps, self.clip_eps_high = ppo.clip_eps, ppo.clip_eps_high
         self.kl_loss_coef, self.kl_loss_estimator = ppo.kl_loss_coef, ppo.kl_loss_estimator
+        self.rollout_correction, self.rollout_is_cap = ppo.rollout_correction, ppo.rollout_is_cap
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self.seed = seed
@@ -274,7 +275,8 @@ class Actor(_Trainable):
         """Sample responses for left-padded prompts ([B, P]); reproducible per row: a row's
         draws follow its (prompt_index, sample_index) (sample_index None: all 0) and, for a
         later turn of an episode, position_offset ([B], see generation.generate).
-        max_new_tokens: this call's limit (default generation.max_new_tokens)."""
+        max_new_tokens: this call's limit (default generation.max_new_tokens). The Rollout
+        carries the sampler's logprobs of the drawn tokens (sampler_logprobs)."""
         if self._gen is None:
             raise RuntimeError("Actor.generate must run inside `with actor.generation_mode():`")
         g, device = self.gen_cfg, self.engine.device
@@ -296,15 +298,15 @@ class Actor(_Trainable):
                 pad_token_id=self.pad_token_id, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, greedy=greedy, synced=self._gen.synced,
                 static_cache=g.static_cache, decode=self._gen.decode,
-                sample_index=sample_index[rows],
+                sample_index=sample_index[rows], return_logprobs=True,
                 position_offset=None if position_offset is None else position_offset[rows]))
-        response_ids, response_mask = generation.pad_responses(pieces, self.pad_token_id)
-        unsort = torch.argsort(order)
-        response_ids, response_mask = response_ids[unsort.to(device)], response_mask[
-            unsort.to(device)]
+        unsort = torch.argsort(order).to(device)
+        response_ids, response_mask, sampler_logprobs = (
+            x[unsort].cpu() for x in generation.pad_responses(pieces, self.pad_token_id))
         return Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
-                       response_ids=response_ids.cpu(), response_mask=response_mask.cpu(),
-                       prompt_index=prompt_index.cpu(), sample_index=sample_index.cpu())
+                       response_ids=response_ids, response_mask=response_mask,
+                       prompt_index=prompt_index.cpu(), sample_index=sample_index.cpu(),
+                       sampler_logprobs=sampler_logprobs)
 
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         return _forward_all(self.engine, rollout, self.batcher,
@@ -318,9 +320,14 @@ class Actor(_Trainable):
         def loss_fn(chunk: Rollout, denominator: torch.Tensor):
             logprobs = _token_logprobs(self.engine, chunk, self.gen_cfg.temperature)
             chunk, denominator = chunk.to(logprobs.device), denominator.to(logprobs.device)
+            is_weights = None  # from the chunk's own old_logprobs, however they were computed
+            if self.rollout_correction == "tis":  # the sampler drew the tokens (Yao et al. 2025)
+                is_weights, _ = algo.rollout_is_weights(chunk.old_logprobs, chunk.sampler_logprobs,
+                                                        chunk.loss_mask, self.rollout_is_cap)
             loss, stats = algo.policy_loss(
                 logprobs, chunk.old_logprobs, chunk.advantages, chunk.loss_mask,
-                self.clip_eps, num_tokens=denominator, clip_eps_high=self.clip_eps_high)
+                self.clip_eps, num_tokens=denominator, clip_eps_high=self.clip_eps_high,
+                is_weights=is_weights)
             if self.kl_loss_coef:  # GRPO's beta * KL(actor || reference), in the loss
                 kl, kl_stats = algo.kl_loss(logprobs, chunk.ref_logprobs, chunk.loss_mask,
                                             self.kl_loss_estimator, num_tokens=denominator)

@@ -363,19 +363,35 @@ class PPOTrainer:
         kl_seq = kl.sum(1).double()  # kl is already zero on padding
         has_eos = self.ends_with_eos(rollout)
         max_new = self.max_response_len
+        # The sampler/trainer mismatch over the model's tokens; its means times their counts
+        # (tokens, non-empty rows) add up over ranks. Rows without sampler logprobs: 0.
+        num_rows, num_tokens = (lengths > 0).double().sum(), lengths.sum()
+        model_tokens = rollout.loss_mask.sum().double()
+        mismatch = {"logprob_abs_diff": 0.0, "capped_frac": 0.0, "mismatch_kl": 0.0}
+        if rollout.sampler_logprobs is not None:
+            _, mismatch = algo.rollout_is_weights(rollout.old_logprobs, rollout.sampler_logprobs,
+                                                  rollout.loss_mask, self.cfg.ppo.rollout_is_cap)
         local = torch.stack([  # rows dropped for a NaN/inf score have no tokens: not counted
-            (lengths > 0).double().sum(), rollout.scores.double().sum(),
+            num_rows, rollout.scores.double().sum(),
             kl_seq.sum(), (rollout.scores.double() - self.kl_ctl.value * kl_seq).sum(),
-            lengths.sum(), has_eos.double().sum(), ((lengths >= max_new) & ~has_eos).double().sum(),
+            num_tokens, has_eos.double().sum(), ((lengths >= max_new) & ~has_eos).double().sum(),
+            model_tokens, mismatch["logprob_abs_diff"] * model_tokens,
+            mismatch["capped_frac"] * model_tokens, mismatch["mismatch_kl"] * num_rows,
         ])
-        n, scores, kl_sum, rlhf, length, eos, clipped = self.coord.sum(local).tolist()
+        n, scores, kl_sum, rlhf, length, eos, clipped, model, abs_diff, capped, mismatch_kl = \
+            self.coord.sum(local).tolist()
         n = n or float("nan")  # every row dropped: means are undefined (null in metrics.jsonl)
-        return {
+        model = model or float("nan")
+        metrics = {
             "objective/scores": scores / n, "objective/kl": kl_sum / n,
             "objective/rlhf_reward": rlhf / n, "objective/kl_coef": self.kl_ctl.value,
             "response_length/mean": length / n, "response_length/clip_ratio": clipped / n,
             "val/num_eos_tokens": eos,
+            "rollout/logprob_abs_diff": abs_diff / model, "rollout/mismatch_kl": mismatch_kl / n,
         }
+        if self.cfg.ppo.rollout_correction == "tis":
+            metrics["rollout/is_capped_frac"] = capped / model
+        return metrics
 
 
 def _tokenizers(cfg: PPORunConfig):

@@ -71,6 +71,13 @@ def runs(assets, tmp_path_factory):
                                                  "loss_agg": "seq_mean_token_mean"},
                         reward={"model": {}, "zero_stage": 3},
                         rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}]),
+        # "grpo" with truncated importance sampling: the hf sampler's logprobs equal the
+        # trainer's up to round-off, so the update must be "grpo"'s
+        "grpo_tis": _config(assets, tmp, "grpo_tis", 3, {**GRPO, "steps": 1,
+                                                         "loss_agg": "seq_mean_token_mean",
+                                                         "rollout_correction": "tis"},
+                            reward={"model": {}, "zero_stage": 3},
+                            rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}]),
         # a KL loss term needs the reference; DAPO's clip-higher; Dr. GRPO's normalisation
         "grpo_kl": _config(assets, tmp, "grpo_kl", 2, {
             **GRPO, "steps": 2, "kl_loss_coef": 0.1, "kl_loss_estimator": "k2", "clip_eps_high": 0.28,
@@ -99,8 +106,8 @@ def runs(assets, tmp_path_factory):
             "stdout": proc.stdout}
 
 
-@pytest.mark.parametrize("name, steps", [("grpo", 1), ("grpo_kl", 2), ("rloo_z3", 2),
-                                         ("rloo", 2)])
+@pytest.mark.parametrize("name, steps", [("grpo", 1), ("grpo_tis", 1), ("grpo_kl", 2),
+                                         ("rloo_z3", 2), ("rloo", 2)])
 def test_critic_free_runs_finish_with_finite_metrics(runs, name, steps):
     metrics = read_metrics(runs[name] / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
@@ -220,3 +227,24 @@ def test_resumed_multi_turn_run_equals_uninterrupted_run(runs):
     b = AutoModelForCausalLM.from_pretrained(runs["agent_cut"] / "actor").state_dict()
     for name, value in a.items():
         assert torch.equal(value, b[name]), name
+
+
+def test_tis_with_the_hf_sampler_changes_nothing(runs):
+    """The hf decode loop's sampler logprobs are the trainer's up to fp32 round-off: the
+    mismatch metrics are ~0, no weight is capped, and the tis update is the plain one."""
+    plain = read_metrics(runs["grpo"] / "metrics.jsonl")[0]
+    tis = read_metrics(runs["grpo_tis"] / "metrics.jsonl")[0]
+    for m in (plain, tis):
+        assert 0 <= m["rollout/logprob_abs_diff"] < 1e-4
+        assert abs(m["rollout/mismatch_kl"]) < 1e-3
+    assert tis["rollout/is_capped_frac"] == 0.0 and "rollout/is_capped_frac" not in plain
+    assert tis["rollout/logprob_abs_diff"] == plain["rollout/logprob_abs_diff"]  # same draws
+    for key in ("loss/policy_avg", "policy/approxkl_avg", "policy/clipfrac_avg"):
+        assert tis[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+    a = AutoModelForCausalLM.from_pretrained(runs["grpo"] / "actor").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs["grpo_tis"] / "actor").state_dict()
+    # Adam (lr 1e-3) moves a weight up to ~1e-3 per step. A weight whose gradient nearly
+    # cancels to 0 is sensitive to round-off in its terms, so single weights may differ by
+    # up to 1% of a step (seen: 3 of 26k above 1e-7, at most 2.5e-6); on average 1e-5 of it.
+    diff = torch.cat([(b[name] - value).abs().flatten() for name, value in a.items()])
+    assert diff.max() < 1e-5 and diff.mean() < 1e-8, (diff.max(), diff.mean())

@@ -21,6 +21,7 @@ from ds_rlhf.algo import (
     masked_mean,
     masked_whiten,
     policy_loss,
+    rollout_is_weights,
     shaped_rewards,
     value_loss,
 )
@@ -324,6 +325,78 @@ def test_losses_reject_non_positive_num_tokens():
         policy_loss(x, x, x, torch.ones(1, 2), 0.2, num_tokens=0)
     with pytest.raises(ValueError, match="num_tokens"):
         value_loss(x, x, x, torch.ones(1, 2), 0.2, num_tokens=0)
+
+
+# ---------------------------------------------------------------- rollout_is_weights (TIS)
+
+
+def test_rollout_is_weights_by_hand_with_cap_and_garbage_on_padding():
+    old = t([[-1.0, -2.0, -0.5], [-0.3, -1.2, 9.0]])
+    sampler = t([[-1.0, -2.5, -2.0], [-0.5, -1.0, math.nan]])  # (1, 2) is padding
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    # old - sampler:  0     0.5        1.5        |  0.2        -0.2        pad
+    # exp:            1     1.6487213  4.4816891  |  1.2214028  0.8187308   -
+    # min(., cap 2):  1     1.6487213  2 (capped) |  1.2214028  0.8187308   0
+    weights, stats = rollout_is_weights(old.requires_grad_(True), sampler, mask, cap=2.0)
+    assert_close(weights, [[1.0, 1.6487213, 2.0], [1.2214028, 0.8187308, 0.0]])
+    assert not weights.requires_grad
+    # |old - sampler| over 5 tokens: (0 + 0.5 + 1.5 + 0.2 + 0.2) / 5 = 0.48
+    assert stats["logprob_abs_diff"] == pytest.approx(0.48)
+    assert stats["capped_frac"] == pytest.approx(1 / 5)
+    # k1 of KL(sampler || trainer) per row, sum of sampler - old: row 0: 0 - 0.5 - 1.5 = -2;
+    # row 1: 0.2 - 0.2 = 0 -> mean over rows -1
+    assert stats["mismatch_kl"] == pytest.approx(-1.0)
+    # a cap above every ratio cuts nothing
+    weights5, stats5 = rollout_is_weights(old, sampler, mask, cap=5.0)
+    assert_close(weights5[0, 2], 4.4816891)
+    assert stats5["capped_frac"] == 0.0
+
+
+def test_rollout_is_weights_equal_logprobs_give_one_and_empty_rows_count_for_nothing():
+    logprobs = t([[-0.7, -1.9, -3.0], [-0.1, -2.2, -0.4]])
+    mask = t([[1, 1, 0], [0, 0, 0]])  # row 1 has no real token (e.g. dropped)
+    weights, stats = rollout_is_weights(logprobs, logprobs.clone(), mask)
+    assert torch.equal(weights, t([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert stats == {"logprob_abs_diff": 0.0, "capped_frac": 0.0, "mismatch_kl": 0.0}
+    # the KL averages over rows with tokens: row 0 alone, sampler - old = 0.5 + 0.5 = 1
+    _, stats = rollout_is_weights(logprobs, logprobs + 0.5, mask)
+    assert stats["mismatch_kl"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cap"):
+        rollout_is_weights(logprobs, logprobs, mask, cap=0.0)
+
+
+def test_policy_loss_is_weights_of_one_change_nothing():
+    gen = torch.Generator().manual_seed(3)
+    old = -torch.rand(2, 3, generator=gen) * 3
+    sampler = old.clone()
+    logprobs = (old + 0.3 * torch.randn(2, 3, generator=gen)).requires_grad_(True)
+    advantages, mask = torch.randn(2, 3, generator=gen), t([[1, 1, 1], [1, 0, 0]])
+    weights, _ = rollout_is_weights(old, sampler, mask)
+    plain, plain_stats = policy_loss(logprobs, old, advantages, mask, 0.2)
+    (plain_grad,) = torch.autograd.grad(plain, logprobs)
+    weighted, weighted_stats = policy_loss(logprobs, old, advantages, mask, 0.2,
+                                           is_weights=weights)
+    (weighted_grad,) = torch.autograd.grad(weighted, logprobs)
+    assert torch.equal(plain, weighted) and torch.equal(plain_grad, weighted_grad)
+    assert plain_stats == weighted_stats
+
+
+def test_policy_loss_is_weights_by_hand_with_nan_weight_on_padding():
+    # the tokens of test_policy_loss_clipping_by_hand: per-token clipped terms
+    #   -1.2 (clipped)  -0.5  1.1  |  0.8 (clipped)  1.3  padding
+    ratios = t([[1.5, 0.5, 1.1], [0.7, 1.3, 2.0]])
+    logprobs = ratios.log().requires_grad_(True)
+    advantages = t([[1.0, 1.0, -1.0], [-1.0, -1.0, 2.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    is_weights = t([[2.0, 0.5, 1.0], [0.0, 1.0, math.nan]])
+    loss, _ = policy_loss(logprobs, torch.zeros(2, 3), advantages, mask, 0.2,
+                          is_weights=is_weights)
+    # (-1.2 * 2 - 0.5 * 0.5 + 1.1 * 1 + 0.8 * 0 + 1.3 * 1) / 5 = -0.25 / 5 = -0.05
+    assert_close(loss, -0.05)
+    # d / d logprob = -A * ratio * w / 5 where unclipped: (0,1) -0.5 * 0.5 / 5 = -0.05;
+    # (0,2) 1.1 / 5 = 0.22; (1,1) 1.3 / 5 = 0.26; clipped and padding (NaN weight): 0
+    loss.backward()
+    assert_close(logprobs.grad, [[0.0, -0.05, 0.22], [0.0, 0.26, 0.0]])
 
 
 # ---------------------------------------------------------------- value_loss
@@ -685,11 +758,14 @@ def test_loss_agg_gradient_is_invariant_to_sharding(loss_name, loss_agg):
     DeepSpeed's averaging, give the gradient of loss_agg computed in one piece by hand."""
     mask, old, advantages, noise = make_minibatch()  # 8 rows, lengths 6 1 0 3 6 2 5 4
     leaf = (old + 0.3 * noise).requires_grad_(True)
+    sampler = old - 0.8 * noise.flip(0)  # TIS weights computed per piece, some capped
 
     def loss_fn(rows, num_tokens):
         if loss_name == "policy_loss":
+            is_weights, _ = rollout_is_weights(old[rows], sampler[rows], mask[rows])
             return policy_loss(leaf[rows], old[rows], advantages[rows], mask[rows], 0.2,
-                               num_tokens=num_tokens, clip_eps_high=0.3)[0]
+                               num_tokens=num_tokens, clip_eps_high=0.3,
+                               is_weights=is_weights)[0]
         return kl_loss(leaf[rows], old[rows], mask[rows], "k3", num_tokens=num_tokens)[0]
 
     # one piece, the definitions written out

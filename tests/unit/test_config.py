@@ -56,6 +56,7 @@ def test_defaults_follow_the_spec():
     assert (p.kl_coef, p.kl_estimator, p.clip_eps, p.value_clip_eps) == (0.05, "k1", 0.2, 0.2)
     assert (p.gamma, p.lam, p.whiten_advantages, p.ppo_epochs, p.num_minibatches) == (
         1.0, 0.95, True, 1, 1)
+    assert (p.rollout_correction, p.rollout_is_cap) == ("none", 2.0)
 
 
 @pytest.mark.parametrize("override, field", [
@@ -74,6 +75,9 @@ def test_defaults_follow_the_spec():
     # the adaptive controller multiplies kl_coef: from 0 it would stay 0
     (["--ppo.kl_coef", "0", "--ppo.kl_target", "6"], "ppo.kl_coef"),
     (["--ppo.max_untrained_steps", "-1"], "ppo.max_untrained_steps"),
+    (["--ppo.rollout_correction", "is"], "ppo.rollout_correction"),  # none or tis
+    (["--ppo.rollout_is_cap", "0"], "ppo.rollout_is_cap"),
+    (["--ppo.rollout_is_cap", "inf"], "ppo.rollout_is_cap"),
 ])
 def test_bad_input_names_the_field(base_yaml, override, field):
     with pytest.raises(ConfigError) as e:

@@ -38,7 +38,7 @@ class Scripted:
         for p in prompt_index.tolist():
             out.append(self.script[p][self.turn[p]][:max_new_tokens])
             self.turn[p] += 1
-        return out
+        return out, None
 
 
 def runner(tokenizer=TOK, **rollout) -> EpisodeRunner:
@@ -89,6 +89,29 @@ def test_loss_mask_covers_exactly_the_models_tokens_over_three_turns():
     assert episodes.final_texts(TOK) == ["3", "5"]
     assert episodes.stats().tolist() == [2, 4, 2, 0, 0]
 
+
+
+class WithLogprobs(Scripted):
+    """The scripted model, also giving a sampler logprob per token: -(its position in the turn
+    + 1) / 10, so every token's value says where it came from."""
+
+    def __call__(self, *args):
+        out, _ = super().__call__(*args)
+        return out, [[-(t + 1) / 10 for t in range(len(turn))] for turn in out]
+
+
+def test_sampler_logprobs_follow_the_models_tokens_and_are_0_on_observations():
+    model = WithLogprobs({0: [CALL_1, ANSWER], 1: [ids("5") + [EOS]]})
+    rollout, _ = runner(max_turns=3).run(model, PROMPTS, ROWS, torch.arange(2),
+                                         torch.zeros(2, dtype=torch.long))
+    turn = lambda k: [-(t + 1) / 10 for t in range(k)]  # noqa: E731
+    expected = turn(len(CALL_1)) + [0.0] * len(OBS_1) + turn(len(ANSWER))
+    n = len(expected)
+    assert rollout.sampler_logprobs[0, :n].tolist() == pytest.approx(expected)
+    assert rollout.sampler_logprobs[1].tolist() == pytest.approx(turn(2) + [0.0] * (n - 2))
+    # a backend without logprobs (the scripted one): the rollout has none
+    _, plain, _ = run(runner(max_turns=3), {0: [CALL_1, ANSWER], 1: [ids("5") + [EOS]]})
+    assert plain.sampler_logprobs is None
 
 class NoRoundTrip:
     """The calculator tokenizer whose decode writes "+" as "plus", which encodes to <unk>:

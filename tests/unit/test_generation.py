@@ -6,7 +6,14 @@ import pytest
 import torch
 import transformers
 
-from ds_rlhf.generation import generate, pad_responses, prompt_uniforms, sample_tokens
+from ds_rlhf.algo import logprobs_from_logits
+from ds_rlhf.generation import (
+    generate,
+    pad_responses,
+    prompt_uniforms,
+    sample_tokens,
+    sampled_logprobs,
+)
 
 VOCAB = 50
 PAD = 0
@@ -234,6 +241,43 @@ def test_generate_rejects_right_padding_and_handles_zero_tokens(model):
     resp, rmask = generate(model, ids, mask, torch.arange(2), step=0, seed=0,
                            max_new_tokens=0, eos_token_id=None, pad_token_id=PAD)
     assert resp.shape == (2, 0) and rmask.shape == (2, 0)
+    *_, logprobs = generate(model, ids, mask, torch.arange(2), step=0, seed=0, max_new_tokens=0,
+                            eos_token_id=None, pad_token_id=PAD, return_logprobs=True)
+    assert logprobs.shape == (2, 0) and logprobs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.7, top_k=20, top_p=0.9),
+                                      dict(temperature=1.3, greedy=True)])
+def test_sampler_logprobs_keep_the_tokens_and_equal_the_trainers(model, sampling):
+    """return_logprobs draws the very same tokens, and the sampler's logprobs are what the
+    trainer computes from a full forward (log_softmax(logits / T) over the whole vocabulary,
+    no top-k/top-p renormalisation), up to round-off; 0 after the EOS."""
+    ids, mask = left_pad(PROMPTS)
+    kw = dict(step=2, seed=7, max_new_tokens=10, eos_token_id=list(range(1, 12)),
+              pad_token_id=PAD, **sampling)
+    resp, rmask = generate(model, ids, mask, torch.arange(4), **kw)
+    resp2, rmask2, logprobs = generate(model, ids, mask, torch.arange(4), return_logprobs=True,
+                                       **kw)
+    assert torch.equal(resp, resp2) and torch.equal(rmask, rmask2)
+    assert logprobs.shape == resp.shape and logprobs.dtype == torch.float32
+    lengths = rmask.sum(1).tolist()
+    assert min(lengths) < resp.shape[1]  # some row ended early: padding is exercised
+    assert (logprobs[rmask == 0] == 0).all()
+    for row, prompt in enumerate(PROMPTS):  # the trainer's view: one unpadded forward
+        response = resp[row, :lengths[row]]
+        seq = torch.cat([torch.tensor(prompt), response])[None]
+        with torch.no_grad():
+            logits = model(input_ids=seq).logits[:, len(prompt) - 1:-1]
+        trainer = logprobs_from_logits(logits, response[None], kw["temperature"])[0]
+        torch.testing.assert_close(logprobs[row, :lengths[row]], trainer, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_logprobs_by_hand():
+    logits = torch.tensor([[0.0, 0.0, 2.0], [1.0, 1.0, 1.0]])
+    # row 0, T = 2: logits / 2 = 0, 0, 1; log p(2) = 1 - log(1 + 1 + e) = -0.5514448
+    # row 1: uniform, log p = -log 3 = -1.0986123 for any token
+    expected = torch.tensor([-0.5514448, -1.0986123])
+    torch.testing.assert_close(sampled_logprobs(logits, torch.tensor([2, 0]), 2.0), expected)
 
 
 def test_pad_responses_right_pads_and_concatenates():
@@ -242,6 +286,9 @@ def test_pad_responses_right_pads_and_concatenates():
     ids, mask = pad_responses([a, b], pad_token_id=9)
     assert ids.tolist() == [[1, 2, 3], [4, 5, 6], [7, 9, 9]]
     assert mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    # more per-token tensors (the sampler's logprobs) are padded with 0
+    _, _, logprobs = pad_responses([(*a, -torch.ones(2, 3)), (*b, torch.tensor([[-2.0]]))], 9)
+    assert logprobs.tolist() == [[-1, -1, -1], [-1, -1, -1], [-2, 0, 0]]
 
 
 # ----------------------------------------------------------------------------- uniforms

@@ -23,6 +23,7 @@ def make_rollout(batch=3, prompt_width=4, response_width=5, offset=0):
         old_logprobs=-torch.rand(batch, response_width, generator=gen),
         ref_logprobs=-torch.rand(batch, response_width, generator=gen),
         scores=torch.randn(batch, generator=gen),
+        sampler_logprobs=-torch.rand(batch, response_width, generator=gen),
     )
 
 
@@ -119,6 +120,7 @@ def test_trim_drops_columns_that_are_padding_in_every_row():
         response_mask=torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]),
         prompt_index=torch.tensor([4, 5]),
         old_logprobs=torch.arange(10.0).reshape(2, 5),
+        sampler_logprobs=-torch.arange(10.0).reshape(2, 5),
         scores=torch.tensor([1.0, 2.0]),
     )
     t = r.trim()
@@ -126,6 +128,7 @@ def test_trim_drops_columns_that_are_padding_in_every_row():
     assert t.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
     assert t.response_ids.tolist() == [[1, 2], [3, 0]]
     assert t.old_logprobs.tolist() == [[0.0, 1.0], [5.0, 6.0]]
+    assert t.sampler_logprobs.tolist() == [[-0.0, -1.0], [-5.0, -6.0]]
     assert t.scores.tolist() == [1.0, 2.0] and t.values is None
     assert t.response_lengths.tolist() == r.response_lengths.tolist()
 
@@ -181,6 +184,8 @@ def test_pad_widens_with_masked_zeros_and_trim_undoes_it():
     assert wide.prompt_mask[:, :2].sum() == 0 and wide.response_mask[:, 5:].sum() == 0
     assert torch.equal(wide.prompt_ids[:, 2:], r.prompt_ids)  # prompts stay right-aligned
     assert torch.equal(wide.old_logprobs[:, :5], r.old_logprobs)
+    assert torch.equal(wide.sampler_logprobs[:, :5], r.sampler_logprobs)
+    assert wide.sampler_logprobs[:, 5:].abs().sum() == 0  # 0 on padding, like the others
     assert torch.equal(wide.scores, r.scores) and wide.values is None
     assert_rollouts_equal(wide.trim(), r.trim())
 
