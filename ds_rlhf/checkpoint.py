@@ -11,12 +11,26 @@ Layout under `<output_dir>/checkpoints/`:
 A step directory without trainer_state.json is incomplete (a crash during save) and is never
 loaded. Before loading, a checkpoint is checked against its manifest (missing or truncated
 files, changed small files, unreadable trainer state); resume takes the newest checkpoint that
-passes and says once which file made it skip the others. Old checkpoints are deleted only after
-the new one is complete. Frozen models are not saved; their sources are in config.yaml.
+passes and says once which file made it skip the others. Frozen models are not saved; their
+sources are in config.yaml.
+
+Rotation (`rotate`), once a new checkpoint is complete: it and the `keep_last - 1` newest
+older intact checkpoints stay, older intact ones are deleted. Damaged step directories and
+ones newer than the new checkpoint (left by a run that resumed from an older one) are moved
+aside, renamed `step_<N>.damaged-<time>` / `step_<N>.stale-<time>`, named in one line and
+never counted; so rotation never deletes the checkpoint just written or the newest intact one.
+
+`checkpoint.resume`: true continues from the newest intact checkpoint; false refuses an
+output_dir that holds checkpoints (a new run there would mix with them); fresh moves
+`checkpoints/` aside to `checkpoints.old-<time>` and starts over.
 
 Before a save, rank 0 checks the free space against the size of the last checkpoint; a save
-that fails (full disk or another OS error) on any rank stops every rank with one message naming
-the path, the free space and the previous checkpoint, which stays intact.
+that fails (full disk or another OS error, on any rank, or in what rank 0 alone writes: the
+manifest, the trainer state, `latest`) stops every rank with one message naming the path, the
+free space and the previous checkpoint, which stays intact.
+
+Several nodes: rank 0 alone writes the manifests, `latest` and the lock, so every node must
+see the same output_dir; `open_run` checks it (`check_shared`) before anything else.
 
 Preemption: SIGTERM or SIGUSR1 only sets a flag. At the next step boundary the trainer asks
 all ranks (`Coordinator.any`), and if any was signalled they save together and exit 0.
@@ -29,8 +43,11 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
+import socket
+import time
 from pathlib import Path
 
 import psutil
@@ -39,6 +56,8 @@ import torch
 from ds_rlhf import lock
 from ds_rlhf.config import UserInputError
 from ds_rlhf.coordinator import is_collective_failure, set_phase
+
+SHARED_WAIT_S = 10.0  # how long a node looks for rank 0's probe file (NFS caches lookups)
 
 LATEST = "latest"
 STATE = "trainer_state.json"
@@ -64,9 +83,30 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
+def _step_number(step_dir: Path) -> int:
+    return int(step_dir.name[5:])
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Every step_<N> directory, complete or not, by step."""
+    found = [d for d in root.glob("step_*") if re.fullmatch(r"step_\d+", d.name) and d.is_dir()]
+    return sorted(found, key=_step_number)
+
+
 def _complete_steps(root: Path) -> list[Path]:
-    found = [d for d in root.glob("step_*") if re.fullmatch(r"step_\d+", d.name)]
-    return sorted((d for d in found if (d / STATE).is_file()), key=lambda d: int(d.name[5:]))
+    return [d for d in _step_dirs(root) if (d / STATE).is_file()]
+
+
+def _move_aside(path: Path, tag: str) -> Path:
+    """Rename `path` to `<path>.<tag>-<UTC time>` (with a counter if that exists): kept for
+    the user to inspect or delete, out of the way of resume and rotation."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target, n = path.with_name(f"{path.name}.{tag}-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{tag}-{stamp}-{n}")
+    os.rename(path, target)
+    return target
 
 
 def _sha256(path: Path) -> str:
@@ -146,36 +186,108 @@ def find_resume(output_dir: str | Path) -> Path | None:
     if problems:
         raise CheckpointError(
             f"no intact checkpoint in {root}: {'; '.join(problems)}. Restore the file, move the "
-            "damaged step directories away, or start over with another output_dir (or "
-            "checkpoint.resume: false); nothing was changed or deleted")
+            "damaged step directories away, or start over (checkpoint.resume: fresh moves "
+            "them aside, or use another output_dir); nothing was changed or deleted")
     return None
 
 
-def open_run(output_dir: str | Path, resume: bool, coord) -> tuple[Path | None, dict | None]:
-    """Lock the output directory for this run, then pick the checkpoint to resume from (see
-    `resume_point`); rank 0 does both and every rank gets the answer or the refusal. Call it
-    right after `start_distributed`, before anything in the output directory is touched."""
+def open_run(output_dir: str | Path, resume: bool | str, coord
+             ) -> tuple[Path | None, dict | None]:
+    """Check that every node sees output_dir (`check_shared`), lock it for this run, then pick
+    the checkpoint to resume from (see `resume_point`); rank 0 does the last two and every
+    rank gets the answer or the refusal. A checkpoint written by another number of ranks is
+    converted on rank 0 while the others wait without the collective timeout (it can take
+    longer for a large model). Call it right after `start_distributed`, before anything in
+    the output directory is touched."""
+    set_phase("start (check that every node sees the output_dir)")
+    check_shared(output_dir, coord)
+
     def claim() -> tuple[Path | None, dict | None]:
         lock.acquire(output_dir)
-        return resume_point(output_dir, resume, coord.world_size)
+        return resume_point(output_dir, resume)
 
     set_phase("start (lock the output_dir, pick the checkpoint)")
-    chosen = coord.on_main(claim)
+    step_dir, state = coord.on_main(claim)
+    if state is not None and state["world_size"] != coord.world_size:
+        set_phase("start (convert the checkpoint to the universal format)")
+        coord.on_main_untimed(lambda: read_state(step_dir, coord.world_size))
     set_phase("start (build the engines, load the checkpoint)")
-    return chosen
+    return step_dir, state
 
 
-def resume_point(output_dir: str | Path, resume: bool,
-                 world_size: int) -> tuple[Path | None, dict | None]:
-    """(step directory, trainer state) to resume from, checked against this run; or Nones."""
-    step_dir = find_resume(output_dir) if resume else None
-    return (step_dir, read_state(step_dir, world_size)) if step_dir else (None, None)
+def check_shared(output_dir: str | Path, coord) -> None:
+    """Rank 0 writes a probe file with a random token into output_dir; every rank looks for
+    it (for up to SHARED_WAIT_S: a network file system may show a new file late). A node that
+    does not see it has another directory under that name: its checkpoint shards would not
+    be where rank 0 writes the manifest, so the run stops before anything else, on every rank.
+    """
+    out = Path(output_dir)
+
+    def probe() -> str:
+        token = secrets.token_hex(8)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_atomic(out / f".shared-check-{token}", token)
+        except OSError as e:
+            raise CheckpointError(f"output_dir {str(out)!r}: cannot write there "
+                                  f"({e.strerror or e}); fix its permissions or the path"
+                                  ) from None
+        return token
+
+    token = coord.on_main(probe)
+    path = out / f".shared-check-{token}"
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while not _holds(path, token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen = coord.gather_objects([(_holds(path, token), socket.gethostname())])
+    if coord.is_main:
+        path.unlink(missing_ok=True)
+    blind = sorted({host for ok, host in seen if not ok})
+    if blind:
+        raise _together(CheckpointError(
+            f"output_dir {str(out)!r} is not the same directory on every node: rank 0 "
+            f"({seen[0][1]}) wrote {path.name} there, and the ranks on host(s) "
+            f"{', '.join(blind)} do not see it. output_dir must be on a file system shared by "
+            "all nodes (and an absolute path: a relative one depends on each node's working "
+            "directory)"))
+
+
+def _holds(path: Path, token: str) -> bool:
+    try:
+        return path.read_text() == token
+    except OSError:
+        return False
+
+
+def resume_point(output_dir: str | Path, resume: bool | str
+                 ) -> tuple[Path | None, dict | None]:
+    """(step directory, trainer state) to resume from under checkpoint.resume; or Nones.
+
+    true: the newest intact checkpoint. false: none, and an output_dir that holds checkpoints
+    is refused (the new run's saves would be rotated among the old run's, and `latest` would
+    later resume whichever is newest). fresh: `checkpoints/` is moved aside first."""
+    root = checkpoint_root(output_dir)
+    if resume is True:
+        step_dir = find_resume(output_dir)
+        return (step_dir, _read_json(step_dir / STATE)) if step_dir else (None, None)
+    held = _step_dirs(root)
+    if held and resume is False:
+        names = ", ".join(d.name for d in held)
+        raise CheckpointError(
+            f"checkpoint.resume is false but {root} holds checkpoints ({names}). Set "
+            "checkpoint.resume: true to continue from them, or fresh to move them aside "
+            f"(renamed {root.name}.old-<time>) and start over; or use another output_dir")
+    if held:
+        moved = _move_aside(root, "old")
+        print(f"checkpoint: resume is fresh; moved the previous checkpoints aside to {moved}",
+              flush=True)
+    return None, None
 
 
 def read_state(step_dir: Path, world_size: int) -> dict:
     """The trainer state of a checkpoint, after checking it fits this run: one written by
     another number of ranks is converted to DeepSpeed's universal format first (see
-    `to_universal`), or refused with the reason when it cannot be."""
+    `to_universal`), or refused with the reason when it cannot be. Rank 0 (open_run)."""
     state = _read_json(step_dir / STATE)
     saved = state["world_size"]
     if saved != world_size:
@@ -263,10 +375,44 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _together(error: CheckpointError) -> CheckpointError:
+    """Mark an error that every rank raises at the same point (cli.py: rank 0 prints it)."""
+    error.every_rank = True
+    return error
+
+
 def _previous(root: Path) -> str:
-    done = _complete_steps(root)
+    done = [d for d in _complete_steps(root) if verify(d) is None]
     return (f"the previous checkpoint {done[-1]} is intact" if done
             else "no checkpoint was saved before")
+
+
+def _free(root: Path) -> str:
+    try:
+        return _mib(shutil.disk_usage(root).free)
+    except OSError as e:
+        return f"unknown space ({e.strerror or e})"
+
+
+def _save_failed(step_dir: Path, problems: list[str]) -> CheckpointError:
+    """The error of a failed save, raised by every rank together."""
+    root = step_dir.parent
+    previous = _previous(root)
+    return _together(CheckpointError(
+        f"saving {step_dir} failed ({'; '.join(problems)}); {_free(root)} free on {root} (no "
+        f"space left is the usual cause). {previous[0].upper()}{previous[1:]}: free space, "
+        "then run the same command to resume from it"))
+
+
+def _guard_save(step_dir: Path, write) -> None:
+    """`write()` (what rank 0 alone writes for a save, inside coord.on_main), its OS errors
+    turned into the one error of a failed save, which every rank then raises; the partial
+    step directory is removed to free its space."""
+    try:
+        write()
+    except OSError as e:
+        shutil.rmtree(step_dir, ignore_errors=True)
+        raise _save_failed(step_dir, [_write_error(e, 0)]) from e
 
 
 def _prepare_save(root: Path, step_dir: Path) -> None:
@@ -325,7 +471,7 @@ def save(output_dir: str | Path, step: int, engines: dict, state: dict, coord,
     root = checkpoint_root(output_dir)
     step_dir = root / f"step_{step}"
     set_phase(f"save step {step}")
-    coord.on_main(lambda: _prepare_save(root, step_dir))
+    coord.on_main(lambda: _guard_save(step_dir, lambda: _prepare_save(root, step_dir)))
     error = None
     for name, engine in engines.items():
         guard = _GuardedWrites(engine.checkpoint_engine, coord.rank)
@@ -347,21 +493,49 @@ def save(output_dir: str | Path, step: int, engines: dict, state: dict, coord,
     if errors:  # every rank stops here together, with the same message
         if coord.is_main:
             shutil.rmtree(step_dir, ignore_errors=True)  # the partial save, to free its space
-        raise CheckpointError(
-            f"saving {step_dir} failed ({'; '.join(errors)}); "
-            f"{_mib(shutil.disk_usage(root).free)} free on {root} (no space left is the usual "
-            f"cause). {_previous(root)[0].upper()}{_previous(root)[1:]}: free space, then run "
-            "the same command to resume from it")
+        raise _save_failed(step_dir, errors)
     coord.barrier()  # every rank's shards are on disk
-    if coord.is_main:
+
+    def complete() -> None:
         write_manifest(step_dir)
         _write_atomic(step_dir / STATE, json.dumps(
             {**state, "step": step, "world_size": coord.world_size}, indent=1))
         _write_atomic(root / LATEST, step_dir.name)
-        for old in _complete_steps(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    coord.barrier()
+
+    def complete_and_rotate() -> None:
+        _guard_save(step_dir, complete)
+        try:
+            rotate(root, step_dir, keep_last)
+        except OSError as e:
+            raise CheckpointError(
+                f"saved {step_dir}, but moving aside an older step directory failed ({e}); "
+                "fix that, then run the same command to resume from it") from e
+
+    coord.on_main(complete_and_rotate)  # also the barrier: step_dir is complete
     return step_dir
+
+
+def rotate(root: Path, current: Path, keep_last: int) -> None:
+    """Rank 0, once `current` is complete: keep it and the `keep_last - 1` newest older intact
+    checkpoints, delete older intact ones; move aside (`_move_aside`) step directories newer
+    than `current` ("stale": a run that resumed from an older checkpoint went past them) and
+    damaged or incomplete ones, none of them counted, all named in one line."""
+    step = _step_number(current)
+    moved, intact = [], []
+    for d in _step_dirs(root):
+        if d == current:
+            continue
+        if _step_number(d) > step:
+            moved.append((d.name, _move_aside(d, "stale")))
+        elif verify(d) is not None:
+            moved.append((d.name, _move_aside(d, "damaged")))
+        else:
+            intact.append(d)
+    for old in intact[:max(len(intact) - (keep_last - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    if moved:
+        print("checkpoint: moved aside, kept and not counted in checkpoint.keep_last: "
+              + ", ".join(f"{name} -> {new}" for name, new in moved), flush=True)
 
 
 def load(step_dir: Path, engines: dict, coord, state: dict) -> None:

@@ -15,6 +15,11 @@ naming the config field and the fix:
 - a dataset (`data.datasets[i].path`): a local file that is readable and decodes (.json,
   .jsonl and .csv as UTF-8 text, .parquet by its magic bytes), a local directory, or a hub
   dataset that exists (checked online only: `datasets` keeps its own cache).
+
+`check_environment(cfg)` names every environment variable the config asks for (reward server
+tokens, `rewards[i].token_env`) that is unset or empty. Every rank runs both: a node may lack
+a file or a variable that the first node has (the deepspeed launcher forwards few variables
+over ssh), and the ranks then stop together naming the rank and host (cli.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,19 @@ def check_inputs(cfg: Any) -> None:
         elif isinstance(value, DataConfig):
             for i, spec in enumerate(value.datasets):
                 check_dataset(spec.path, where(spec, i))
+
+
+def check_environment(cfg: Any) -> None:
+    """Every `token_env` of `cfg.rewards` (PPO) names a variable that is set and not empty."""
+    missing = [f"{spec.token_env} (rewards[{i}].token_env)"
+               for i, spec in enumerate(getattr(cfg, "rewards", []))
+               if spec.token_env and not os.environ.get(spec.token_env)]
+    if missing:
+        raise ConfigError(
+            f"environment variable{'s' if len(missing) > 1 else ''} {', '.join(missing)} not "
+            "set or empty; export it on every node (the deepspeed launcher passes only a few "
+            "variables to other nodes: list it in a .deepspeed_env file, see "
+            "launch/multi_node.sh)")
 
 
 def _sections(obj: Any, prefix: str):

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import traceback
 
 from ds_rlhf.config import (
+    DistributedConfig,
     DPORunConfig,
     PPORunConfig,
     RMRunConfig,
@@ -29,7 +32,7 @@ from ds_rlhf.config import (
     load_config,
     to_yaml,
 )
-from ds_rlhf.errors import NonFiniteError
+from ds_rlhf.errors import NonFiniteError, RanksFailedError
 
 COMMANDS = {"sft": SFTRunConfig, "rm": RMRunConfig, "ppo": PPORunConfig, "dpo": DPORunConfig}
 
@@ -61,13 +64,22 @@ def _run_dpo(cfg: DPORunConfig) -> None:
 RUNNERS = {"sft": _run_sft, "rm": _run_rm, "ppo": _run_ppo, "dpo": _run_dpo}
 
 
-def _fail(command: str, label: str, error: Exception, code: int) -> int:
-    """Print the error once, on rank 0 (every rank meets the same config and data, and
-    raises the same error), and return the exit code for every rank."""
+def _fail(command: str, label: str, error: BaseException, code: int) -> int:
+    """Print an error every rank raised together (see ds_rlhf/errors.py) once, on rank 0, a
+    line per distinct message, and return the exit code for every rank."""
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     if rank == "0":
-        print(f"ds-rlhf {command}: {label}: {error}", file=sys.stderr, flush=True)
+        # a RanksFailedError has a line per distinct message: each gets the prefix
+        lines = str(error).splitlines() if isinstance(error, RanksFailedError) else [error]
+        for line in lines:
+            print(f"ds-rlhf {command}: {label}: {line}", file=sys.stderr, flush=True)
     return code
+
+
+def _exit_code(e: BaseException) -> int:
+    if isinstance(e, RanksFailedError):
+        return e.code
+    return 3 if isinstance(e, NonFiniteError) else 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,39 +102,74 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
     args, overrides = parser.parse_known_args(argv)
+    from ds_rlhf.coordinator import launched_with_peers
+
+    peers = launched_with_peers()  # before anything fills in RANK and WORLD_SIZE
+    cfg = None
     try:
         cfg = load_config(args.config, overrides, cls=COMMANDS[args.command])
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from ds_rlhf.checks import check_inputs
+        from ds_rlhf.checks import check_environment, check_inputs
 
         check_inputs(cfg)  # every model, tokenizer and dataset, before anything is written
-    except UserInputError as e:
-        return _fail(args.command, "error", e, 2)
-    from ds_rlhf.checkpoint import preemption_flag
+        check_environment(cfg)  # every variable the run reads (this node may lack some)
+        from ds_rlhf.checkpoint import preemption_flag
+
+        preemption_flag()  # SIGTERM / SIGUSR1 from here on mean "save at the next step boundary"
+        RUNNERS[args.command](cfg)
+    except Exception as e:  # noqa: BLE001 (every error ends here: the ranks must all leave)
+        return _after_error(args.command, cfg, e, peers)
     from ds_rlhf.coordinator import stop_distributed
 
-    preemption_flag()  # SIGTERM / SIGUSR1 from here on mean "save at the next step boundary"
-    try:
-        RUNNERS[args.command](cfg)
-    except UserInputError as e:  # checks that need data, tokenizers, the world size, the
-        # output_dir or a checkpoint: raised by every rank together (Coordinator.on_main)
-        code = _fail(args.command, "error", e, 2)
-        stop_distributed()
-        return code
-    except NonFiniteError as e:  # every rank raises it together
-        code = _fail(args.command, "stopped", e, 3)
-        stop_distributed()
-        return code
-    except RuntimeError as e:
-        from ds_rlhf.coordinator import is_collective_failure
-
-        if not is_collective_failure(e):
-            raise
-        _exit_after_collective_failure(args.command, cfg, e)
     stop_distributed()
     return 0
+
+
+def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
+    """End this rank after `e`, so that no rank waits for another that stopped:
+
+    - before the ranks met (config, inputs, the checks before any engine): this rank still
+      meets the others, and every rank stops with the failing ranks' messages (exit 2);
+    - an error every rank raised together (`every_rank`): rank 0 prints it, all leave;
+    - a collective that gave up on another rank: exit 4 at once;
+    - any other error is this rank's alone: it prints it, naming its rank and host, and exits
+      at once (the others find its connections closed: exit 4 within seconds).
+    """
+    import torch.distributed as dist
+
+    from ds_rlhf.coordinator import (
+        exit_process,
+        is_collective_failure,
+        start_distributed,
+        stop_distributed,
+    )
+
+    if not dist.is_initialized() and peers:
+        timeout = (cfg.distributed if cfg is not None else DistributedConfig()).timeout_minutes
+        try:
+            start_distributed(timeout, failed=e)
+        except RanksFailedError as agreed:
+            e = agreed
+        except Exception:  # noqa: BLE001 (the others never came: report this rank's own)
+            pass
+    if getattr(e, "every_rank", False) or (isinstance(e, UserInputError) and not peers):
+        code = _fail(command, "stopped" if isinstance(e, NonFiniteError) else "error", e,
+                     _exit_code(e))
+        stop_distributed()
+        return code
+    if is_collective_failure(e):
+        _exit_after_collective_failure(command, cfg, e)
+    if not peers:
+        raise e  # one process, a bug: Python prints the traceback
+    where = f"rank {os.environ.get('RANK', '0')} ({socket.gethostname()})"
+    if isinstance(e, UserInputError):
+        print(f"ds-rlhf {command}: error: {where}: {e}", file=sys.stderr, flush=True)
+        exit_process(2)
+    print(f"ds-rlhf {command}: error: {where}: {type(e).__name__}: {e}", file=sys.stderr)
+    traceback.print_exc()
+    exit_process(1)
 
 
 def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:
@@ -131,10 +178,11 @@ def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:
     wait for the missing rank again."""
     from ds_rlhf.coordinator import current_phase
 
+    timeout = (cfg.distributed if cfg is not None else DistributedConfig()).timeout_minutes
     first = next((line for line in str(e).splitlines() if line.strip()), repr(e))
     print(f"ds-rlhf {command}: error: rank {os.environ.get('RANK', '0')} gave up waiting for "
           f"the other ranks in phase '{current_phase()}': another rank stalled for longer than "
-          f"distributed.timeout_minutes={cfg.distributed.timeout_minutes} or died ({first}). "
+          f"distributed.timeout_minutes={timeout} or died ({first}). "
           "Saved checkpoints are intact; check that rank's log, then run the same command to "
           "resume", file=sys.stderr, flush=True)
     sys.stdout.flush()

@@ -269,8 +269,11 @@ class CheckpointConfig:
     """Saving, auto-resume and export (layout in ds_rlhf/checkpoint.py)."""
 
     save_every: int = 0  # save every N steps; 0: only at the end and when preempted
-    keep_last: int = 2  # complete checkpoints to keep; older ones go once a new one is complete
-    resume: bool = True  # continue from output_dir/checkpoints when a checkpoint is there
+    keep_last: int = 2  # intact checkpoints to keep; older ones go once a new one is complete
+    # true: continue from the newest intact checkpoint in output_dir/checkpoints, if any;
+    # false: start anew, refusing an output_dir that holds checkpoints; fresh: start anew,
+    # moving output_dir/checkpoints aside (renamed checkpoints.old-<time>) first
+    resume: bool | Literal["fresh"] = True
     export_critic: bool = False  # also export the critic in HF format at the end (PPO)
 
 
@@ -441,6 +444,11 @@ class DPORunConfig:
 
 
 def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -12,6 +12,7 @@ import atexit
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +46,7 @@ def setup_distributed_env() -> None:
 
 
 T = TypeVar("T")
+UNTIMED_HOURS = 24  # how long on_main_untimed waits for rank 0
 _PHASE = ["start"]  # what this rank is doing, named when a collective fails (see cli.py)
 
 
@@ -69,12 +71,23 @@ def is_collective_failure(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and any(m in str(e) for m in _COLLECTIVE_ERRORS))
 
 
-def start_distributed(timeout_minutes: float) -> Coordinator:
-    """deepspeed.init_distributed (gloo on CPU, nccl on GPU), this rank's device, a Coordinator.
+def launched_with_peers() -> bool:
+    """Whether a launcher (deepspeed, torchrun, srun) started other ranks with this process.
+    Read before `setup_distributed_env` fills in defaults: a process given WORLD_SIZE by hand
+    but no rendezvous address has no peers to meet."""
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    return world > 1 and ("MASTER_ADDR" in os.environ or "SLURM_PROCID" in os.environ)
+
+
+def start_distributed(timeout_minutes: float, failed: BaseException | None = None
+                      ) -> Coordinator:
+    """deepspeed.init_distributed (gloo on CPU, nccl on GPU), this rank's device, a Coordinator;
+    then the ranks agree on their start (`agree_on_start`).
 
     Every collective, the rendezvous included, gives up after `timeout_minutes`
     (distributed.timeout_minutes): a stalled or vanished rank then ends the others instead of
-    leaving them waiting silently.
+    leaving them waiting silently. A rank whose own checks failed (`failed`) still comes to
+    the rendezvous, so that every rank learns of it and leaves at once (cli.py).
     """
     import deepspeed  # here, so that importing this module stays cheap
 
@@ -85,7 +98,38 @@ def start_distributed(timeout_minutes: float) -> Coordinator:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     else:
         _unlink_shm_buffer()
-    return Coordinator(torch.device(accelerator.current_device_name()))
+    coord = Coordinator(torch.device(accelerator.current_device_name()))
+    agree_on_start(coord, failed)
+    return coord
+
+
+def _describe(e: BaseException) -> str:
+    from ds_rlhf.config import UserInputError
+
+    return str(e) if isinstance(e, UserInputError) else f"{type(e).__name__}: {e}"
+
+
+def agree_on_start(coord: Coordinator, failed: BaseException | None) -> None:
+    """Each rank ran its own checks (config, inputs, environment variables: a node may lack a
+    file or a variable the others have); every rank learns which failed. If any did, every
+    rank raises the same RanksFailedError naming each failing rank, its host and its message
+    (exit code 2 when all were bad input)."""
+    from ds_rlhf.config import UserInputError
+    from ds_rlhf.errors import RanksFailedError, failure_report
+
+    set_phase("start (the ranks compare their checks)")
+    mine = None
+    if failed is not None:
+        if not isinstance(failed, UserInputError):  # a bug, not bad input: keep its trace
+            print(f"rank {coord.rank} ({socket.gethostname()}):", file=sys.stderr)
+            traceback.print_exception(failed)
+        mine = (socket.gethostname(), _describe(failed), isinstance(failed, UserInputError))
+    everyone = coord.gather_objects([mine])
+    failures = [(rank, host, message) for rank, item in enumerate(everyone) if item is not None
+                for host, message, _ in [item]]
+    if failures:
+        all_input = all(item[2] for item in everyone if item is not None)
+        raise RanksFailedError(failure_report(failures, coord.world_size), 2 if all_input else 1)
 
 
 def stop_distributed() -> None:
@@ -168,6 +212,7 @@ class Coordinator:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device  # where collectives run (cpu for gloo, cuda for nccl)
+        self._untimed = None  # the process group of on_main_untimed, made on first use
 
     @property
     def is_main(self) -> bool:
@@ -253,14 +298,18 @@ class Coordinator:
     def barrier(self) -> None:
         dist.barrier()
 
-    def on_main(self, fn: Callable[[], T]) -> T:
-        """`fn()` on rank 0 only; its result, or the UserInputError it raised, on every rank.
+    def on_main(self, fn: Callable[[], T], group=None) -> T:
+        """`fn()` on rank 0 only; its result, or its error, on every rank.
 
         For what one process must do for the run (lock the output directory, pick and verify
-        the checkpoint, check free space): the others learn the outcome, and a refusal stops
-        every rank with the same message instead of leaving them waiting in a collective.
+        the checkpoint, check free space, write a checkpoint's manifest): the others learn the
+        outcome, and a failure stops every rank with the same message instead of leaving them
+        waiting in a collective. A UserInputError is raised as is on every rank; any other
+        error (a bug) prints its traceback on rank 0 and becomes a RanksFailedError naming it.
+        `group`: the process group to broadcast over (see `on_main_untimed`).
         """
         from ds_rlhf.config import UserInputError
+        from ds_rlhf.errors import RanksFailedError
 
         out: list = [None]
         if self.is_main:
@@ -268,8 +317,25 @@ class Coordinator:
                 out = [(True, fn())]
             except UserInputError as e:
                 out = [(False, e)]
-        dist.broadcast_object_list(out, src=0, device=self.device)
+            except Exception as e:
+                traceback.print_exc()
+                out = [(False, RanksFailedError(
+                    f"rank 0 ({socket.gethostname()}) failed in phase '{current_phase()}': "
+                    f"{_describe(e)}", 1))]
+        dist.broadcast_object_list(out, src=0, device=self.device if group is None else
+                                   torch.device("cpu"), group=group)
         ok, value = out[0]
         if not ok:
+            value.every_rank = True  # every rank raises it here: rank 0 prints it (cli.py)
             raise value
         return value
+
+    def on_main_untimed(self, fn: Callable[[], T]) -> T:
+        """`on_main` for work that may outlast distributed.timeout_minutes (the conversion
+        of a large checkpoint to the universal format): the others wait for it over a gloo
+        group of their own whose timeout is UNTIMED_HOURS. A rank 0 that dies still ends
+        their wait at once (its connections close)."""
+        if self._untimed is None:  # collective: every rank creates it at the same call
+            self._untimed = dist.new_group(backend="gloo",
+                                           timeout=timedelta(hours=UNTIMED_HOURS))
+        return self.on_main(fn, group=self._untimed)

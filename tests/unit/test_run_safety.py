@@ -1,29 +1,39 @@
-"""The output_dir lock, checkpoint manifests and the free-space check, without engines."""
+"""The output_dir lock, checkpoint manifests, rotation, checkpoint.resume, the free-space
+check, failed writes and how ranks agree on errors, without engines."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from ds_rlhf import checkpoint, lock
 from ds_rlhf.checkpoint import CheckpointError, find_resume, verify, write_manifest
+from ds_rlhf.checks import check_environment
 from ds_rlhf.config import (
     ConfigError,
     PPORunConfig,
+    RewardSpec,
     RMRunConfig,
     SFTRunConfig,
     TrainEngineConfig,
     load_config,
 )
+from ds_rlhf.coordinator import Coordinator
 from ds_rlhf.engines.ds_config import deepspeed_config
-from tests.conftest import ppo_config, write_yaml
+from ds_rlhf.errors import RanksFailedError, failure_report
+from tests.conftest import free_port, ppo_config, write_yaml
 
 HOLD = ("import sys, time; from ds_rlhf import lock; lock.acquire(sys.argv[1]); "
         "print('held', flush=True); time.sleep(60)")
@@ -142,3 +152,157 @@ def test_universal_loading_is_asked_of_deepspeed_only_on_another_world_size():
     state = {"world_size": 2}
     assert not checkpoint.is_universal(None, 1) and not checkpoint.is_universal(state, 2)
     assert checkpoint.is_universal(state, 1)
+
+
+@pytest.fixture(scope="module")
+def coord():
+    """A real one-process gloo group: checkpoint.save and Coordinator.on_main as in a run."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield Coordinator(torch.device("cpu"))
+    dist.destroy_process_group()
+
+
+class FileEngine:
+    """Stands in for a DeepSpeed engine in checkpoint.save: writes one file through its
+    checkpoint engine, as DeepSpeed does."""
+
+    def __init__(self):
+        self.checkpoint_engine = SimpleNamespace(
+            makedirs=lambda path, exist_ok: os.makedirs(path, exist_ok=exist_ok),
+            save=lambda obj, path: torch.save(obj, path))
+
+    def _copy_recovery_script(self, path):
+        pass
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        self.checkpoint_engine.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        self.checkpoint_engine.save({"w": torch.ones(4)}, os.path.join(save_dir, tag, "m.pt"))
+
+
+def _save(out, step: int, coord, keep_last: int):
+    return checkpoint.save(out, step, {"actor": FileEngine()}, {"sampler": {}}, coord,
+                           keep_last)
+
+
+def _names(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
+
+
+def test_rotation_keeps_the_new_checkpoint_and_moves_damaged_and_newer_ones_aside(
+        tmp_path, coord, capsys):
+    """The issue's case: keep_last 1, the newest step_200 damaged, resume falls back to
+    step_100, and the next save is step 150. Rotation used to delete step_150 and step_100,
+    leaving only the damaged step_200."""
+    root = tmp_path / "checkpoints"
+    for step in (50, 100, 200):
+        _step(tmp_path, step, {"actor/m.pt": b"x" * 100})
+    (root / "step_200" / "actor" / "m.pt").write_bytes(b"x" * 10)  # truncated
+    (root / "step_50" / "actor" / "m.pt").write_bytes(b"y" * 100)  # other bytes
+    assert find_resume(tmp_path) == root / "step_100"
+    capsys.readouterr()
+
+    _save(tmp_path, 150, coord, keep_last=1)
+    names = _names(root)
+    assert names[:1] == ["step_150"] and len(names) == 3, names  # step_100: deleted (keep 1)
+    stale, damaged = names[1:]
+    assert re.fullmatch(r"step_200\.stale-\d{8}-\d{6}", stale), names
+    assert re.fullmatch(r"step_50\.damaged-\d{8}-\d{6}", damaged), names
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "moved aside" in line, line
+    assert f"step_200 -> {root / stale}" in line and f"step_50 -> {root / damaged}" in line
+    assert (root / stale / "actor" / "m.pt").read_bytes() == b"x" * 10  # kept as it was
+    assert find_resume(tmp_path) == root / "step_150"
+    assert (root / "latest").read_text() == "step_150"
+
+    _save(tmp_path, 160, coord, keep_last=2)  # an ordinary save: nothing to move aside
+    _save(tmp_path, 170, coord, keep_last=2)
+    assert _names(root)[:2] == ["step_160", "step_170"] and len(_names(root)) == 4
+    assert "moved aside" not in capsys.readouterr().out
+
+
+def test_resume_false_refuses_checkpoints_and_fresh_moves_them_aside(tmp_path, coord, capsys):
+    """The issue's case: resume false on a directory holding step_100 and step_200 deleted
+    the new run's step_10 right after writing it; resume true then continued the old run."""
+    for step in (100, 200):
+        _step(tmp_path, step, {"actor/m.pt": b"x"})
+    root = tmp_path / "checkpoints"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.resume_point(tmp_path, False)
+    assert str(e.value).startswith(f"checkpoint.resume is false but {root} holds checkpoints "
+                                   "(step_100, step_200). Set checkpoint.resume: true")
+    assert "fresh to move them aside" in str(e.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+    assert checkpoint.resume_point(tmp_path, "fresh") == (None, None)
+    [old] = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints.old-")]
+    assert f"moved the previous checkpoints aside to {old}" in capsys.readouterr().out
+    assert _names(old) == ["step_100", "step_200"] and not root.exists()
+    _save(tmp_path, 10, coord, keep_last=1)
+    assert _names(root) == ["step_10"] and find_resume(tmp_path) == root / "step_10"
+    assert checkpoint.resume_point(tmp_path, True)[1]["step"] == 10
+    assert checkpoint.resume_point(tmp_path / "new", False) == (None, None)  # nothing there
+
+
+def test_a_failed_write_of_rank_0_stops_the_save_and_keeps_the_previous(
+        tmp_path, coord, monkeypatch):
+    _save(tmp_path, 1, coord, keep_last=1)
+
+    def full_disk(step_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_manifest", full_disk)
+    with pytest.raises(CheckpointError) as e:
+        _save(tmp_path, 2, coord, keep_last=1)
+    root = tmp_path / "checkpoints"
+    assert str(e.value).startswith(f"saving {root / 'step_2'} failed (rank 0: [Errno 28] No "
+                                   "space left on device); ")
+    assert f"The previous checkpoint {root / 'step_1'} is intact" in str(e.value)
+    assert e.value.every_rank  # raised by every rank at the same point: rank 0 prints it
+    assert _names(root) == ["step_1"] and find_resume(tmp_path) == root / "step_1"
+
+
+def test_on_main_turns_a_bug_of_rank_0_into_one_error_for_every_rank(coord, capsys):
+    def broken():
+        raise KeyError("k")
+
+    with pytest.raises(RanksFailedError) as e:
+        coord.on_main(broken)
+    assert e.value.code == 1 and e.value.every_rank
+    assert "rank 0 (" in str(e.value) and "KeyError: 'k'" in str(e.value)
+    assert "Traceback" in capsys.readouterr().err  # rank 0 keeps the trace of a bug
+    copy = pickle.loads(pickle.dumps(e.value))  # how it travels between ranks
+    assert (str(copy), copy.code) == (str(e.value), 1)
+
+
+def test_the_failure_report_names_each_distinct_message_once():
+    same = [(0, "a", "bad"), (1, "b", "bad")]
+    assert failure_report(same, 2) == "bad"  # every rank said it: no need to name them
+    mixed = [(3, "b", "no RM_TOKEN"), (1, "a", "no RM_TOKEN"), (2, "b", "no file")]
+    assert failure_report(mixed, 4).splitlines() == [
+        "ranks 1, 3 (host a, b): no RM_TOKEN", "rank 2 (host b): no file"]
+
+
+def test_missing_environment_variables_are_named_together(monkeypatch):
+    cfg = PPORunConfig(rewards=[
+        RewardSpec(url="https://rm.example/score", token_env="RM_TOKEN_A"),
+        RewardSpec(url="https://rm.example/other", token_env="RM_TOKEN_B")])
+    monkeypatch.setenv("RM_TOKEN_A", "")
+    monkeypatch.delenv("RM_TOKEN_B", raising=False)
+    with pytest.raises(ConfigError) as e:
+        check_environment(cfg)
+    assert str(e.value).startswith("environment variables RM_TOKEN_A (rewards[0].token_env), "
+                                   "RM_TOKEN_B (rewards[1].token_env) not set or empty")
+    monkeypatch.setenv("RM_TOKEN_A", "t")
+    monkeypatch.setenv("RM_TOKEN_B", "t")
+    check_environment(cfg)
+
+
+def test_checkpoint_resume_takes_true_false_or_fresh(assets, tmp_path):
+    path = write_yaml(ppo_config(assets, tmp_path), tmp_path / "c.yaml")
+    for value, want in (("fresh", "fresh"), ("false", False), ("true", True)):
+        assert load_config(path, ["--checkpoint.resume", value]).checkpoint.resume == want
+    with pytest.raises(ConfigError, match="checkpoint.resume: expected bool or 'fresh', got "
+                                          "'again'"):
+        load_config(path, ["--checkpoint.resume", "again"])
