@@ -242,14 +242,16 @@ def check_shared(output_dir: str | Path, coord) -> None:
     seen = coord.gather_objects([(_holds(path, token), socket.gethostname())])
     if coord.is_main:
         path.unlink(missing_ok=True)
-    blind = sorted({host for ok, host in seen if not ok})
+    blind = [(rank, host) for rank, (ok, host) in enumerate(seen) if not ok]
     if blind:
+        ranks = ", ".join(str(rank) for rank, _ in blind)
+        hosts = ", ".join(dict.fromkeys(host for _, host in blind))
         raise _together(CheckpointError(
-            f"output_dir {str(out)!r} is not the same directory on every node: rank 0 "
-            f"({seen[0][1]}) wrote {path.name} there, and the ranks on host(s) "
-            f"{', '.join(blind)} do not see it. output_dir must be on a file system shared by "
-            "all nodes (and an absolute path: a relative one depends on each node's working "
-            "directory)"))
+            f"output_dir {str(out)!r} is not the same directory on every node: rank 0 (host "
+            f"{seen[0][1]}) wrote {path.name} there, and rank{'s' if len(blind) > 1 else ''} "
+            f"{ranks} (host {hosts}) do not see it. output_dir must be on a file system shared "
+            "by all nodes (and an absolute path: a relative one depends on each node's "
+            "working directory)"))
 
 
 def _holds(path: Path, token: str) -> bool:

@@ -1,6 +1,7 @@
 """What happens when things go wrong around a run, through the real launcher on CPU ranks:
 a damaged checkpoint, a second run on the same output_dir, a stalled rank, a full disk, another
-world size on resume, and the `deepspeed` command itself being stopped.
+world size on resume, the `deepspeed` command itself being stopped, a variable missing on one
+rank and a failed write of rank 0 during a save.
 
 One 2-rank PPO run with a checkpoint every step (`base`) serves several checks: copies of its
 output_dir are damaged, locked, or resumed on 1 rank.
@@ -22,6 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from ds_rlhf.checkpoint import find_resume
 from ds_rlhf.demo.task import all_prompts
 from ds_rlhf.tracking import read_metrics
 from tests.conftest import REPO, cpu_env, free_port, ppo_config, run_deepspeed, tiny_init, write_yaml
@@ -247,3 +249,46 @@ def test_stopping_the_deepspeed_command_stops_the_run(assets, tmp_path):
     assert f"the launching command (PID {runner.pid}) is gone" in text, text[-3000:]
     assert "preempted: stopped before the first step; nothing to save" in text
     assert "saved step" not in text and not (out / "checkpoints").exists()
+
+
+def test_a_variable_missing_on_one_rank_stops_every_rank_with_its_name(assets, tmp_path):
+    """Rank 1 lacks the reward server's token variable (as a node the deepspeed launcher did
+    not forward it to): every rank stops at the start with exit code 2, and rank 0 prints
+    the missing variable once, naming rank 1 and its host. Before, rank 1 exited silently."""
+    cfg = ppo_config(assets, tmp_path / "out", ppo={"advantage_estimator": "grpo"},
+                     generation={"n_samples_per_prompt": 2},
+                     rewards=[{"url": "http://127.0.0.1:9/score", "token_env": "RM_TOKEN"}])
+    del cfg["critic"], cfg["reward"]
+    start = time.time()
+    proc = run_deepspeed(2, ["tests/dist/fault_inject.py", "ppo", "--config",
+                             str(write_yaml(cfg, tmp_path / "c.yaml"))], module=False,
+                         timeout=240, RM_TOKEN="s3cret", UNSET_ON_RANK="1", VARS="RM_TOKEN")
+    text = proc.stdout + proc.stderr
+    message = (f"ds-rlhf ppo: error: rank 1 (host {socket.gethostname()}): environment "
+               "variable RM_TOKEN (rewards[0].token_env) not set or empty; export it on every "
+               "node")
+    assert text.count(message) == 1, text[-3000:]
+    assert "exits with return code = 2" in text and "Traceback" not in text
+    assert "deepspeed.initialize" not in text  # no engine was built
+    assert time.time() - start < 120
+
+
+def test_a_failed_manifest_write_stops_every_rank_and_keeps_the_last_checkpoint(
+        assets, tmp_path):
+    """Rank 0's manifest write of step 2 fails (full disk): before, rank 0 died with a
+    traceback while rank 1 waited at the barrier; now every rank stops with one message and
+    step 1 stays the checkpoint to resume from."""
+    out = tmp_path / "out"
+    cfg = write_yaml(ppo_config(assets, out, ppo={"steps": 3}, checkpoint={"save_every": 1}),
+                     tmp_path / "c.yaml")
+    proc = run_deepspeed(2, ["tests/dist/fault_inject.py", "ppo", "--config", str(cfg)],
+                         module=False, timeout=300, FAIL_MANIFEST_STEP="2")
+    text = proc.stdout + proc.stderr
+    root = out / "checkpoints"
+    message = (f"ds-rlhf ppo: error: saving {root / 'step_2'} failed (rank 0: [Errno 28] No "
+               f"space left on device: '{root / 'step_2' / 'manifest.json'}');")
+    assert text.count(message) == 1, text[-3000:]
+    assert f"The previous checkpoint {root / 'step_1'} is intact" in text
+    assert "exits with return code = 2" in text and "Traceback" not in text
+    assert find_resume(out) == root / "step_1" and not (root / "step_2").exists()
+    assert len(read_metrics(out / "metrics.jsonl")) == 2

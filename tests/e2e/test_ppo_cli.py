@@ -134,3 +134,18 @@ def test_environment_failure_ends_the_run_with_exit_2(assets, tmp_path):
     assert "Traceback" not in proc.stderr
     assert (f"error: environment '{tmp_path / 'env.py'}:Broken' (rollout.environment): step() "
             "raised ZeroDivisionError: no moves left on the row of prompt index") in proc.stderr
+
+
+def test_resume_false_on_an_output_dir_with_checkpoints_is_refused(assets, tmp_path):
+    """A new run (checkpoint.resume: false) in a directory holding another run's checkpoints
+    would rotate them with its own: refused in one line, before any engine, nothing moved."""
+    root = tmp_path / "out" / "checkpoints"
+    for step in (100, 200):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / "trainer_state.json").write_text("{}")
+    cfg = ppo_config(assets, tmp_path / "out", checkpoint={"resume": False})
+    proc = _ppo(cfg, tmp_path)
+    _fails_with(proc, f"error: checkpoint.resume is false but {root} holds checkpoints "
+                      "(step_100, step_200). Set checkpoint.resume: true")
+    assert proc.stderr.count("checkpoint.resume is false") == 1
+    assert sorted(p.name for p in root.iterdir()) == ["step_100", "step_200"]
