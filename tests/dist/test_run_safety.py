@@ -255,7 +255,7 @@ def test_a_variable_missing_on_one_rank_stops_every_rank_with_its_name(assets, t
     """Rank 1 lacks the reward server's token variable (as a node the deepspeed launcher did
     not forward it to): every rank stops at the start with exit code 2, and rank 0 prints
     the missing variable once, naming rank 1 and its host. Before, rank 1 exited silently."""
-    cfg = ppo_config(assets, tmp_path / "out", ppo={"advantage_estimator": "grpo"},
+    cfg = ppo_config(assets, tmp_path / "out", ppo={"advantage_estimator": "grpo", "kl_coef": 0.0},
                      generation={"n_samples_per_prompt": 2},
                      rewards=[{"url": "http://127.0.0.1:9/score", "token_env": "RM_TOKEN"}])
     del cfg["critic"], cfg["reward"]
