@@ -163,7 +163,7 @@ def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
         _exit_after_collective_failure(command, cfg, e)
     if not peers:
         raise e  # one process, a bug: Python prints the traceback
-    where = f"rank {os.environ.get('RANK', '0')} ({socket.gethostname()})"
+    where = f"rank {os.environ.get('RANK', '0')} (host {socket.gethostname()})"
     if isinstance(e, UserInputError):
         print(f"ds-rlhf {command}: error: {where}: {e}", file=sys.stderr, flush=True)
         exit_process(2)

@@ -121,7 +121,7 @@ def agree_on_start(coord: Coordinator, failed: BaseException | None) -> None:
     mine = None
     if failed is not None:
         if not isinstance(failed, UserInputError):  # a bug, not bad input: keep its trace
-            print(f"rank {coord.rank} ({socket.gethostname()}):", file=sys.stderr)
+            print(f"rank {coord.rank} (host {socket.gethostname()}):", file=sys.stderr)
             traceback.print_exception(failed)
         mine = (socket.gethostname(), _describe(failed), isinstance(failed, UserInputError))
     everyone = coord.gather_objects([mine])
@@ -320,7 +320,7 @@ class Coordinator:
             except Exception as e:
                 traceback.print_exc()
                 out = [(False, RanksFailedError(
-                    f"rank 0 ({socket.gethostname()}) failed in phase '{current_phase()}': "
+                    f"rank 0 (host {socket.gethostname()}) failed in phase '{current_phase()}': "
                     f"{_describe(e)}", 1))]
         dist.broadcast_object_list(out, src=0, device=self.device if group is None else
                                    torch.device("cpu"), group=group)

@@ -10,8 +10,11 @@
 #       HOSTFILE=hostfile launch/multi_node.sh ppo run.yaml     # lines like "node0 slots=8"
 #
 # Arguments: COMMAND CONFIG [--section.key VALUE ...], as for launch/single_node.sh. Every node
-# must see the same CONFIG and output_dir (a shared file system); rank 0 writes the logs and
-# every rank writes its checkpoint shards. Running the same commands again resumes.
+# must see the same CONFIG and output_dir (a shared file system, an absolute path); rank 0
+# writes the logs and every rank writes its checkpoint shards. A run checks this at the start
+# and stops in one line when a node does not see rank 0's probe file. Variables the config
+# names (rewards[i].token_env) must be set on every node: in (b), list them in .deepspeed_env.
+# Running the same commands again resumes.
 #
 # Variables:
 #   NODE_RANK    this node's index, 0..NNODES-1; setting it selects (a), `--no_ssh --node_rank`

@@ -292,3 +292,27 @@ def test_a_failed_manifest_write_stops_every_rank_and_keeps_the_last_checkpoint(
     assert "exits with return code = 2" in text and "Traceback" not in text
     assert find_resume(out) == root / "step_1" and not (root / "step_2").exists()
     assert len(read_metrics(out / "metrics.jsonl")) == 2
+
+
+def test_work_of_rank_0_outlasts_the_collective_timeout_when_untimed():
+    """The universal conversion of a large checkpoint runs on rank 0 inside
+    Coordinator.on_main_untimed: the others wait past distributed.timeout_minutes for it."""
+    proc = run_deepspeed(2, ["tests/dist/untimed_check.py"], module=False, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    waited = [float(line.split(" after ")[1].split()[0]) for line in proc.stdout.splitlines()
+              if ": converted after " in line]
+    assert len(waited) == 2 and min(waited) > 7.5, proc.stdout[-3000:]
+
+
+def test_an_error_of_one_rank_alone_is_printed_by_it(assets, tmp_path):
+    """Rank 1 alone fails in its first step, outside any agreement of the ranks: it prints
+    its error naming its rank and host and exits at once (before, only rank 0 printed, so
+    the message was lost)."""
+    cfg = write_yaml(ppo_config(assets, tmp_path / "out"), tmp_path / "c.yaml")
+    proc = run_deepspeed(2, ["tests/dist/fault_inject.py", "ppo", "--config", str(cfg)],
+                         module=False, timeout=300, RAISE_ON_RANK="1")
+    text = proc.stdout + proc.stderr
+    message = (f"ds-rlhf ppo: error: rank 1 (host {socket.gethostname()}): prompt 3: cannot "
+               "be read on this rank")
+    assert text.count(message) == 1, text[-3000:]
+    assert "exits with return code = 2" in text and "Traceback" not in text

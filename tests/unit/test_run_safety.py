@@ -270,7 +270,7 @@ def test_on_main_turns_a_bug_of_rank_0_into_one_error_for_every_rank(coord, caps
     with pytest.raises(RanksFailedError) as e:
         coord.on_main(broken)
     assert e.value.code == 1 and e.value.every_rank
-    assert "rank 0 (" in str(e.value) and "KeyError: 'k'" in str(e.value)
+    assert "rank 0 (host " in str(e.value) and "KeyError: 'k'" in str(e.value)
     assert "Traceback" in capsys.readouterr().err  # rank 0 keeps the trace of a bug
     copy = pickle.loads(pickle.dumps(e.value))  # how it travels between ranks
     assert (str(copy), copy.code) == (str(e.value), 1)
