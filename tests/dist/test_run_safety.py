@@ -10,6 +10,7 @@ output_dir are damaged, locked, or resumed on 1 rank.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -315,4 +316,6 @@ def test_an_error_of_one_rank_alone_is_printed_by_it(assets, tmp_path):
     message = (f"ds-rlhf ppo: error: rank 1 (host {socket.gethostname()}): prompt 3: cannot "
                "be read on this rank")
     assert text.count(message) == 1, text[-3000:]
-    assert "exits with return code = 2" in text and "Traceback" not in text
+    assert proc.returncode != 0 and "Traceback" not in text, text[-3000:]
+    # rank 0 sees rank 1's connections close (exit 4), unless the launcher stops it first
+    assert re.search(r"exits with return code = [24]\b", text), text[-3000:]
