@@ -9,9 +9,15 @@
 Any `--section.key VALUE` (or `--section.key=VALUE`) overrides the YAML; values are parsed as
 YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank=N` from the deepspeed launcher is accepted.
 
-Exit codes: 0 finished, or stopped by a signal (see "preempted:"); 2 bad input (config, data,
-checkpoint, output_dir in use, no space for a checkpoint); 3 non-finite loss; 4 another rank
-stalled past distributed.timeout_minutes or died.
+Exit codes: 0 finished, or stopped by a signal (see "preempted:"); 1 a bug (a traceback); 2 bad
+input (config, data, environment variables, checkpoint, output_dir in use or not shared by
+every node, no space for a checkpoint); 3 non-finite loss; 4 another rank stalled past
+distributed.timeout_minutes or died.
+
+Errors on some ranks only: every rank runs the checks, and the ranks compare them before any
+engine is built; rank 0 prints each distinct message once, naming the ranks and hosts that
+had it, and every rank exits. Later, an error that one rank alone has is printed by that rank
+with its rank and host, and it exits at once (see `_after_error`).
 """
 
 from __future__ import annotations

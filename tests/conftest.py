@@ -87,6 +87,21 @@ def ppo_config(assets: dict, out: Path, **sections) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="module")
+def coord():
+    """A Coordinator over a real one-process gloo group (a module's tests share it): the
+    collectives of the trainer and checkpoint code run as in a run, without a launcher."""
+    import torch
+    import torch.distributed as dist
+
+    from ds_rlhf.coordinator import Coordinator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield Coordinator(torch.device("cpu"))
+    dist.destroy_process_group()
+
+
 def write_yaml(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -8,29 +8,18 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ds_rlhf.algo import FixedKLController
 from ds_rlhf.config import PPORunConfig
-from ds_rlhf.coordinator import Coordinator
 from ds_rlhf.rewards import reward_metrics
 from ds_rlhf.rollout import Rollout
 from ds_rlhf.tracking import Timer
 from ds_rlhf.trainers.ppo import PPOTrainer
-from tests.conftest import free_port
 
 NAN, INF = math.nan, math.inf
 # Two groups of 4 samples; the group [1, 1, NaN, 1], then one with an inf.
 SCORES = [1.0, 1.0, NAN, 1.0, 0.0, INF, 3.0, 6.0]
 LENGTHS = [3, 1, 2, 3, 2, 3, 1, 2]  # response tokens of each row (width 3)
-
-
-@pytest.fixture(scope="module")
-def coord():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    yield Coordinator(torch.device("cpu"))
-    dist.destroy_process_group()
 
 
 class RecordingActor:

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ds_rlhf import checkpoint, lock
 from ds_rlhf.checkpoint import CheckpointError, find_resume, verify, write_manifest
@@ -30,10 +29,9 @@ from ds_rlhf.config import (
     TrainEngineConfig,
     load_config,
 )
-from ds_rlhf.coordinator import Coordinator
 from ds_rlhf.engines.ds_config import deepspeed_config
 from ds_rlhf.errors import RanksFailedError, failure_report
-from tests.conftest import free_port, ppo_config, write_yaml
+from tests.conftest import ppo_config, write_yaml
 
 HOLD = ("import sys, time; from ds_rlhf import lock; lock.acquire(sys.argv[1]); "
         "print('held', flush=True); time.sleep(60)")
@@ -152,15 +150,6 @@ def test_universal_loading_is_asked_of_deepspeed_only_on_another_world_size():
     state = {"world_size": 2}
     assert not checkpoint.is_universal(None, 1) and not checkpoint.is_universal(state, 2)
     assert checkpoint.is_universal(state, 1)
-
-
-@pytest.fixture(scope="module")
-def coord():
-    """A real one-process gloo group: checkpoint.save and Coordinator.on_main as in a run."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    yield Coordinator(torch.device("cpu"))
-    dist.destroy_process_group()
 
 
 class FileEngine:
