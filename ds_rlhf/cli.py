@@ -140,8 +140,9 @@ def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
       meets the others, and every rank stops with the failing ranks' messages (exit 2);
     - an error every rank raised together (`every_rank`): rank 0 prints it, all leave;
     - a collective that gave up on another rank: exit 4 at once;
-    - any other error is this rank's alone: it prints it, naming its rank and host, and exits
-      at once (the others find its connections closed: exit 4 within seconds).
+    - any other error is this rank's alone: it prints it, naming its rank and host, tells the
+      others through the rendezvous store (coordinator.tell_peers: they stop with exit 4
+      within seconds) and exits at once.
     """
     import torch.distributed as dist
 
@@ -150,6 +151,7 @@ def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
         is_collective_failure,
         start_distributed,
         stop_distributed,
+        tell_peers,
     )
 
     if not dist.is_initialized() and peers:
@@ -170,12 +172,13 @@ def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
     if not peers:
         raise e  # one process, a bug: Python prints the traceback
     where = f"rank {os.environ.get('RANK', '0')} (host {socket.gethostname()})"
-    if isinstance(e, UserInputError):
-        print(f"ds-rlhf {command}: error: {where}: {e}", file=sys.stderr, flush=True)
-        exit_process(2)
-    print(f"ds-rlhf {command}: error: {where}: {type(e).__name__}: {e}", file=sys.stderr)
-    traceback.print_exc()
-    exit_process(1)
+    message = str(e) if isinstance(e, UserInputError) else f"{type(e).__name__}: {e}"
+    print(f"ds-rlhf {command}: error: {where}: {message}", file=sys.stderr, flush=True)
+    if not isinstance(e, UserInputError):
+        traceback.print_exc()
+    if dist.is_initialized():
+        tell_peers(f"{where} failed: {message}")
+    exit_process(2 if isinstance(e, UserInputError) else 1)
 
 
 def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:

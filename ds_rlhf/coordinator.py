@@ -12,6 +12,8 @@ import atexit
 import os
 import socket
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +49,9 @@ def setup_distributed_env() -> None:
 
 T = TypeVar("T")
 UNTIMED_HOURS = 24  # how long on_main_untimed waits for rank 0
+FAILED_KEY = "ds_rlhf/failed"  # in the rendezvous store: an error that one rank had alone
+WATCH_EVERY_S = 1.0  # how often every rank looks for it
+_TOLD = [False]  # this rank put its own error there (its watcher then leaves it alone)
 _PHASE = ["start"]  # what this rank is doing, named when a collective fails (see cli.py)
 
 
@@ -99,8 +104,39 @@ def start_distributed(timeout_minutes: float, failed: BaseException | None = Non
     else:
         _unlink_shm_buffer()
     coord = Coordinator(torch.device(accelerator.current_device_name()))
+    threading.Thread(target=_watch_peers, args=(dist.distributed_c10d._get_default_store(),
+                                                coord.rank), daemon=True).start()
     agree_on_start(coord, failed)
     return coord
+
+
+def tell_peers(message: str) -> None:
+    """Before this rank exits on an error of its own (cli.py), put `message` in the
+    rendezvous store, where every other rank's watcher finds it within WATCH_EVERY_S."""
+    _TOLD[0] = True
+    try:
+        dist.distributed_c10d._get_default_store().set(FAILED_KEY, message)
+    except Exception:  # noqa: BLE001 (no store left: the others notice the exit anyway)
+        pass
+
+
+def _watch_peers(store, rank: int) -> None:
+    """Every rank, in a daemon thread: once another rank failed alone (`tell_peers`), end
+    this one at once with exit code 4, rank 0 repeating the message. Gloo ranks would also
+    see the failed rank's connections close, but a rank blocked in an NCCL collective does
+    not notice a peer that is gone until distributed.timeout_minutes."""
+    while True:
+        time.sleep(WATCH_EVERY_S)
+        try:
+            if _TOLD[0] or not store.check([FAILED_KEY]):
+                continue
+            message = store.get(FAILED_KEY).decode(errors="replace")
+        except Exception:  # noqa: BLE001 (the store ended with the run: nothing to watch)
+            return
+        if rank == 0:
+            print(f"ds-rlhf: stopping every rank: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(4)
 
 
 def _describe(e: BaseException) -> str:

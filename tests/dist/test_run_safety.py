@@ -298,11 +298,24 @@ def test_a_failed_manifest_write_stops_every_rank_and_keeps_the_last_checkpoint(
 def test_work_of_rank_0_outlasts_the_collective_timeout_when_untimed():
     """The universal conversion of a large checkpoint runs on rank 0 inside
     Coordinator.on_main_untimed: the others wait past distributed.timeout_minutes for it."""
-    proc = run_deepspeed(2, ["tests/dist/untimed_check.py"], module=False, timeout=120)
+    proc = run_deepspeed(2, ["tests/dist/peer_checks.py", "untimed"], module=False,
+                         timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # (the two ranks' lines may interleave)
     waited = [float(s) for s in re.findall(r"rank [01]: converted after ([\d.]+) s", proc.stdout)]
     assert len(waited) == 2 and min(waited) > 7.5, proc.stdout[-3000:]
+
+
+def test_a_rank_that_failed_alone_stops_the_others_through_the_store():
+    """A rank blocked where it cannot notice a peer's exit (an NCCL collective; here a busy
+    rank 0) is stopped within seconds by its watcher once another rank said it failed."""
+    start = time.time()
+    proc = run_deepspeed(2, ["tests/dist/peer_checks.py", "told"], module=False, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert text.count("ds-rlhf: stopping every rank: rank 1 (host h1) failed: the grader "
+                      "crashed") == 1, text[-3000:]
+    assert "exits with return code = 4" in text and "not stopped" not in text, text[-3000:]
+    assert time.time() - start < 55
 
 
 def test_an_error_of_one_rank_alone_is_printed_by_it(assets, tmp_path):

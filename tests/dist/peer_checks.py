@@ -1,0 +1,33 @@
+"""How the ranks wait for and warn each other, without a trainer. One mode per launch:
+
+    untimed   with a 3 s distributed timeout, rank 0 works for 8 s inside
+              Coordinator.on_main_untimed while rank 1 waits for it, and both go on
+    told      rank 1 fails alone and tells the others (coordinator.tell_peers); rank 0, busy
+              for 60 s outside any collective, is stopped by its watcher within seconds
+
+Run by tests/dist/test_run_safety.py under `deepspeed --num_gpus 2`; prints one line per rank.
+"""
+
+import sys
+import time
+
+from ds_rlhf.coordinator import exit_process, setup_distributed_env, start_distributed, tell_peers
+
+mode = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
+setup_distributed_env()
+coord = start_distributed(timeout_minutes=0.05 if mode == "untimed" else 30)
+start = time.time()
+if mode == "untimed":
+    def slow() -> str:
+        time.sleep(8)
+        return "converted"
+
+    result = coord.on_main_untimed(slow)
+    coord.barrier()  # the ordinary group still works afterwards
+    print(f"rank {coord.rank}: {result} after {time.time() - start:.1f} s", flush=True)
+else:
+    if coord.rank == 1:
+        tell_peers("rank 1 (host h1) failed: the grader crashed")
+    time.sleep(60)  # rank 1 as if exiting slowly, rank 0 busy: only the watcher ends rank 0
+    print(f"rank {coord.rank}: not stopped after {time.time() - start:.1f} s", flush=True)
+exit_process(0)
