@@ -17,7 +17,8 @@ distributed.timeout_minutes or died.
 Errors on some ranks only: every rank runs the checks, and the ranks compare them before any
 engine is built; rank 0 prints each distinct message once, naming the ranks and hosts that
 had it, and every rank exits. Later, an error that one rank alone has is printed by that rank
-with its rank and host, and it exits at once (see `_after_error`).
+with its rank and host, and it exits at once; the others stop within seconds (exit 4, see
+`_after_error`).
 """
 
 from __future__ import annotations
