@@ -117,7 +117,9 @@ def tell_peers(message: str) -> None:
     try:
         dist.distributed_c10d._get_default_store().set(FAILED_KEY, message)
     except Exception:  # noqa: BLE001 (no store left: the others notice the exit anyway)
-        pass
+        return
+    if dist.get_rank() == 0:  # it hosts the store (deepspeed launcher, srun): the others
+        time.sleep(2.5 * WATCH_EVERY_S)  # must have read the message before it goes
 
 
 def _watch_peers(store, rank: int) -> None:

@@ -2,8 +2,10 @@
 
     untimed   with a 3 s distributed timeout, rank 0 works for 8 s inside
               Coordinator.on_main_untimed while rank 1 waits for it, and both go on
-    told      rank 1 fails alone and tells the others (coordinator.tell_peers); rank 0, busy
-              for 60 s outside any collective, is stopped by its watcher within seconds
+    told0, told1  rank 0 (1) fails alone, tells the others (coordinator.tell_peers) and exits;
+              the other rank, busy for 150 s outside any collective, is stopped by its
+              watcher within seconds. Rank 0 hosts the rendezvous store: it must stay until
+              the others have read the message.
 
 Run by tests/dist/test_run_safety.py under `deepspeed --num_gpus 2`; prints one line per rank.
 """
@@ -25,9 +27,9 @@ if mode == "untimed":
     result = coord.on_main_untimed(slow)
     coord.barrier()  # the ordinary group still works afterwards
     print(f"rank {coord.rank}: {result} after {time.time() - start:.1f} s", flush=True)
-else:
-    if coord.rank == 1:
-        tell_peers("rank 1 (host h1) failed: the grader crashed")
-    time.sleep(60)  # rank 1 as if exiting slowly, rank 0 busy: only the watcher ends rank 0
+elif coord.rank == int(mode[-1]):
+    tell_peers(f"rank {coord.rank} (host h{coord.rank}) failed: the grader crashed")
+else:  # busy: only its watcher can end it (exit code 0 from the teller: the launcher waits)
+    time.sleep(150)
     print(f"rank {coord.rank}: not stopped after {time.time() - start:.1f} s", flush=True)
 exit_process(0)
