@@ -271,7 +271,7 @@ def test_a_variable_missing_on_one_rank_stops_every_rank_with_its_name(assets, t
     assert text.count(message) == 1, text[-3000:]
     assert "exits with return code = 2" in text and "Traceback" not in text
     assert "deepspeed.initialize" not in text  # no engine was built
-    assert time.time() - start < 120
+    assert time.time() - start < 200  # seconds of work, not distributed.timeout_minutes
 
 
 def test_a_failed_manifest_write_stops_every_rank_and_keeps_the_last_checkpoint(
