@@ -41,6 +41,10 @@ from torch import nn
 
 from ds_rlhf.engines.export import Lora, is_lora_layer, plain_parameters
 
+# torch's own F.linear (a builtin). DeepSpeed's ZeRO-3 may replace torch.nn.functional.linear
+# process-wide with its memory-efficient linear; `linear_for` picks one per pass.
+TORCH_LINEAR = torch._C._nn.linear
+
 GATHER_BUCKET = 2**26  # elements of full parameters per all-gather (128 MiB in bf16)
 GATHER_DIRECT = 2**20  # a parameter this large is gathered alone, straight into place
 
@@ -155,6 +159,39 @@ def _gather_bucket(pairs: list[tuple[nn.Parameter, torch.Tensor]], device: torch
         n = source.ds_tensor.numel()
         dest[:source.ds_numel].copy_(gathered[:, offset:offset + n].reshape(-1)[:source.ds_numel])
         offset += n
+
+
+def _zero3_linear(engine) -> bool:
+    """Whether `engine` wants DeepSpeed's ZeRO-3 linear in its training passes."""
+    if engine.zero_optimization_stage() != 3:
+        return False
+    return engine._config.zero_config.memory_efficient_linear
+
+
+@contextmanager
+def linear_for(engine, grad: bool) -> Iterator[None]:
+    """torch.nn.functional.linear inside: DeepSpeed's ZeRO-3 memory-efficient linear for a
+    training pass (`grad`) of a ZeRO-3 engine whose config asks for it
+    (zero_optimization.memory_efficient_linear, DeepSpeed's default), torch's plain linear
+    for every other pass (no-grad scoring, generation, ZeRO 0-2 training).
+
+    DeepSpeed installs its linear for the whole process as soon as one ZeRO-3 engine is
+    built, so every later linear, of any engine or of the generation copy, went through an
+    autograd Function: a third more time per decode step on small models. Its backward
+    re-gathers a weight that ZeRO-3 released, which only a training pass needs. The two give
+    the same values (the forward is the same matmul and bias add).
+    """
+    linear = TORCH_LINEAR
+    if grad and _zero3_linear(engine):
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        linear = zero3_linear_wrap
+    previous = torch.nn.functional.linear
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = previous
 
 
 @contextmanager
@@ -276,16 +313,19 @@ class HybridEngine:
         module = self.engine.module
         module.eval()
         try:
-            if self.zero3 and not self.gather_weights:
-                with keep_prefetch_trace(self.engine):
-                    self.switch_seconds = time.perf_counter() - start
-                    yield GenerationModel(module, self._synced)
-                    start = time.perf_counter()
-            else:
-                with self.full_model() as model:
-                    self.switch_seconds = time.perf_counter() - start
-                    yield GenerationModel(model, None, self._decode(model))
-                    start = time.perf_counter()
+            with linear_for(self.engine, grad=False), self._generation_model() as gen:
+                self.switch_seconds = time.perf_counter() - start
+                yield gen
+                start = time.perf_counter()
         finally:
             module.train()
             self.switch_seconds += time.perf_counter() - start
+
+    @contextmanager
+    def _generation_model(self) -> Iterator[GenerationModel]:
+        if self.zero3 and not self.gather_weights:
+            with keep_prefetch_trace(self.engine):
+                yield GenerationModel(self.engine.module, self._synced)
+        else:
+            with self.full_model() as model:
+                yield GenerationModel(model, None, self._decode(model))
