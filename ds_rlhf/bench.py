@@ -14,7 +14,8 @@ in turn, so their ratios hold on a loaded machine): the engines built (ZeRO stag
 size of each role), median / min / max seconds per step and each step's, samples/s, generated
 and training tokens/s, the median time split of a step (switch into generation mode,
 generate, actor / reference logprobs, critic values, reward, advantages, actor / critic
-train), and on GPU the training phase's TFLOP/s and MFU (6 x parameters x tokens); then peak
+train; actor logprobs 0 under the on-policy shortcut, `on_policy_shortcut` says whether it was
+taken), and on GPU the training phase's TFLOP/s and MFU (6 x parameters x tokens); then peak
 memory per rank (all variants together). Models: a preset, or HF config JSON files
 (`--config`, `--critic-config`). The tokenizer is a word-level one with exactly the actor's
 vocabulary (every sampled id decodes); a critic or reward model with another vocabulary is
@@ -290,6 +291,9 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
         "generated_tokens_per_s": round(samples * response / t["generate"], 1),
         "train_tokens_per_s": round(samples * seq * cfg.ppo.ppo_epochs
                                     / (t["actor_train"] + t["critic_train"]), 1),
+        # The old logprobs came from the training forward (ppo.on_policy_shortcut): then
+        # actor_logprobs is 0 and the actor's training forward stands in for it.
+        "on_policy_shortcut": cfg.ppo.takes_on_policy_shortcut,
         "time_split_s": {k: round(v, 4) for k, v in t.items()},
         "time_split_sum_over_step": round(sum(t.values()) / median, 4),
         "switch_over_generate": round(t["switch"] / t["generate"], 3),

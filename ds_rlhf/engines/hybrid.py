@@ -13,9 +13,11 @@ The copy is built once (its module skeleton, buffers and rotary tables) and kept
 parameters are views into one flat buffer per entry into generation mode: entering allocates
 it (or reuses it, `reuse_copy`) and fills it from the ZeRO-3 partitions: a parameter of
 `GATHER_DIRECT` elements or more with one all-gather straight into its place, smaller ones
-together in all-gathers of up to `GATHER_BUCKET` elements, copied out; then LoRA adapters are
-merged in place. Leaving drops the buffer (no garbage collection, no cache flush), so between
-steps the copy holds no weights. Memory held during training:
+together in all-gathers of up to `GATHER_BUCKET` elements, copied out, and the ones ZeRO-3
+keeps whole on every rank (under stage3_param_persistence_threshold) copied without a
+collective; then LoRA adapters are merged in place. Leaving drops the buffer (no garbage
+collection, no cache flush), so between steps the copy holds no weights. Memory held
+during training:
   - ZeRO 0-2 without LoRA: nothing (no copy);
   - ZeRO-3 or LoRA: the skeleton only (buffers: rotary tables, a few KB to MB);
   - with `reuse_copy`: also the flat buffer, a whole model in the actor's dtype.
@@ -70,6 +72,11 @@ class _Slot:
 
 def _is_partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_tensor")
+
+
+def _is_persistent(p: nn.Parameter) -> bool:
+    """A ZeRO-3 parameter held whole on every rank, and whole now."""
+    return getattr(p, "ds_persist", False) and p.numel() == p.ds_numel
 
 
 def _full_shape(p: nn.Parameter) -> torch.Size:
@@ -260,11 +267,14 @@ class HybridEngine:
             for p in slot.lora[:2] if slot.lora else ():
                 adapters[id(p)] = torch.empty(_full_shape(p), dtype=p.dtype, device=device)
                 pairs.append((p, adapters[id(p)].view(-1)))
-        _gather_into([(s, d) for s, d in pairs if _is_partitioned(s)], device)
+        # ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole on every
+        # rank (re-gathered after each optimizer step): copied, like ZeRO 0-2 weights.
+        whole = [(s, d) for s, d in pairs if not _is_partitioned(s) or _is_persistent(s)]
+        _gather_into([(s, d) for s, d in pairs if _is_partitioned(s) and not _is_persistent(s)],
+                     device)
         with torch.no_grad():
-            for source, dest in pairs:
-                if not _is_partitioned(source):
-                    dest.copy_(source.data.reshape(-1))
+            for source, dest in whole:
+                dest[:source.numel()].copy_(source.data.reshape(-1))
             for slot in slots:
                 if slot.lora:  # W = W_base + scaling * B @ A (Hu et al. 2021, eq. 3)
                     a, b = slot.lora.a, slot.lora.b

@@ -48,9 +48,22 @@ def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, wor
         if engine_cfg.gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
                 "use_reentrant": False})  # the reentrant variant drops grads of ZeRO-3 params
+    if engine_cfg.zero_stage == 3:
+        set_leaf_layers(model)
     params = [p for p in model.parameters() if p.requires_grad] if trainable else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     return engine
+
+
+def set_leaf_layers(model: nn.Module) -> None:
+    """Make each decoder layer a ZeRO-3 leaf: its weights are fetched together when the layer
+    starts and ZeRO-3 hooks stop there, instead of at each of its linears and norms (a
+    Python hook pair per sub-module and pass, and a longer trace to follow). The layer
+    classes are the ones HF keeps on one device (`_no_split_modules`)."""
+    hf_model = getattr(model, "hf_model", model)  # ScalarHeadModel wraps an HF model
+    classes = getattr(hf_model, "_no_split_modules", None) or []
+    if classes:
+        deepspeed.utils.set_z3_leaf_modules(model, list(classes), raise_if_not_found=False)
 
 
 def add_lora(hf_model: nn.Module, rank: int, alpha: float) -> None:

@@ -344,10 +344,10 @@ class PPOTrainer:
                 for name, role in trained.items():
                     with timer(f"{name}_train"):
                         stats = role.train_step(minibatch, scale)
-                if rollout.old_logprobs is None:  # the on-policy shortcut: one minibatch,
-                    rollout.old_logprobs = minibatch.old_logprobs  # this rank's rows in order
                     for key, value in stats.items():
                         totals[f"{name}/{key}"] = totals.get(f"{name}/{key}", 0.0) + value
+                if rollout.old_logprobs is None:  # the on-policy shortcut: one minibatch,
+                    rollout.old_logprobs = minibatch.old_logprobs  # this rank's rows in order
                 totals["tokens"] = totals.get("tokens", 0.0) + float(minibatch.loss_mask.sum())
         if rollout.old_logprobs is None:  # no pass ran: every row dropped, nothing to measure
             rollout.old_logprobs = torch.zeros(rollout.loss_mask.shape)
