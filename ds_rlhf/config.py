@@ -234,9 +234,9 @@ class PPOConfig:
     def takes_on_policy_shortcut(self) -> bool:
         """The old logprobs come from the training forward: on_policy_shortcut is on, the
         rollout feeds exactly one optimizer step (ppo_epochs x num_minibatches == 1), so that
-        forward runs on the weights that sampled, on the same rows in the same micro-batches
-        as a separate scoring forward would (the ratio is exactly 1 in both), and no KL
-        penalty is in the reward (kl_coef 0), the one use of them before training."""
+        forward runs on the weights that sampled, on the rows and micro-batches a separate
+        scoring forward would see (the ratio is 1), and no KL penalty is in the reward
+        (kl_coef 0), the one use of them before training."""
         return (self.on_policy_shortcut and self.ppo_epochs * self.num_minibatches == 1
                 and self.kl_coef == 0)
 
