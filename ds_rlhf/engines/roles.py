@@ -48,7 +48,9 @@ def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, wor
         if engine_cfg.gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
                 "use_reentrant": False})  # the reentrant variant drops grads of ZeRO-3 params
-    if engine_cfg.zero_stage == 3:
+    # Not with LoRA: peft's adapter layers inside a ZeRO-3 leaf lose their weights before
+    # the backward (a 0-size weight there; tests/dist/test_lora.py).
+    if engine_cfg.zero_stage == 3 and not getattr(engine_cfg, "lora_rank", 0):
         set_leaf_layers(model)
     params = [p for p in model.parameters() if p.requires_grad] if trainable else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
