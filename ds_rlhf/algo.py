@@ -450,6 +450,13 @@ class FixedKLController:
         resumed run may change kl_coef."""
 
 
+def _scaled_row(row: Tensor, temperature: float) -> Tensor:
+    """row / temperature in float32; at temperature 1 the row itself when it is float32 (a
+    division by 1 is exact: no [T, V] copy)."""
+    row = row.float()
+    return row if temperature == 1.0 else row / temperature
+
+
 class _LogprobsFromLogits(torch.autograd.Function):
     """log softmax(logits / T) gathered at labels, one batch row at a time, forward and
     backward, so neither pass holds more than one row of float32 [.., V] activations.
@@ -462,7 +469,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
         logprobs = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(logprobs)
         for i in range(logits.shape[0]):
-            row = logits[i].float() / temperature  # out of place: never touches logits
+            row = _scaled_row(logits[i], temperature)  # never written to
             lse[i] = row.logsumexp(-1)
             logprobs[i] = row.gather(-1, labels[i].unsqueeze(-1)).squeeze(-1) - lse[i]
         ctx.save_for_backward(logits, labels, lse)
@@ -477,7 +484,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for i in range(logits.shape[0]):
             # d logprob / d logit_v = (1[v == label] - softmax_v) / T
-            probs = (logits[i].float() / temperature - lse[i].unsqueeze(-1)).exp_()
+            probs = (_scaled_row(logits[i], temperature) - lse[i].unsqueeze(-1)).exp_()
             g = grad_logprobs[i].float().unsqueeze(-1) / temperature
             row_grad = probs.mul_(-g).scatter_add_(-1, labels[i].unsqueeze(-1), g)
             grad_logits[i] = row_grad  # cast back to the logits dtype

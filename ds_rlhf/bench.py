@@ -11,10 +11,12 @@
 `ppo`: a PPO workload on random weights, a few warm-up steps then measured steps; prints, per
 variant (each `--zero-stage` x `--micro-batch-tokens`, all built in one process and stepped
 in turn, so their ratios hold on a loaded machine): the engines built (ZeRO stage, dtype,
-size of each role), median / min / max seconds per step and each step's, samples/s, generated
+size of each role), median / min / max seconds per step and each step's, rank 0's CPU
+seconds per step (`cpu_step_s`, steadier on a shared machine), samples/s, generated
 and training tokens/s, the median time split of a step (switch into generation mode,
 generate, actor / reference logprobs, critic values, reward, advantages, actor / critic
-train), and on GPU the training phase's TFLOP/s and MFU (6 x parameters x tokens); then peak
+train; actor logprobs 0 under the on-policy shortcut, `on_policy_shortcut` says whether it was
+taken), and on GPU the training phase's TFLOP/s and MFU (6 x parameters x tokens); then peak
 memory per rank (all variants together). Models: a preset, or HF config JSON files
 (`--config`, `--critic-config`). The tokenizer is a word-level one with exactly the actor's
 vocabulary (every sampled id decodes); a critic or reward model with another vocabulary is
@@ -285,11 +287,17 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
     result = {
         "engines": _engines(trainer),
         "step_s": _stats(step_s), "steps_s": [round(x, 4) for x in step_s],
+        # CPU seconds of rank 0's process per step (its threads included; waits in gloo
+        # collectives are not): on a shared machine, steadier than wall-clock seconds.
+        "cpu_step_s": _stats([m["cpu/step"] for m in steps]),
         "samples_per_s": round(samples / median, 3),
         "response_length_mean": round(response, 2),
         "generated_tokens_per_s": round(samples * response / t["generate"], 1),
         "train_tokens_per_s": round(samples * seq * cfg.ppo.ppo_epochs
                                     / (t["actor_train"] + t["critic_train"]), 1),
+        # The old logprobs came from the training forward (ppo.on_policy_shortcut): then
+        # actor_logprobs is 0 and the actor's training forward stands in for it.
+        "on_policy_shortcut": cfg.ppo.takes_on_policy_shortcut,
         "time_split_s": {k: round(v, 4) for k, v in t.items()},
         "time_split_sum_over_step": round(sum(t.values()) / median, 4),
         "switch_over_generate": round(t["switch"] / t["generate"], 3),
@@ -352,7 +360,9 @@ def bench_ppo(args) -> dict:
     measured: list[list[dict]] = [[] for _ in variants]
     for step in range(1, args.warmup + args.steps + 1):
         for trainer, steps in zip(trainers, measured, strict=True):
+            cpu = time.process_time()
             metrics = trainer.ppo_step(step)
+            metrics["cpu/step"] = time.process_time() - cpu
             if step > args.warmup:
                 steps.append(metrics)
     coord = trainers[0].coord

@@ -216,6 +216,9 @@ class PPOConfig:
     # rollout/mismatch_kl are logged either way
     rollout_is_cap: float = 2.0  # the TIS cap C of that weight (rollout_correction: tis;
     # rollout/is_capped_frac is the share of tokens it cut)
+    on_policy_shortcut: bool = True  # when a rollout feeds one optimizer step and nothing
+    # reads the old logprobs before it (takes_on_policy_shortcut), take them, detached, from
+    # the training forward instead of a separate forward (the same step; TRL does this too)
 
     @property
     def uses_critic(self) -> bool:
@@ -226,6 +229,16 @@ class PPOConfig:
     def uses_reference(self) -> bool:
         """A reference engine is built only for a KL term: in the reward or in the loss."""
         return self.kl_coef > 0 or self.kl_loss_coef > 0
+
+    @property
+    def takes_on_policy_shortcut(self) -> bool:
+        """The old logprobs come from the training forward: on_policy_shortcut is on, the
+        rollout feeds exactly one optimizer step (ppo_epochs x num_minibatches == 1), so that
+        forward runs on the weights that sampled, on the rows and micro-batches a separate
+        scoring forward would see (the ratio is 1), and no KL penalty is in the reward
+        (kl_coef 0), the one use of them before training."""
+        return (self.on_policy_shortcut and self.ppo_epochs * self.num_minibatches == 1
+                and self.kl_coef == 0)
 
     @property
     def uses_groups(self) -> bool:

@@ -22,6 +22,7 @@ import inspect
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import transformers
 from torch import Tensor
 
 __all__ = ["generate", "pad_responses", "prompt_uniforms", "sample_tokens",
@@ -80,6 +81,11 @@ def sample_tokens(
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
     if greedy:
         return logits.argmax(dim=-1)
+    _check_sampling(temperature, top_k, top_p)
+    return _draw(_scaled(logits, temperature), u, top_k, top_p)
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0.0 < top_p <= 1.0:
@@ -87,7 +93,15 @@ def sample_tokens(
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
 
-    scaled = logits.float() / float(temperature)
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature in float32 (a division by 1 is exact: skipped)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / float(temperature)
+
+
+def _draw(scaled: Tensor, u: Tensor, top_k: int, top_p: float) -> Tensor:
+    """sample_tokens' draw from the scaled logits (checked there)."""
     vocab = scaled.shape[-1]
     # Order the candidates most likely first. A full sort of the vocabulary is the costliest
     # op of a decode step on small models, so only top-p pays for it; top-k sorts k entries.
@@ -109,7 +123,7 @@ def sample_tokens(
     target = u.to(device=cdf.device, dtype=cdf.dtype).reshape(-1, 1) * total
     pos = torch.searchsorted(cdf, target, right=True)
     # u * total can round up to total; step back to the last token with non-zero mass.
-    last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
+    last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)
     pos = torch.minimum(pos, last)
     return pos.squeeze(-1) if cand_idx is None else cand_idx.gather(-1, pos).squeeze(-1)
 
@@ -216,6 +230,7 @@ def generate(
 
     uniforms = None
     if not greedy:
+        _check_sampling(temperature, top_k, top_p)
         if position_offset is None:
             uniforms = prompt_uniforms(seed, index, step, max_new_tokens, sample_index)
         else:
@@ -226,19 +241,24 @@ def generate(
         uniforms = uniforms.to(device)
     eos = _eos_tensor(eos_token_id, device)
 
-    # Prompt forward: explicit positions so left padding does not shift them.
+    # Prompt forward: explicit positions so left padding does not shift them. The mask of
+    # all positions is built once; each step opens the next column (a response token is
+    # never masked: rows that are done feed pads, whose outputs are discarded).
+    total = prompt_len + max_new_tokens
+    full_mask = torch.nn.functional.pad(prompt_mask, (0, max_new_tokens), value=1)
     attention_mask = prompt_mask
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     if static_cache:
-        import transformers
-
-        total = prompt_len + max_new_tokens
         kwargs["past_key_values"] = transformers.StaticCache(config=model.config,
                                                              max_cache_len=total)
         kwargs["cache_position"] = torch.arange(prompt_len, device=device)
         # The mask covers the whole cache from the start; columns open as tokens arrive.
         attention_mask = torch.nn.functional.pad(prompt_mask, (0, max_new_tokens))
+    else:
+        cache = _in_place_cache(model, total)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
     out = model(
         input_ids=prompt_ids,
         attention_mask=attention_mask,
@@ -256,14 +276,17 @@ def generate(
     logprobs: list[Tensor] = []
     for t in range(max_new_tokens):
         logits = out.logits[:, -1, :]
-        u = None if uniforms is None else uniforms[:, t]
-        token = sample_tokens(logits, u, temperature, top_k, top_p, greedy=greedy)
+        # logits / temperature once for the draw and the logprob (sample_tokens and
+        # sampled_logprobs, the same ops)
+        scaled = None if greedy and not return_logprobs else _scaled(logits, temperature)
+        token = logits.argmax(dim=-1) if greedy else \
+            _draw(scaled, uniforms[:, t], top_k, top_p)
         live = ~done
         token = torch.where(live, token, pad)
         tokens.append(token)
         masks.append(live.long())
         if return_logprobs:
-            logprobs.append(torch.where(live, sampled_logprobs(logits, token, temperature), 0.0))
+            logprobs.append(torch.where(live, _logprob_of(scaled, token), 0.0))
         if eos.numel():
             done = done | (live & torch.isin(token, eos))
 
@@ -278,8 +301,7 @@ def generate(
             attention_mask[:, prompt_len + t] = 1
             kwargs["cache_position"] = torch.tensor([prompt_len + t], device=device)
         else:
-            attention_mask = torch.cat(
-                [attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+            attention_mask = full_mask[:, :prompt_len + t + 1]
             kwargs["past_key_values"] = out.past_key_values
         out = decode(
             input_ids=token.unsqueeze(-1),
@@ -301,8 +323,61 @@ def sampled_logprobs(logits: Tensor, token: Tensor, temperature: float) -> Tenso
     not the top-k / top-p renormalised one that drew the token, so the two compare directly
     (the sampler/trainer mismatch); in greedy mode too.
     """
-    scaled = logits.float() / float(temperature)
+    return _logprob_of(_scaled(logits, temperature), token)
+
+
+def _logprob_of(scaled: Tensor, token: Tensor) -> Tensor:
     return scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+
+
+class _InPlaceLayer(transformers.DynamicLayer):
+    """A full-attention KV cache layer written in place: one buffer per generate call for
+    all prompt + new positions, each step writing its keys and values at the next position,
+    where transformers' DynamicLayer concatenates the whole cache for every token (a fifth
+    of a decode step on small models). Attention reads a view of the filled positions."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity  # positions the buffers hold
+        self.length = 0  # positions filled
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self._keys = key_states.new_empty(b, h, self.capacity, d)
+        self._values = value_states.new_empty(b, value_states.shape[1], self.capacity,
+                                              value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, self.length = self.length, self.length + key_states.shape[-2]
+        if self.length > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions got {self.length}")
+        self._keys[:, :, start:self.length] = key_states
+        self._values[:, :, start:self.length] = value_states
+        self.keys = self._keys[:, :, :self.length]
+        self.values = self._values[:, :, :self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def _in_place_cache(model: torch.nn.Module, capacity: int):
+    """A KV cache of _InPlaceLayer for models whose every layer is plain full attention
+    (what transformers would give them: DynamicLayer); None (the model's own cache) for
+    the others (sliding windows, linear attention...)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    cache = transformers.DynamicCache(config=config)  # what the model would build itself
+    if not cache.layers or any(type(layer) is not transformers.DynamicLayer
+                               for layer in cache.layers):
+        return None
+    cache.layers = [_InPlaceLayer(capacity) for _ in cache.layers]
+    return cache
 
 
 def pad_responses(

@@ -13,9 +13,11 @@ The copy is built once (its module skeleton, buffers and rotary tables) and kept
 parameters are views into one flat buffer per entry into generation mode: entering allocates
 it (or reuses it, `reuse_copy`) and fills it from the ZeRO-3 partitions: a parameter of
 `GATHER_DIRECT` elements or more with one all-gather straight into its place, smaller ones
-together in all-gathers of up to `GATHER_BUCKET` elements, copied out; then LoRA adapters are
-merged in place. Leaving drops the buffer (no garbage collection, no cache flush), so between
-steps the copy holds no weights. Memory held during training:
+together in all-gathers of up to `GATHER_BUCKET` elements, copied out, and the ones ZeRO-3
+keeps whole on every rank (under stage3_param_persistence_threshold) copied without a
+collective; then LoRA adapters are merged in place. Leaving drops the buffer (no garbage
+collection, no cache flush), so between steps the copy holds no weights. Memory held
+during training:
   - ZeRO 0-2 without LoRA: nothing (no copy);
   - ZeRO-3 or LoRA: the skeleton only (buffers: rotary tables, a few KB to MB);
   - with `reuse_copy`: also the flat buffer, a whole model in the actor's dtype.
@@ -40,6 +42,10 @@ import transformers
 from torch import nn
 
 from ds_rlhf.engines.export import Lora, is_lora_layer, plain_parameters
+
+# torch's own F.linear (a builtin). DeepSpeed's ZeRO-3 may replace torch.nn.functional.linear
+# process-wide with its memory-efficient linear; `linear_for` picks one per pass.
+TORCH_LINEAR = torch._C._nn.linear
 
 GATHER_BUCKET = 2**26  # elements of full parameters per all-gather (128 MiB in bf16)
 GATHER_DIRECT = 2**20  # a parameter this large is gathered alone, straight into place
@@ -66,6 +72,11 @@ class _Slot:
 
 def _is_partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_tensor")
+
+
+def _is_persistent(p: nn.Parameter) -> bool:
+    """A ZeRO-3 parameter held whole on every rank, and whole now."""
+    return getattr(p, "ds_persist", False) and p.numel() == p.ds_numel
 
 
 def _full_shape(p: nn.Parameter) -> torch.Size:
@@ -157,6 +168,39 @@ def _gather_bucket(pairs: list[tuple[nn.Parameter, torch.Tensor]], device: torch
         offset += n
 
 
+def _zero3_linear(engine) -> bool:
+    """Whether `engine` wants DeepSpeed's ZeRO-3 linear in its training passes."""
+    if engine.zero_optimization_stage() != 3:
+        return False
+    return engine._config.zero_config.memory_efficient_linear
+
+
+@contextmanager
+def linear_for(engine, grad: bool) -> Iterator[None]:
+    """torch.nn.functional.linear inside: DeepSpeed's ZeRO-3 memory-efficient linear for a
+    training pass (`grad`) of a ZeRO-3 engine whose config asks for it
+    (zero_optimization.memory_efficient_linear, DeepSpeed's default), torch's plain linear
+    for every other pass (no-grad scoring, generation, ZeRO 0-2 training).
+
+    DeepSpeed installs its linear for the whole process as soon as one ZeRO-3 engine is
+    built, so every later linear, of any engine or of the generation copy, went through an
+    autograd Function: a third more time per decode step on small models. Its backward
+    re-gathers a weight that ZeRO-3 released, which only a training pass needs. The two give
+    the same values (the forward is the same matmul and bias add).
+    """
+    linear = TORCH_LINEAR
+    if grad and _zero3_linear(engine):
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        linear = zero3_linear_wrap
+    previous = torch.nn.functional.linear
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = previous
+
+
 @contextmanager
 def keep_prefetch_trace(engine) -> Iterator[None]:
     """No-grad forwards (scoring, generation through the module) of a trained ZeRO-3 engine
@@ -223,11 +267,14 @@ class HybridEngine:
             for p in slot.lora[:2] if slot.lora else ():
                 adapters[id(p)] = torch.empty(_full_shape(p), dtype=p.dtype, device=device)
                 pairs.append((p, adapters[id(p)].view(-1)))
-        _gather_into([(s, d) for s, d in pairs if _is_partitioned(s)], device)
+        # ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole on every
+        # rank (re-gathered after each optimizer step): copied, like ZeRO 0-2 weights.
+        whole = [(s, d) for s, d in pairs if not _is_partitioned(s) or _is_persistent(s)]
+        _gather_into([(s, d) for s, d in pairs if _is_partitioned(s) and not _is_persistent(s)],
+                     device)
         with torch.no_grad():
-            for source, dest in pairs:
-                if not _is_partitioned(source):
-                    dest.copy_(source.data.reshape(-1))
+            for source, dest in whole:
+                dest[:source.numel()].copy_(source.data.reshape(-1))
             for slot in slots:
                 if slot.lora:  # W = W_base + scaling * B @ A (Hu et al. 2021, eq. 3)
                     a, b = slot.lora.a, slot.lora.b
@@ -276,16 +323,19 @@ class HybridEngine:
         module = self.engine.module
         module.eval()
         try:
-            if self.zero3 and not self.gather_weights:
-                with keep_prefetch_trace(self.engine):
-                    self.switch_seconds = time.perf_counter() - start
-                    yield GenerationModel(module, self._synced)
-                    start = time.perf_counter()
-            else:
-                with self.full_model() as model:
-                    self.switch_seconds = time.perf_counter() - start
-                    yield GenerationModel(model, None, self._decode(model))
-                    start = time.perf_counter()
+            with linear_for(self.engine, grad=False), self._generation_model() as gen:
+                self.switch_seconds = time.perf_counter() - start
+                yield gen
+                start = time.perf_counter()
         finally:
             module.train()
             self.switch_seconds += time.perf_counter() - start
+
+    @contextmanager
+    def _generation_model(self) -> Iterator[GenerationModel]:
+        if self.zero3 and not self.gather_weights:
+            with keep_prefetch_trace(self.engine):
+                yield GenerationModel(self.engine.module, self._synced)
+        else:
+            with self.full_model() as model:
+                yield GenerationModel(model, None, self._decode(model))

@@ -23,7 +23,7 @@ from ds_rlhf import algo, generation
 from ds_rlhf.config import EngineConfig, GenerationConfig, PPOConfig, TrainEngineConfig
 from ds_rlhf.engines.ds_config import deepspeed_config
 from ds_rlhf.engines.export import export_hf
-from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine, keep_prefetch_trace
+from ds_rlhf.engines.hybrid import GenerationModel, HybridEngine, keep_prefetch_trace, linear_for
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout, pack_by_tokens, split_to_count
@@ -48,9 +48,24 @@ def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, wor
         if engine_cfg.gradient_checkpointing:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
                 "use_reentrant": False})  # the reentrant variant drops grads of ZeRO-3 params
+    # Not with LoRA: peft's adapter layers inside a ZeRO-3 leaf lose their weights before
+    # the backward (a 0-size weight there; tests/dist/test_lora.py).
+    if engine_cfg.zero_stage == 3 and not getattr(engine_cfg, "lora_rank", 0):
+        set_leaf_layers(model)
     params = [p for p in model.parameters() if p.requires_grad] if trainable else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     return engine
+
+
+def set_leaf_layers(model: nn.Module) -> None:
+    """Make each decoder layer a ZeRO-3 leaf: its weights are fetched together when the layer
+    starts and ZeRO-3 hooks stop there, instead of at each of its linears and norms (a
+    Python hook pair per sub-module and pass, and a longer trace to follow). The layer
+    classes are the ones HF keeps on one device (`_no_split_modules`)."""
+    hf_model = getattr(model, "hf_model", model)  # ScalarHeadModel wraps an HF model
+    classes = getattr(hf_model, "_no_split_modules", None) or []
+    if classes:
+        deepspeed.utils.set_z3_leaf_modules(model, list(classes), raise_if_not_found=False)
 
 
 def add_lora(hf_model: nn.Module, rank: int, alpha: float) -> None:
@@ -162,7 +177,7 @@ class LossScale:
 def _forward_all(engine, rollout: Rollout, batcher: MicroBatcher, fn: Callable) -> torch.Tensor:
     """fn over the micro-batches, each output row put back at its row of `rollout`."""
     out = None
-    with keep_prefetch_trace(engine):
+    with keep_prefetch_trace(engine), linear_for(engine, grad=False):
         for idx in batcher.split(rollout):
             result = fn(engine, rollout.select(idx)).cpu()
             if out is None:
@@ -219,7 +234,8 @@ class _Trainable:
             chunk = minibatch.select(idx)
             self.skipped = 0
             denominator = self._loss_denominator(scale.denominators(chunk.loss_mask))
-            loss, stats, output = loss_fn(chunk, denominator)
+            with linear_for(self.engine, grad=True):
+                loss, stats, output = loss_fn(chunk, idx, denominator)
             loss = self._guard(loss, output)
             num_skipped += self.skipped
             # The optimizer steps after the last micro-batch, however many there are (packed
@@ -317,8 +333,18 @@ class Actor(_Trainable):
         export_hf(self.engine, self.engine.module, tokenizer, path, is_main)
 
     def train_step(self, minibatch: Rollout, scale: LossScale) -> dict[str, float]:
-        def loss_fn(chunk: Rollout, denominator: torch.Tensor):
+        """One optimizer step on `minibatch`. Without old_logprobs (the on-policy shortcut,
+        PPOConfig.takes_on_policy_shortcut) they are this step's own forward, detached, and
+        are left in minibatch.old_logprobs."""
+        on_policy = minibatch.old_logprobs is None
+        if on_policy:
+            minibatch.old_logprobs = torch.zeros(minibatch.response_ids.shape)
+
+        def loss_fn(chunk: Rollout, idx: torch.Tensor, denominator: torch.Tensor):
             logprobs = _token_logprobs(self.engine, chunk, self.gen_cfg.temperature)
+            if on_policy:  # the weights that sampled: a scoring forward would give these
+                chunk.old_logprobs = logprobs.detach()
+                minibatch.old_logprobs[idx] = chunk.old_logprobs.cpu()
             chunk, denominator = chunk.to(logprobs.device), denominator.to(logprobs.device)
             is_weights = None  # from the chunk's own old_logprobs, however they were computed
             if self.rollout_correction == "tis":  # the sampler drew the tokens (Yao et al. 2025)
@@ -349,7 +375,7 @@ class Critic(_Trainable):
         export_hf(self.engine, self.engine.module.hf_model, tokenizer, path, is_main)
 
     def train_step(self, minibatch: Rollout, scale: LossScale) -> dict[str, float]:
-        def loss_fn(chunk: Rollout, denominator: torch.Tensor):
+        def loss_fn(chunk: Rollout, idx: torch.Tensor, denominator: torch.Tensor):
             values = _token_values(self.engine, chunk)
             chunk, denominator = chunk.to(values.device), denominator.to(values.device)
             return (*algo.value_loss(values, chunk.values, chunk.returns, chunk.loss_mask,

@@ -142,8 +142,12 @@ class PPOTrainer:
                     [self.prompts.input_ids[i] for i in prompt_index],
                     self.dataset_rows(prompt_index), prompt_index, sample_index, self.coord,
                     self.tokenizer.pad_token_id)
-        with timer("actor_logprobs"):
-            rollout.old_logprobs = self.actor.logprobs(rollout)
+        # The on-policy shortcut: the update's own forward gives the old logprobs (0 s here).
+        shortcut = cfg.ppo.takes_on_policy_shortcut
+        timer.seconds["actor_logprobs"] = 0.0
+        if not shortcut:
+            with timer("actor_logprobs"):
+                rollout.old_logprobs = self.actor.logprobs(rollout)
         if self.ref is not None:
             with timer("ref_logprobs"):
                 rollout.ref_logprobs = self.ref.logprobs(rollout)
@@ -166,6 +170,8 @@ class PPOTrainer:
 
         # 4. Policy-gradient updates of the actor (and the critic, for GAE).
         train_stats = self.update(rollout, step, timer)
+        if shortcut:  # what needed the old logprobs, now that the update gave them
+            kl = self.reward_kl(rollout)
 
         # 5. KL controller, metrics, samples.
         metrics = self.rollout_metrics(rollout, kl)
@@ -262,10 +268,14 @@ class PPOTrainer:
         if estimator == "reinforce_pp_baseline":  # the group's mean score as baseline
             scores = algo.group_advantages(scores, n, "dr_grpo", valid=valid)
         # Without a reference engine (no KL term configured) the actor is its own reference:
-        # the KL is 0.
-        ref_logprobs = rollout.old_logprobs if self.ref is None else rollout.ref_logprobs
+        # the KL is 0. Under the on-policy shortcut the old logprobs come with the update and
+        # kl_coef is 0: the rewards do not depend on them (the KL is measured after it).
+        old_logprobs = rollout.old_logprobs
+        if old_logprobs is None:
+            old_logprobs = torch.zeros(mask.shape)
+        ref_logprobs = old_logprobs if self.ref is None else rollout.ref_logprobs
         rollout.rewards, kl = algo.shaped_rewards(
-            scores, rollout.old_logprobs, ref_logprobs, mask, self.kl_ctl.value, p.kl_estimator)
+            scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.value, p.kl_estimator)
         if estimator in algo.GROUP_ESTIMATORS:
             # One advantage per row from its group's sequence rewards (score - kl_coef * KL;
             # grpo and dr_grpo have kl_coef 0), on every real token, never whitened.
@@ -288,6 +298,15 @@ class PPOTrainer:
         if p.whiten_advantages:
             rollout.advantages = self.coord.masked_whiten(rollout.advantages, mask)
         return kl
+
+    def reward_kl(self, rollout: Rollout) -> torch.Tensor:
+        """[B, R] the per-token KL to the reference that shaped_rewards measures (0 on
+        padding; 0 without a reference engine)."""
+        if self.ref is None:
+            return torch.zeros(rollout.loss_mask.shape)
+        return torch.where(rollout.loss_mask.bool(),
+                           algo.kl_per_token(rollout.old_logprobs, rollout.ref_logprobs,
+                                             self.cfg.ppo.kl_estimator), 0.0)
 
     def adjust_scores(self, scores: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         p = self.cfg.ppo
@@ -327,7 +346,11 @@ class PPOTrainer:
                         stats = role.train_step(minibatch, scale)
                     for key, value in stats.items():
                         totals[f"{name}/{key}"] = totals.get(f"{name}/{key}", 0.0) + value
+                if rollout.old_logprobs is None:  # the on-policy shortcut: one minibatch,
+                    rollout.old_logprobs = minibatch.old_logprobs  # this rank's rows in order
                 totals["tokens"] = totals.get("tokens", 0.0) + float(minibatch.loss_mask.sum())
+        if rollout.old_logprobs is None:  # no pass ran: every row dropped, nothing to measure
+            rollout.old_logprobs = torch.zeros(rollout.loss_mask.shape)
         g = self.coord.sum_dict(totals)
         num_updates, tokens = p.ppo_epochs * p.num_minibatches, max(g["tokens"], 1.0)
         g = {key: g.get(key, 0.0) for key in (  # a key is missing if every micro-batch skipped

@@ -22,6 +22,7 @@ import torch
 
 from ds_rlhf.config import load_config
 from ds_rlhf.coordinator import exit_process, stop_distributed
+from ds_rlhf.engines.hybrid import _gather_into
 from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout
 from ds_rlhf.trainers.ppo import build_ppo
@@ -69,13 +70,21 @@ def hybrid_copy(trainer) -> dict:
     module = trainer.actor.engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         expected = {name: p.detach().clone() for name, p in module.named_parameters()}
+    # The all-gather path of the copy's fill, for every parameter: these tiny models' are all
+    # kept whole by ZeRO-3 (persistent), which the fill copies instead.
+    params = list(module.named_parameters())
+    world = trainer.coord.world_size
+    dests = [torch.zeros(p.ds_tensor.numel() * world, dtype=p.dtype) for _, p in params]
+    _gather_into([(p, d) for (_, p), d in zip(params, dests)], trainer.actor.engine.device)
+    gathered = all(torch.equal(d[:p.ds_numel].view(p.ds_shape), expected[name])
+                   for (name, p), d in zip(params, dests))
     with trainer.actor.hybrid.generation_mode() as gen:
         copy = gen.model
         equal = sorted(expected) == sorted(n for n, _ in copy.named_parameters()) and all(
             torch.equal(p, expected[name]) for name, p in copy.named_parameters())
         tied = (copy.get_input_embeddings().weight.data_ptr()
                 == copy.get_output_embeddings().weight.data_ptr())
-    return {"equal": equal, "tied": tied,
+    return {"equal": equal, "tied": tied, "gathered": gathered,
             "numel_after": sum(p.numel() for p in copy.parameters())}
 
 

@@ -78,6 +78,15 @@ def runs(assets, tmp_path_factory):
                                                          "rollout_correction": "tis"},
                             reward={"model": {}, "zero_stage": 3},
                             rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}]),
+        # One minibatch, no KL in the reward: the on-policy shortcut (old logprobs from the
+        # training forward) against the two-forward path; with TIS and a KL loss term (the
+        # reference), so the weights and the KL metric read the detached values.
+        **{name: _config(assets, tmp, name, 3, {
+            **GRPO, "steps": 2, "num_minibatches": 1, "rollout_correction": "tis",
+            "kl_loss_coef": 0.1, "on_policy_shortcut": shortcut},
+            rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}],
+            reward={"model": {}, "zero_stage": 3})
+           for name, shortcut in (("shortcut", True), ("two_forwards", False))},
         # a KL loss term needs the reference; DAPO's clip-higher; Dr. GRPO's normalisation
         "grpo_kl": _config(assets, tmp, "grpo_kl", 2, {
             **GRPO, "steps": 2, "kl_loss_coef": 0.1, "kl_loss_estimator": "k2", "clip_eps_high": 0.28,
@@ -137,6 +146,28 @@ def test_engines_built_follow_the_kl_terms(runs):
     kl = read_metrics(runs["grpo_kl"] / "metrics.jsonl")
     assert kl[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # actor == reference
     assert kl[1]["policy/ref_kl_avg"] > 0  # ... until the first update (k3 >= 0)
+
+
+def test_on_policy_shortcut_takes_the_two_forward_step(runs):
+    """Old logprobs from the training forward (detached) instead of a scoring forward: no
+    time in actor_logprobs, and the same update and metrics (TIS weights, mismatch, KL to
+    the reference measured after the update) as the two-forward path, over 2 steps."""
+    short = read_metrics(runs["shortcut"] / "metrics.jsonl")
+    full = read_metrics(runs["two_forwards"] / "metrics.jsonl")
+    for a, b in zip(short, full, strict=True):
+        assert a["timing/actor_logprobs"] == 0.0 < b["timing/actor_logprobs"]
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith(("timing/", "perf/")):
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    # step 1 moved the actor away from the reference; on-policy, the ratio is 1
+    assert full[1]["policy/ref_kl_avg"] > 0
+    assert full[0]["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+    a = AutoModelForCausalLM.from_pretrained(runs["shortcut"] / "actor").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(runs["two_forwards"] / "actor").state_dict()
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], atol=1e-6, rtol=0)
 
 
 def test_groups_sample_apart_and_share_their_prompt(runs):

@@ -158,6 +158,7 @@ def test_reward_position_and_uneven_lengths_zero3(assets, tmp_path, packing):
     # The HybridEngine's copy holds the training weights (also after an update), one storage
     # for the tied embedding and LM head, and nothing once generation mode is left.
     for key in ("hybrid_before", "hybrid_after"):
-        assert result[key] == {"equal": True, "tied": True, "numel_after": 0}
+        assert result[key] == {"equal": True, "tied": True, "gathered": True,
+                               "numel_after": 0}
     # Scoring forwards of the trained ZeRO-3 engines no longer break their prefetch traces.
     assert result["traces_complete"] == {"actor": True, "critic": True}

@@ -194,3 +194,26 @@ def test_deepspeed_config_agrees_with_run_config(base_yaml):
     assert "optimizer" not in frozen and frozen["zero_optimization"]["stage"] == 3
     z2 = deepspeed_config(cfg.critic, 2, 2, 2, on_cpu=True)
     assert not any(k.startswith("stage3_") for k in z2["zero_optimization"])
+
+
+@pytest.mark.parametrize("ppo, taken", [
+    ({"advantage_estimator": "grpo", "kl_coef": 0.0}, True),  # one step, no KL in the reward
+    ({"advantage_estimator": "grpo", "kl_coef": 0.0, "kl_loss_coef": 0.1}, True),  # in the loss
+    ({"kl_coef": 0.0}, True),  # gae without the KL penalty
+    ({"kl_coef": 0.05}, False),  # the KL penalty reads them before training
+    ({"advantage_estimator": "grpo", "kl_coef": 0.0, "num_minibatches": 2}, False),
+    ({"advantage_estimator": "grpo", "kl_coef": 0.0, "ppo_epochs": 2}, False),
+    ({"advantage_estimator": "grpo", "kl_coef": 0.0, "on_policy_shortcut": False}, False),
+])
+def test_on_policy_shortcut_only_for_one_step_without_kl_in_the_reward(base_yaml, ppo, taken):
+    cfg = load_config(base_yaml, {"ppo": ppo, "generation": {"n_samples_per_prompt": 2}})
+    assert cfg.ppo.takes_on_policy_shortcut is taken
+
+
+def test_zero3_templates_keep_small_parameters_whole(base_yaml):
+    cfg = load_config(base_yaml, ["--actor.zero_stage", "3"])
+    actor = deepspeed_config(cfg.actor, 2, 1, 2, on_cpu=True)["zero_optimization"]
+    frozen = deepspeed_config(cfg.reward, 4, 1, 2, on_cpu=True)["zero_optimization"]
+    assert actor["stage3_param_persistence_threshold"] == 2**20 == \
+        frozen["stage3_param_persistence_threshold"]
+    assert frozen["memory_efficient_linear"] is False  # never trains: torch's own linear
