@@ -114,11 +114,11 @@ def bench_generation(args) -> dict:
     if vllm is not None:
         run_vllm()
     # Interleaved repeats: a load change on a shared machine hits every variant alike.
-    zero3, hybrid, vllm_runs = [], [], []
+    zero3, hf_runs, vllm_runs = [], [], []
     for _ in range(args.repeats):
         if "hf" in args.backend:
             zero3.append(run(False)[0])
-            hybrid.append(run(True))
+            hf_runs.append(run(True))
         if vllm is not None:
             vllm_runs.append(run_vllm())
     params = model_params(engine)
@@ -144,9 +144,9 @@ def bench_generation(args) -> dict:
         "new_tokens": args.new_tokens, "backends": args.backend,
         "bandwidth_bound_ms_per_token": round(bound_ms, 3) if bound_ms else None,
     }
-    if hybrid:
+    if hf_runs:
         zero3_s = min(zero3)
-        hybrid_s, switch_s = min(hybrid)
+        hybrid_s, switch_s = min(hf_runs)
         result.update({
             "zero3_module_s": round(zero3_s, 4), "hybrid_engine_s": round(hybrid_s, 4),
             "switch_s": round(switch_s, 4), "speedup": round(zero3_s / hybrid_s, 2),
@@ -155,8 +155,8 @@ def bench_generation(args) -> dict:
         vllm_s, vllm_switch_s, sync_s = min(vllm_runs)
         result["vllm"] = {"total_s": round(vllm_s, 4), "switch_s": round(vllm_switch_s, 4),
                           "weight_sync_s": round(sync_s, 4), **rates(vllm_s, vllm_switch_s)}
-        if hybrid:
-            result["vllm_speedup_over_hf"] = round(min(hybrid)[0] / vllm_s, 2)
+        if hf_runs:
+            result["vllm_speedup_over_hf"] = round(min(hf_runs)[0] / vllm_s, 2)
     result["peak_memory_gb_per_rank"] = coord.gather_objects([round(_peak_memory_gb(), 3)])
     return result
 

@@ -4,7 +4,9 @@
 # (decode ms per token against the memory-bandwidth bound), `bench ppo --preset
 # opt-1.3b-350m` with and without generation.static_cache + compile (samples/s, tokens/s,
 # MFU, peak memory), and, when 2 GPUs are present, the same PPO bench on 2 ranks (NCCL) at
-# ZeRO-2 and ZeRO-3.
+# ZeRO-2 and ZeRO-3. Where vLLM is importable (the vllm extra), the generation and PPO benches
+# also run with both generation backends side by side (`--backend hf,vllm`: samples/s, decode
+# tokens/s, weight-sync seconds); else those entries say "vllm not installed".
 #   launch/gpu_check.sh                   # report: gpu_check.json (GPU_CHECK_OUT to change)
 #   GPU_CHECK_DRY=1 launch/gpu_check.sh   # the same steps on CPU ranks with tiny models (CI)
 # A failing step is recorded in the report and the others still run; the exit status is 1
@@ -56,6 +58,10 @@ step ppo_static_compile 1 ppo $PPO $FAST
 if [ "$NUM_GPUS" -ge 2 ]; then
   step ppo_2ranks 2 ppo $PPO2
 fi
+if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then
+  step generation_vllm 1 generation $GEN --backend hf,vllm
+  step ppo_vllm 1 ppo $PPO --backend hf,vllm
+fi
 
 "$PYTHON" - "$WORK" "$OUT" "$DRY" "$NUM_GPUS" <<'EOF'
 """Assemble the report from the steps' files."""
@@ -72,9 +78,9 @@ def status(name):
     return {"ok": rc == "0", "exit_code": int(rc), "seconds": int(seconds)}
 
 
-def bench(name):
+def bench(name, missing=None):
     if not (work / f"{name}.status").exists():
-        return None
+        return missing
     text = (work / f"{name}.json").read_text().strip()
     result = status(name)
     if not text:
@@ -84,7 +90,11 @@ def bench(name):
     if data["bench"] == "generation":
         keys = ("params_m", "dtype", "hybrid_engine_s", "switch_s", "zero3_module_s",
                 "decode_ms_per_token", "bandwidth_bound_ms_per_token", "peak_memory_gb_per_rank")
-        return {**result, **{k: data[k] for k in keys}}
+        result.update({k: data.get(k) for k in (*keys, "samples_per_s", "tokens_per_s")})
+        if "vllm" in data:  # --backend hf,vllm: vLLM's numbers beside the hf backend's
+            result.update({"vllm": data["vllm"],
+                           "vllm_speedup_over_hf": data["vllm_speedup_over_hf"]})
+        return result
     runs = {variant: {
         "samples_per_s": r["samples_per_s"],
         "response_length_mean": r["response_length_mean"],
@@ -94,6 +104,7 @@ def bench(name):
         "time_split_sum_over_step": r["time_split_sum_over_step"],
         "switch_over_generate": r["switch_over_generate"],
         "trained_over_frozen_scoring": r["trained_over_frozen_scoring"],
+        "backend": r["backend"], "weight_sync_s": r["time_split_s"]["weight_sync"],
     } for variant, r in data["runs"].items()}
     return {**result, "world_size": data["world_size"], "runs": runs,
             "peak_memory_gb_per_rank": data["peak_memory_gb_per_rank"]}
@@ -114,6 +125,9 @@ report = {
     "ppo": bench("ppo"),
     "ppo_static_compile": bench("ppo_static_compile"),
     "ppo_2ranks": bench("ppo_2ranks"),  # null with fewer than 2 GPUs
+    # both generation backends, side by side; a string where vLLM is not installed
+    "generation_vllm": bench("generation_vllm", "vllm not installed"),
+    "ppo_vllm": bench("ppo_vllm", "vllm not installed"),
 }
 report["ok"] = all(v["ok"] for v in report.values() if isinstance(v, dict))
 out.write_text(json.dumps(report, indent=1) + "\n")

