@@ -165,7 +165,10 @@ class VllmGenerator:
                 gpu_memory_utilization=v.gpu_memory_utilization,
                 max_model_len=max_model_len, enable_prefix_caching=v.enable_prefix_caching,
                 enforce_eager=v.enforce_eager, enable_sleep_mode=self.sleep,
-                logprobs_mode="processed_logprobs")
+                logprobs_mode="processed_logprobs",
+                # no sampling defaults from the model's config: its eos_token_id would stop
+                # requests that the run's EOS (tokenizer.eos_token_id, or none) would not
+                generation_config="vllm")
         if self.sleep:
             llm.sleep(level=2)  # training runs first; weights are loaded at the first switch
         _SHARED = (key, llm)
@@ -187,15 +190,21 @@ class VllmGenerator:
         """The actor's current weights into vLLM, one parameter at a time (collective under
         ZeRO-3: every rank runs it), tied ones once; then the prefix cache is dropped.
 
-        vLLM's in-place reload (`reload_weights`) takes the weights in checkpoint format and
-        redoes its per-layer processing (fused q/k/v, CPU weight repacking) as each layer's
-        weights arrive, so the iterator is consumed layer by layer."""
+        On GPUs vLLM keeps unquantized weights as loaded (q/k/v and gate/up fused), and its
+        `model.load_weights` copies each tensor into place, as veRL and TRL sync. On CPU it
+        repacks linear weights for its kernels after loading, so the copy has to go through
+        its in-place reload (`reload_weights`), which redoes that processing layer by layer
+        as each layer's weights arrive."""
         from ds_rlhf.engines.export import merged_parameters
 
         start = time.perf_counter()
         weights = merged_parameters(self.engine.module, tied_once=True)
-        self.llm.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": weights, "is_checkpoint_format": True})
+        if _on_cpu():
+            self.llm.collective_rpc("reload_weights", kwargs={
+                "weights_iterator": weights, "is_checkpoint_format": True})
+        else:
+            model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+            model.load_weights(weights)
         self.llm.reset_prefix_cache()
         self.weight_sync_seconds = time.perf_counter() - start
 
@@ -249,11 +258,19 @@ class VllmGenerator:
         rows = len(prompt_ids)
         if sample_index is None:
             sample_index = torch.zeros_like(prompt_index)
+        if max_new_tokens <= 0:  # as the hf backend: [B, 0] responses
+            empty = torch.empty(rows, 0, dtype=torch.long)
+            return Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
+                           response_ids=empty, response_mask=empty.clone(),
+                           prompt_index=prompt_index.cpu(), sample_index=sample_index.cpu(),
+                           sampler_logprobs=empty.float())
         offsets = [0] * rows if position_offset is None else \
             torch.as_tensor(position_offset).reshape(-1).tolist()
         eos = [self.eos_token_id] if isinstance(self.eos_token_id, int) else \
             list(self.eos_token_id or [])
         prompts, params = [], []
+        # Greedy: temperature 0 in vLLM, whose logprobs are then those of the raw logits (the
+        # hf backend's divide by generation.temperature; equal at temperature 1).
         for i in range(rows):
             ids = prompt_ids[i][prompt_mask[i].bool()].tolist()  # left padding dropped
             prompts.append(TokensPrompt(prompt_token_ids=ids))
