@@ -146,7 +146,8 @@ class GenerationConfig:
     temperature: float = 1.0  # also scales the logits of the logprobs used in the ratio
     top_k: int = 0  # keep the k most likely tokens; 0 keeps all
     top_p: float = 1.0  # nucleus sampling mass; 1.0 keeps all
-    batch_size: int = 8  # rows (prompts x samples) per generate call on one rank
+    batch_size: int = 8  # rows (prompts x samples) per generate call on one rank (hf backend;
+    # vllm takes all of a rank's rows at once and batches them itself)
     n_samples_per_prompt: int = 1  # responses per prompt (a group, for the group estimators);
     # a step has ppo.rollout_batch_size x n rows, the n rows of a prompt on one rank
     gather_weights: bool = True  # HybridEngine: gather ZeRO-3 weights once into a plain copy;
@@ -945,6 +946,10 @@ def _check_rollout(cfg: PPORunConfig) -> None:
              "generation.gather_weights", "multi-turn episodes under ZeRO-3 need the gathered "
              "copy (true): through the ZeRO-3 module every forward is a collective, and "
              "episodes end after different numbers of turns on each rank")
+    _require(cfg.generation.backend != "vllm" or cfg.generation.vllm.tensor_parallel_size == 1,
+             "generation.vllm.tensor_parallel_size", "must be 1 with multi-turn episodes: the "
+             "ranks of a vLLM tensor-parallel group generate together, and episodes end after "
+             "different numbers of turns on each rank")
     _require(cfg.generation.max_new_tokens <= r.max_total_tokens, "generation.max_new_tokens",
              f"{cfg.generation.max_new_tokens} (tokens per model turn) exceeds "
              f"rollout.max_total_tokens={r.max_total_tokens} (tokens per episode); lower it")

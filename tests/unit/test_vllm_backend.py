@@ -71,6 +71,15 @@ def test_tensor_parallel_size_must_divide_the_world_size():
         derive_sizes(cfg, 2)
 
 
+def test_tensor_parallel_vllm_refuses_episodes():
+    episodes = {"environment": "env.py:Env"}
+    load_config(None, {**BASE, "generation": {**BASE["generation"], "backend": "vllm"},
+                       "rollout": episodes})  # tensor_parallel_size 1: fine
+    with pytest.raises(ConfigError, match="tensor_parallel_size: must be 1 with multi-turn"):
+        load_config(None, {**BASE, "rollout": episodes, "generation": {
+            **BASE["generation"], "backend": "vllm", "vllm": {"tensor_parallel_size": 2}}})
+
+
 def test_vllm_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ConfigError) as e:
