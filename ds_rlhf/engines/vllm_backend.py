@@ -157,6 +157,9 @@ class VllmGenerator:
         with tempfile.TemporaryDirectory(prefix="ds_rlhf_vllm_") as path:
             config = copy.deepcopy(module.config)
             config.architectures = [type(module).__name__]  # what vLLM builds
+            # vLLM adds the config's eos_token_id to every request's stop tokens; the run's
+            # EOS is the tokenizer's (or none), given per request
+            config.eos_token_id = None
             config.save_pretrained(path)
             llm = LLM(
                 model=path, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
@@ -166,9 +169,7 @@ class VllmGenerator:
                 max_model_len=max_model_len, enable_prefix_caching=v.enable_prefix_caching,
                 enforce_eager=v.enforce_eager, enable_sleep_mode=self.sleep,
                 logprobs_mode="processed_logprobs",
-                # no sampling defaults from the model's config: its eos_token_id would stop
-                # requests that the run's EOS (tokenizer.eos_token_id, or none) would not
-                generation_config="vllm")
+                generation_config="vllm")  # no sampling defaults from the model's config
         if self.sleep:
             llm.sleep(level=2)  # training runs first; weights are loaded at the first switch
         _SHARED = (key, llm)

@@ -117,6 +117,9 @@ def test_vllm_generates_with_the_engines_weights_after_every_step(results, name)
 
 def test_same_seed_same_rollouts(results):
     ranks = results["ranks"]
+    # vLLM would add the model config's eos_token_id (llama's default 2) to every request's
+    # stop tokens; only the tokenizer's EOS (0 here) may end a response
+    assert all(rank["seeds"]["engine_eos"] is None for rank in ranks)
     assert all(rank["seeds"]["repeat_equal"] for rank in ranks)
     for rank in ranks:  # same init weights: the ZeRO stage and LoRA do not change the draws
         first = rank["zero2"]["sampled_step1"]

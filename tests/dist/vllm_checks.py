@@ -95,7 +95,9 @@ def seed_checks(trainer, coord) -> dict:
         again = actor.generate(ids, mask, index, step=5, sample_index=sample)
         all_ids, all_mask, all_index, all_sample = _prompts(trainer, list(range(8)))
         alone = actor.generate(all_ids, all_mask, all_index, step=5, sample_index=all_sample)
-    return {"repeat_equal": bool(torch.equal(first.response_ids, again.response_ids) and
+    fields = actor.vllm.llm.llm_engine.input_processor.generation_config_fields
+    return {"engine_eos": fields.get("eos_token_id"),
+            "repeat_equal": bool(torch.equal(first.response_ids, again.response_ids) and
                                  torch.equal(first.sampler_logprobs, again.sampler_logprobs)),
             "rows": [(int(i), int(s), r) for i, s, r in
                      zip(index, sample, first.response_ids.tolist(), strict=True)],
