@@ -128,6 +128,24 @@ def test_same_seed_same_rollouts(results):
     assert {r[0] for r in ranks[0]["seeds"]["rows"]} == {0, 1, 2, 3}
 
 
+def test_responses_end_as_the_hf_backends(results):
+    """EOS kept and counted in the mask, pad after it, the same lengths: with a third of
+    the vocabulary ending a response, greedy decoding of both backends on the same weights."""
+    ended_early = 0
+    for rank in results["ranks"]:
+        r = rank["eos"]
+        assert r["vllm_ids"] == r["hf_ids"] and r["vllm_mask"] == r["hf_mask"]
+        for ids, mask in zip(r["vllm_ids"], r["vllm_mask"], strict=True):
+            n = sum(mask)
+            assert mask == [1] * n + [0] * (len(mask) - n)  # 1 up to and including the EOS
+            assert all(t == r["pad"] for t in ids[n:])
+            assert all(t not in r["eos"] for t in ids[:n - 1])  # no EOS before the last
+            if n < r["max_new_tokens"]:
+                assert ids[n - 1] in r["eos"]  # ended by an EOS, kept
+                ended_early += 1
+    assert ended_early >= 2  # the check saw responses end
+
+
 def test_one_rank_draws_the_two_ranks_rows(results):
     """Rank 0's engine generating all 16 rows in one call (what a 1-rank run does) against
     the two ranks' 8 each: vLLM's batch shapes change the round-off, so a row may differ;

@@ -36,14 +36,31 @@ def _prompts(trainer, indices: list[int]):
     return ids, mask, index, sample
 
 
-def _hf_greedy(actor, ids, mask, index, max_new_tokens):
+def _hf_greedy(actor, ids, mask, index, max_new_tokens, eos=None):
     """Greedy tokens of the actor's current weights through the hf backend's copy."""
     with actor.hybrid.generation_mode() as gen:
         out, out_mask = generation.generate(
             gen.model, ids, mask, index, step=0, seed=0, max_new_tokens=max_new_tokens,
-            eos_token_id=actor.eos_token_id, pad_token_id=actor.pad_token_id, greedy=True,
-            synced=gen.synced)
+            eos_token_id=actor.eos_token_id if eos is None else eos,
+            pad_token_id=actor.pad_token_id, greedy=True, synced=gen.synced)
     return out.cpu(), out_mask.cpu()
+
+
+def eos_checks(trainer, coord) -> dict:
+    """Responses end as the hf backend's: with a third of the vocabulary ending a response
+    (so that the random model's responses end early), greedy ids and masks of both
+    backends, right-padded to the same width."""
+    actor, g = trainer.actor, trainer.cfg.generation
+    ids, mask, index, _ = _prompts(trainer, [coord.rank * 4 + i for i in range(4)])
+    eos = list(range(len(trainer.tokenizer) // 3))
+    saved, actor.vllm.eos_token_id = actor.vllm.eos_token_id, eos
+    with actor.generation_mode():
+        v = actor.generate(ids, mask, index, step=0, greedy=True)
+    actor.vllm.eos_token_id = saved
+    hf_ids, hf_mask = _hf_greedy(actor, ids, mask, index, g.max_new_tokens, eos)
+    return {"vllm_ids": v.response_ids.tolist(), "vllm_mask": v.response_mask.tolist(),
+            "hf_ids": hf_ids.tolist(), "hf_mask": hf_mask.tolist(), "eos": eos,
+            "pad": actor.pad_token_id, "max_new_tokens": g.max_new_tokens}
 
 
 def weight_checks(trainer, coord) -> dict:
@@ -121,6 +138,7 @@ def main() -> None:
         coord = trainer.coord
         if name == "zero2":
             results["seeds"] = seed_checks(trainer, coord)
+            results["eos"] = eos_checks(trainer, coord)
         results[name] = weight_checks(trainer, coord)
         trainer.tracker.finish()
     for name in ("agent", "resume_full", "resume_first", "resume_second"):
