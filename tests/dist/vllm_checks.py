@@ -47,12 +47,13 @@ def _hf_greedy(actor, ids, mask, index, max_new_tokens, eos=None):
 
 
 def eos_checks(trainer, coord) -> dict:
-    """Responses end as the hf backend's: with a third of the vocabulary ending a response
-    (so that the random model's responses end early), greedy ids and masks of both
-    backends, right-padded to the same width."""
+    """Responses end as the hf backend's: greedy ids and masks of both backends when the EOS
+    ids are tokens the greedy responses hold at position 4 of two rows (so that some
+    responses end early, at different lengths, and others run to max_new_tokens)."""
     actor, g = trainer.actor, trainer.cfg.generation
     ids, mask, index, _ = _prompts(trainer, [coord.rank * 4 + i for i in range(4)])
-    eos = list(range(len(trainer.tokenizer) // 3))
+    free, _ = _hf_greedy(actor, ids, mask, index, g.max_new_tokens, eos=[])
+    eos = sorted({int(free[0, 4]), int(free[3, 4])})
     saved, actor.vllm.eos_token_id = actor.vllm.eos_token_id, eos
     with actor.generation_mode():
         v = actor.generate(ids, mask, index, step=0, greedy=True)
