@@ -412,8 +412,7 @@ def _check_lengths(cfg: PPORunConfig) -> None:
     limit = getattr(actor_config, "max_position_embeddings", None)
     response = "rollout.max_total_tokens" if cfg.rollout.multi_turn else \
         "generation.max_new_tokens"
-    needed = cfg.data.max_prompt_len + (cfg.rollout.max_total_tokens if cfg.rollout.multi_turn
-                                        else cfg.generation.max_new_tokens)
+    needed = _max_sequence_len(cfg)
     if limit is not None and needed > limit:
         raise ConfigError(
             f"data.max_prompt_len + {response} = {needed} exceeds the actor's "
@@ -432,7 +431,13 @@ def _check_vllm(cfg: PPORunConfig) -> None:
         return
     from ds_rlhf.engines.vllm_backend import check_available
 
-    check_available(models.hf_config(cfg.actor.model, "actor"))
+    config = models.hf_config(cfg.actor.model, "actor")
+    limit, wanted = getattr(config, "max_position_embeddings", None), \
+        cfg.generation.vllm.max_model_len
+    if limit is not None and wanted is not None and wanted > limit:
+        raise ConfigError(f"generation.vllm.max_model_len: {wanted} exceeds the actor's "
+                          f"max_position_embeddings ({limit}); lower it or leave it null")
+    check_available(config)
 
 
 def build_ppo(cfg: PPORunConfig) -> PPOTrainer:

@@ -37,3 +37,9 @@ def test_tensor_parallel_size_that_does_not_divide_the_world(assets, tmp_path):
     cfg = _config(assets, tmp_path, vllm={"tensor_parallel_size": 3})
     _fails_with(_ppo(cfg, tmp_path, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"),
                 "generation.vllm.tensor_parallel_size: 3 does not divide the 2 ranks")
+
+
+def test_max_model_len_beyond_the_actors_positions(assets, tmp_path):
+    cfg = _config(assets, tmp_path, vllm={"max_model_len": 128})  # the actor has 64
+    _fails_with(_ppo(cfg, tmp_path), "generation.vllm.max_model_len: 128 exceeds",
+                "max_position_embeddings (64)")
