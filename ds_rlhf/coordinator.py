@@ -175,6 +175,9 @@ def stop_distributed() -> None:
     connections to it can abort that peer at interpreter exit (SIGABRT after a finished run)."""
     if dist.is_initialized():
         dist.barrier()
+        vllm_backend = sys.modules.get("ds_rlhf.engines.vllm_backend")
+        if vllm_backend is not None:  # generation.backend vllm: its groups go first
+            vllm_backend.shutdown()
         dist.destroy_process_group()
 
 

