@@ -274,7 +274,8 @@ class Variant:
             ("_vllm" if self.backend == "vllm" else "")
 
 
-def _ppo_config(args, actor: dict, critic: dict, variant: Variant, workdir: Path) -> dict:
+def _ppo_config(args, actor: dict, critic: dict, variant: Variant, workdir: Path,
+                output_root: Path) -> dict:
     positions = args.prompt_len + args.response_len
     room = {"max_position_embeddings": max(positions, actor.get("max_position_embeddings", 0),
                                            64)}
@@ -286,7 +287,7 @@ def _ppo_config(args, actor: dict, critic: dict, variant: Variant, workdir: Path
     engine = {"zero_stage": variant.zero_stage, "dtype": args.dtype, **batching}
     frozen = {"zero_stage": frozen_stage, "dtype": args.dtype, **batching}
     return {
-        "output_dir": str(workdir / variant.name), "seed": 0,
+        "output_dir": str(output_root / variant.name), "seed": 0,
         "actor": {**engine, "model": {"init": actor, "tokenizer": tokenizer}},
         "critic": {**engine, "model": {"init": critic, "tokenizer": tokenizer}},
         "ref": frozen,
@@ -402,7 +403,11 @@ def bench_ppo(args) -> dict:
     variants = [Variant(z, n, b) for z in args.zero_stage or [preset["zero_stage"]]
                 for n in args.micro_batch_tokens for b in args.backend]
 
-    workdir = Path(tempfile.mkdtemp(prefix="ds_rlhf_bench_"))
+    workdir = Path(tempfile.mkdtemp(prefix="ds_rlhf_bench_"))  # this rank's inputs
+    # The runs' output_dir is one directory for all of this launch's ranks (the trainer checks
+    # that every rank sees it): named by the launcher process, the ranks' common parent.
+    launch = f"{os.getppid()}_{os.environ.get('MASTER_PORT', '0')}"
+    output_root = Path(tempfile.gettempdir()) / f"ds_rlhf_bench_out_{launch}"
     tokenizer.save_pretrained(workdir / "tokenizer")
     words = torch.randint(2, actor["vocab_size"], (4 * args.batch, args.prompt_len),
                           generator=torch.Generator().manual_seed(0))
@@ -412,7 +417,8 @@ def bench_ppo(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     trainers = []
     for variant in variants:
-        cfg = load_config(None, _ppo_config(args, actor, critic, variant, workdir))
+        cfg = load_config(None, _ppo_config(args, actor, critic, variant, workdir,
+                                                  output_root))
         cfg.ppo.rollout_batch_size = args.batch * world  # --batch is per rank
         trainer = build_ppo(cfg)
         # Fixed lengths: nothing stops early. --eos-frac: the first ids of that share of the

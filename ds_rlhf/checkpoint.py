@@ -246,10 +246,12 @@ def check_shared(output_dir: str | Path, coord) -> None:
     if blind:
         ranks = ", ".join(str(rank) for rank, _ in blind)
         hosts = ", ".join(dict.fromkeys(host for _, host in blind))
+        who = f"ranks {ranks} (host {hosts}) do" if len(blind) > 1 else \
+            f"rank {ranks} (host {hosts}) does"
         raise _together(CheckpointError(
             f"output_dir {str(out)!r} is not the same directory on every node: rank 0 (host "
-            f"{seen[0][1]}) wrote {path.name} there, and rank{'s' if len(blind) > 1 else ''} "
-            f"{ranks} (host {hosts}) do not see it. output_dir must be on a file system shared "
+            f"{seen[0][1]}) wrote {path.name} there, and {who} not see it. output_dir must be "
+            "on a file system shared "
             "by all nodes (and an absolute path: a relative one depends on each node's "
             "working directory)"))
 

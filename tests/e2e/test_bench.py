@@ -47,7 +47,8 @@ def test_model_from_a_config_json(tmp_path):
     assert args.zero_stage == [2, 3] and args.micro_batch_tokens == [0, 64]
     args.prompt_len, args.response_len, args.dtype, args.micro_batch = 8, 8, "fp32", 4
     args.gen_batch, args.batch = 4, 4
-    cfg = bench._ppo_config(args, actor, actor, bench.Variant(3, 64), tmp_path)
+    cfg = bench._ppo_config(args, actor, actor, bench.Variant(3, 64), tmp_path,
+                            tmp_path / "out")
     # The JSON's model with room for prompt + response; ZeRO-3 actor and critic, frozen
     # roles at ZeRO-3 too, every role packed by tokens.
     assert cfg["actor"]["model"]["init"] == {**actor, "max_position_embeddings": 64}
