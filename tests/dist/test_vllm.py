@@ -18,6 +18,7 @@ import pytest
 
 from ds_rlhf.tracking import read_metrics
 from tests.conftest import ppo_config, run_deepspeed, write_yaml
+from tests.dist.test_grpo_dist import ENV  # the two-turn environment of the hf runs
 
 pytestmark = [
     pytest.mark.dist, pytest.mark.vllm,
@@ -36,16 +37,6 @@ GENERATION = {"backend": "vllm", "max_new_tokens": 8, "batch_size": 8,
               "n_samples_per_prompt": 2, "vllm": {"max_model_len": 48}}
 GRPO = {"advantage_estimator": "grpo", "kl_coef": 0.0, "rollout_batch_size": 8,
         "num_minibatches": 1}
-ENV = '''
-class Echo:
-    def reset(self, row):
-        self.turns = 0
-        return row["prompt"]
-
-    def step(self, action):
-        self.turns += 1
-        return " it is good", sum(map(ord, action)) % 7 / 7, self.turns == 2
-'''
 MIN_EQUAL_SHARE = 0.95  # greedy rows equal between the backends (issue 17's acceptance)
 MAX_LOGPROB_DIFF = 1e-3  # mean |sampler - trainer| at fp32 (issue 17's acceptance)
 
