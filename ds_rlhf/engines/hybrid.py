@@ -215,6 +215,9 @@ def keep_prefetch_trace(engine) -> Iterator[None]:
     records the whole trace, which later no-grad forwards follow as a prefix. The weights
     they gathered are released after: along a forward + backward trace they would otherwise
     stay gathered until the next backward, a whole model held through the other roles' work.
+    Only those: the parameters ZeRO-3 keeps whole on every rank (`ds_persist`) stay, as after
+    an optimizer step (DeepSpeed's `empty_partition_cache` released them too, and the training
+    forward then re-gathered them layer by layer, every step).
     """
     optimizer = getattr(engine, "optimizer", None)
     offload = getattr(optimizer, "parameter_offload", None)  # trained ZeRO-3 engines only
@@ -226,7 +229,18 @@ def keep_prefetch_trace(engine) -> Iterator[None]:
         if coordinator is not None:
             if untraced and not coordinator.is_invalid_trace():
                 coordinator._invalidate_trace()  # recorded by no-grad forwards: forward only
-            offload.empty_partition_cache()
+            _release_gathered(coordinator, offload.module)
+
+
+def _release_gathered(coordinator, module: nn.Module) -> None:
+    """Partition `module`'s gathered ZeRO-3 parameters but the persistent ones."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    coordinator._clean_inflight_param_registry()  # prefetches in flight land first
+    for p in module.parameters():
+        if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist:
+            p.ds_active_sub_modules.clear()
+            p.partition()
 
 
 class HybridEngine:
