@@ -10,7 +10,10 @@ Builds the real PPO trainer, then on real engines (actor/critic ZeRO-3, frozen Z
 3. the HybridEngine's copy: equal to the gathered training weights before and after an
    update, tied embeddings in one storage, no weights held after leaving generation mode;
 4. after a second PPO step the trained engines' prefetch traces are complete (the scoring
-   forwards no longer make every step re-record them).
+   forwards no longer make every step re-record them);
+5. the all-gathers of a third step: these tiny models' parameters are all kept whole by
+   ZeRO-3 (persistent), so only each trained engine's re-gather after its optimizer step
+   remains, one coalesced collective, and the scoring and training forwards gather nothing.
 Rank 0 writes what it saw to RESULT.json; the test asserts on it.
 """
 
@@ -95,6 +98,27 @@ def traces_complete(trainer) -> dict:
             .get_param_coordinator().is_complete_trace() for role in ("actor", "critic")}
 
 
+def all_gathers_per_step(trainer) -> dict:
+    """The elements each rank contributes to every all-gather of one PPO step (DeepSpeed's
+    collectives all go through its backend object, `cdb`)."""
+    backend = deepspeed.comm.comm.cdb
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_tensor"].numel())
+        return type(backend).all_gather_into_tensor(backend, *args, **kwargs)
+
+    backend.all_gather_into_tensor = counted
+    try:
+        trainer.step += 1
+        trainer.ppo_step(trainer.step)
+    finally:
+        del backend.all_gather_into_tensor
+    persistent = {role: sum(p.ds_tensor.numel() for p in getattr(trainer, role).engine
+                            .optimizer.persistent_parameters) for role in ("actor", "critic")}
+    return {"calls": calls, "persistent_numel": persistent}
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     cfg = load_config(args[0])
@@ -104,7 +128,8 @@ def main() -> None:
               "hybrid_before": hybrid_copy(trainer),
               "uneven": uneven(trainer, vocab_size),
               "hybrid_after": hybrid_copy(trainer),
-              "traces_complete": traces_complete(trainer)}
+              "traces_complete": traces_complete(trainer),
+              "all_gathers": all_gathers_per_step(trainer)}
     lengths = trainer.coord.gather_objects([result["uneven"]["lengths"]])
     if trainer.coord.is_main:
         result["uneven"]["lengths_by_rank"] = lengths

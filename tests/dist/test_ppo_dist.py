@@ -162,3 +162,8 @@ def test_reward_position_and_uneven_lengths_zero3(assets, tmp_path, packing):
                                "numel_after": 0}
     # Scoring forwards of the trained ZeRO-3 engines no longer break their prefetch traces.
     assert result["traces_complete"] == {"actor": True, "critic": True}
+    # A step's all-gathers: one per trained engine after its optimizer step, of all its
+    # (persistent) parameters' partitions at once; DeepSpeed issued one per parameter, and
+    # the training forwards re-gathered what the scoring forwards had released.
+    gathers = result["all_gathers"]
+    assert sorted(gathers["calls"]) == sorted(gathers["persistent_numel"].values())
