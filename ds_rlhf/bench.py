@@ -2,6 +2,7 @@
 
     launch/bench.sh ppo --preset tiny     # 2 ranks, CPU unless a GPU is present
     launch/bench.sh ppo --preset opt-4l-256 --zero-stage 2,3 --steps 8   # issue 13's workload
+    launch/bench.sh ppo --preset opt-4l-256 --zero-stage 2,3 --steps 2 --vs-hf 10  # vs plain HF
     launch/bench.sh ppo --preset tiny --config actor.json --critic-config critic.json
     launch/bench.sh ppo --preset opt-4l-256 --eos-frac 0.05 --micro-batch-tokens 0,256
     launch/bench.sh ppo --preset tiny --estimator grpo --n-samples 4 --reward function
@@ -30,6 +31,10 @@ KL term (no reference engine), the others with ppo.kl_coef 0.05; a critic-free e
 no critic. `--reward function` scores with a rule (`bench_reward`) instead of the reward model,
 which is then not built. `--backend hf,vllm` adds the generation backend to the variants
 (`_vllm` in their names); the time split then has `weight_sync` (vLLM's share of `switch`).
+`--vs-hf N`: after the steps, each hf variant times its generation and its scoring forwards
+against plain HF calls of the same shapes on the same models (`generate` with the same
+sampling, `model(...)` under no_grad), N times in turn: `vs_hf_s`, {phase: [ds_rlhf, HF]}
+(CPU seconds on CPU ranks, synchronized wall-clock seconds on a GPU).
 
 `generation`: on an actor at ZeRO-3, the same prompts (fixed length: no EOS) are generated
 through the ZeRO-3 module itself (every forward all-gathers each layer, ranks in lock-step)
@@ -59,7 +64,7 @@ import transformers
 from ds_rlhf import generation
 from ds_rlhf.config import DistributedConfig, TrainEngineConfig, UserInputError
 from ds_rlhf.coordinator import setup_distributed_env, start_distributed, stop_distributed
-from ds_rlhf.engines.hybrid import HybridEngine
+from ds_rlhf.engines.hybrid import HybridEngine, keep_prefetch_trace, linear_for
 from ds_rlhf.engines.roles import init_engine
 
 
@@ -384,6 +389,80 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
     return result
 
 
+def _clock() -> float:
+    """CPU seconds of this process on CPU ranks (steadier on a shared machine), wall-clock
+    seconds after a synchronize on a GPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def _vs_hf(trainer, batch: int, repeats: int) -> dict[str, list[float]]:
+    """ds_rlhf's generation and scoring calls against plain HF calls of the same shapes on the
+    same models, in turn `repeats` times: {phase: [ds_rlhf, HF] median seconds (_clock)}. HF:
+    `generate` with the same sampling (temperature, top-k / top-p, every response its full
+    length) on the model the actor generates with, and `model(input_ids, attention_mask,
+    position_ids)` (the causal LMs' logits at every position, the scalar models' backbone +
+    head at every position) under no_grad. Every rank runs the same calls (ZeRO-3 engines
+    gather in them)."""
+    from ds_rlhf.data.collate import collate_left
+    from ds_rlhf.models import sequence_inputs
+
+    g = trainer.cfg.generation
+    trainer.actor.eos_token_id = None  # full-length responses, as HF's min_new_tokens gives
+    prompt_ids, prompt_mask = collate_left(trainer.prompts.input_ids[:batch],
+                                           trainer.tokenizer.pad_token_id)
+    index = torch.arange(batch)
+    with trainer.actor.generation_mode():
+        rollout = trainer.actor.generate(prompt_ids, prompt_mask, index, step=1)
+    input_ids, attention_mask, position_ids = sequence_inputs(
+        rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": position_ids}
+
+    def ours_generate():
+        with trainer.actor.generation_mode():
+            trainer.actor.generate(prompt_ids, prompt_mask, index, step=1)
+
+    def hf_generate():
+        with trainer.actor.generation_mode():
+            device = trainer.actor.engine.device
+            trainer.actor._gen.model.generate(
+                input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                do_sample=True, temperature=g.temperature, top_k=g.top_k or None,
+                top_p=g.top_p, max_new_tokens=g.max_new_tokens, min_new_tokens=g.max_new_tokens,
+                pad_token_id=trainer.tokenizer.pad_token_id)
+
+    def hf_forward(engine):
+        def forward():
+            with torch.no_grad(), keep_prefetch_trace(engine), linear_for(engine, grad=False):
+                engine.module(**{k: v.to(engine.device) for k, v in inputs.items()})
+        return forward
+
+    pairs = {"generate": (ours_generate, hf_generate),
+             "actor_logprobs": (lambda: trainer.actor.logprobs(rollout),
+                                hf_forward(trainer.actor.engine))}
+    if trainer.ref is not None:
+        pairs["ref_logprobs"] = (lambda: trainer.ref.logprobs(rollout),
+                                 hf_forward(trainer.ref.engine))
+    if trainer.critic is not None:
+        pairs["values"] = (lambda: trainer.critic.values(rollout),
+                           hf_forward(trainer.critic.engine))
+    if trainer.reward is not None:
+        pairs["reward"] = (lambda: trainer.reward.scores(rollout),
+                           hf_forward(trainer.reward.engine))
+    seconds: dict[str, list[list[float]]] = {name: [[], []] for name in pairs}
+    for _ in range(repeats):
+        for name, calls in pairs.items():
+            for i, call in enumerate(calls):
+                start = _clock()
+                call()
+                seconds[name][i].append(_clock() - start)
+    return {name: [round(statistics.median(x), 4) for x in both]
+            for name, both in seconds.items()}
+
+
 def bench_ppo(args) -> dict:
     import tempfile
 
@@ -445,6 +524,9 @@ def bench_ppo(args) -> dict:
     runs = {v.name: {"zero_stage": v.zero_stage, "micro_batch_tokens": v.micro_batch_tokens,
                      "backend": v.backend, **_summary(args, trainer, steps)}
             for v, trainer, steps in zip(variants, trainers, measured, strict=True)}
+    for v, trainer in zip(variants, trainers, strict=True):
+        if args.vs_hf and v.backend == "hf":
+            runs[v.name]["vs_hf_s"] = _vs_hf(trainer, args.batch * args.n_samples, args.vs_hf)
     first = runs[variants[0].name]["step_s"]["median"]
     return {
         "bench": "ppo", "preset": args.preset, "config": args.config,
@@ -531,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--n-samples", type=int, default=1, help="generation.n_samples_per_prompt")
     ppo.add_argument("--reward", choices=["model", "function"], default="model",
                      help="score with the reward model or a rule (no reward engine)")
+    ppo.add_argument("--vs-hf", type=int, default=0, metavar="N",
+                     help="after the steps, time generation and each scoring forward against "
+                          "plain HF calls of the same shapes, N times in turn (hf variants)")
     ppo.add_argument("--warmup", type=int, default=1, help="steps not measured")
     ppo.add_argument("--steps", type=int, default=2, help="measured steps")
     gen = parser.add_argument_group("generation")

@@ -6,7 +6,8 @@
 # MFU, peak memory), and, when 2 GPUs are present, the same PPO bench on 2 ranks (NCCL) at
 # ZeRO-2 and ZeRO-3. Where vLLM is importable (the vllm extra), the generation and PPO benches
 # run both generation backends side by side (`--backend hf,vllm`: samples/s, decode tokens/s,
-# weight-sync seconds; `vllm` in the report says which).
+# weight-sync seconds; `vllm` in the report says which). The single-GPU PPO bench also times the
+# hf backend's generation and scoring forwards against plain HF calls (`vs_hf_s`).
 #   launch/gpu_check.sh                   # report: gpu_check.json (GPU_CHECK_OUT to change)
 #   GPU_CHECK_DRY=1 launch/gpu_check.sh   # the same steps on CPU ranks with tiny models (CI)
 # A failing step is recorded in the report and the others still run; the exit status is 1
@@ -22,6 +23,7 @@ if [ "$DRY" = 1 ]; then
   NUM_GPUS=2  # CPU ranks: the 2-rank steps run too
   GEN="--layers 2 --hidden 64 --vocab 512 --prompts 2 --prompt-len 8 --new-tokens 8 --repeats 1"
   PPO="--preset micro --steps 1 --warmup 1"
+  VS_HF="--vs-hf 1"
   # also the variable-length mode: a fifth of the vocabulary ends a response, and token
   # packing next to micro-batches by rows
   PPO2="$PPO --zero-stage 2,3 --eos-frac 0.2 --micro-batch-tokens 0,64"
@@ -30,6 +32,7 @@ else
   NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
   GEN="--layers 16 --hidden 2048 --vocab 32000 --dtype bf16 --prompts 8 --prompt-len 128 --new-tokens 128 --repeats 2"
   PPO="--preset opt-1.3b-350m --batch 32 --steps 3 --warmup 1"
+  VS_HF="--vs-hf 2"
   PPO2="$PPO --batch 16 --steps 2 --zero-stage 2,3"
   FAST="--static-cache --compile"
 fi
@@ -55,7 +58,7 @@ echo "$? $(( $(date +%s) - start ))" > "$WORK/gpu_tests.status"
 BACKENDS=hf
 if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then BACKENDS=hf,vllm; fi
 step generation 1 generation $GEN --backend $BACKENDS
-step ppo 1 ppo $PPO --backend $BACKENDS
+step ppo 1 ppo $PPO --backend $BACKENDS $VS_HF
 step ppo_static_compile 1 ppo $PPO $FAST
 if [ "$NUM_GPUS" -ge 2 ]; then
   step ppo_2ranks 2 ppo $PPO2
@@ -104,6 +107,7 @@ def bench(name):
         "switch_over_generate": r["switch_over_generate"],
         "trained_over_frozen_scoring": r["trained_over_frozen_scoring"],
         "backend": r["backend"], "weight_sync_s": r["time_split_s"]["weight_sync"],
+        **({"vs_hf_s": r["vs_hf_s"]} if "vs_hf_s" in r else {}),
     } for variant, r in data["runs"].items()}
     return {**result, "world_size": data["world_size"], "runs": runs,
             "peak_memory_gb_per_rank": data["peak_memory_gb_per_rank"]}

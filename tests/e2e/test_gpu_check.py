@@ -52,8 +52,14 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
         assert ppo["ok"] and ppo["world_size"] == world and set(ppo["runs"]) == variants
         assert len(ppo["peak_memory_gb_per_rank"]) == world
         assert all(m > 0.1 for m in ppo["peak_memory_gb_per_rank"])
-        for run in ppo["runs"].values():
-            assert set(run) == PPO_FIELDS
+        for variant, run in ppo["runs"].items():
+            # --vs-hf on the single-rank step: [ds_rlhf, plain HF] seconds per phase
+            vs_hf = name == "ppo" and run["backend"] == "hf"
+            assert set(run) == PPO_FIELDS | ({"vs_hf_s"} if vs_hf else set()), variant
+            if vs_hf:
+                assert set(run["vs_hf_s"]) == {"generate", "actor_logprobs", "ref_logprobs",
+                                               "values", "reward"}
+                assert all(len(x) == 2 and min(x) > 0 for x in run["vs_hf_s"].values())
             assert run["samples_per_s"] > 0 and run["generated_tokens_per_s"] > 0
             assert run["train_mfu"] is None  # CPU: no peak to compare with
             assert run["step_s"]["min"] <= run["step_s"]["median"] <= run["step_s"]["max"]
