@@ -63,9 +63,9 @@ def gather_persistent_at_once(zero3_optimizer) -> None:
     """After every optimizer step ZeRO-3 re-gathers the parameters it keeps whole on every rank
     (`stage3_param_persistence_threshold`), one collective per parameter: about 70 for a
     4-layer model, a latency each, and most of the ZeRO-3 step's extra cost on small models.
-    Route that gather (`persistent_parameters[0].all_gather(list)`, also used when a checkpoint
-    loads) through DeepSpeed's coalesced all-gather, the one its forward prefetch uses: one
-    flat collective, the same values."""
+    Route that gather (`persistent_parameters[0].all_gather(list)`, also run after a checkpoint
+    is saved or loaded) through DeepSpeed's coalesced all-gather, the one its forward prefetch
+    uses: one flat collective, the same values."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     persistent = getattr(zero3_optimizer, "persistent_parameters", None)
@@ -75,9 +75,12 @@ def gather_persistent_at_once(zero3_optimizer) -> None:
     per_parameter = first.all_gather
 
     def all_gather(param_list=None, async_op=False, hierarchy=0):
-        if param_list is None or async_op:  # not the post-step gather: DeepSpeed's own path
+        missing = [p for p in param_list or [] if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        # Not the post-step gather, or quantized weights (zero_quantized_weights), which the
+        # plain coalesced gather would not dequantize: DeepSpeed's own path.
+        if param_list is None or async_op or any(
+                hasattr(p.ds_tensor, "ds_quant_scale") for p in missing):
             return per_parameter(param_list, async_op=async_op, hierarchy=hierarchy)
-        missing = [p for p in param_list if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
         if missing:
             first.all_gather_coalesced(missing).wait()
 
