@@ -426,9 +426,9 @@ def _vs_hf(trainer, batch: int, repeats: int) -> dict[str, list[float]]:
             trainer.actor.generate(prompt_ids, prompt_mask, index, step=1)
 
     def hf_generate():
-        with trainer.actor.generation_mode():
+        with trainer.actor.hybrid.generation_mode() as gen:  # the model ours generates with
             device = trainer.actor.engine.device
-            trainer.actor._gen.model.generate(
+            gen.model.generate(
                 input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
                 do_sample=True, temperature=g.temperature, top_k=g.top_k or None,
                 top_p=g.top_p, max_new_tokens=g.max_new_tokens, min_new_tokens=g.max_new_tokens,
@@ -565,6 +565,13 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _repeats(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a count of calls is 0 or more, got {text}")
+    return n
+
+
 def _backends(text: str) -> list[str]:
     backends = text.split(",")
     if any(b not in ("hf", "vllm") for b in backends) or len(set(backends)) < len(backends):
@@ -613,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--n-samples", type=int, default=1, help="generation.n_samples_per_prompt")
     ppo.add_argument("--reward", choices=["model", "function"], default="model",
                      help="score with the reward model or a rule (no reward engine)")
-    ppo.add_argument("--vs-hf", type=int, default=0, metavar="N",
+    ppo.add_argument("--vs-hf", type=_repeats, default=0, metavar="N",
                      help="after the steps, time generation and each scoring forward against "
                           "plain HF calls of the same shapes, N times in turn (hf variants)")
     ppo.add_argument("--warmup", type=int, default=1, help="steps not measured")

@@ -29,6 +29,13 @@ def test_bench_refuses_a_config_without_model_type(tmp_path, capsys):
     assert "model_type" in capsys.readouterr().err
 
 
+def test_bench_refuses_a_negative_vs_hf(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.build_parser().parse_args(["ppo", "--vs-hf", "-1"])
+    assert stop.value.code == 2
+    assert "--vs-hf" in capsys.readouterr().err
+
+
 def test_matched_tokenizer_decodes_every_id():
     tokenizer = bench.matched_tokenizer(300)
     assert len(tokenizer) == 300 and tokenizer.eos_token_id == tokenizer.pad_token_id == 0
