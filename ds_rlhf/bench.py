@@ -391,11 +391,12 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
 
 def _clock() -> float:
     """CPU seconds of this process on CPU ranks (steadier on a shared machine), wall-clock
-    seconds after a synchronize on a GPU."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return time.process_time()
+    seconds after a synchronize on an accelerator."""
+    accelerator = deepspeed.get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return time.process_time()
+    accelerator.synchronize()
+    return time.perf_counter()
 
 
 def _vs_hf(trainer, batch: int, repeats: int) -> dict[str, list[float]]:

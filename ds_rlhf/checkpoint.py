@@ -251,9 +251,8 @@ def check_shared(output_dir: str | Path, coord) -> None:
         raise _together(CheckpointError(
             f"output_dir {str(out)!r} is not the same directory on every node: rank 0 (host "
             f"{seen[0][1]}) wrote {path.name} there, and {who} not see it. output_dir must be "
-            "on a file system shared "
-            "by all nodes (and an absolute path: a relative one depends on each node's "
-            "working directory)"))
+            "on a file system shared by all nodes (and an absolute path: a relative one "
+            "depends on each node's working directory)"))
 
 
 def _holds(path: Path, token: str) -> bool:
