@@ -95,14 +95,20 @@ def start_distributed(timeout_minutes: float, failed: BaseException | None = Non
     the rendezvous, so that every rank learns of it and leaves at once (cli.py).
     """
     import deepspeed  # here, so that importing this module stays cheap
+    from deepspeed.utils import groups
 
     set_phase("start (rendezvous of the ranks)")
-    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(timeout=timeout)
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     else:
         _unlink_shm_buffer()
+    # The engines reduce gradients and gather ZeRO-3 weights over DeepSpeed's clone of the world
+    # group, which torch creates with its own default timeout (30 minutes), not the one above:
+    # without this, a rank stalled inside an engine's collective held the others for 30 minutes.
+    dist.distributed_c10d._set_pg_timeout(timeout, groups._get_data_parallel_group())
     coord = Coordinator(torch.device(accelerator.current_device_name()))
     threading.Thread(target=_watch_peers, args=(dist.distributed_c10d._get_default_store(),
                                                 coord.rank), daemon=True).start()

@@ -306,6 +306,17 @@ def test_work_of_rank_0_outlasts_the_collective_timeout_when_untimed():
     assert len(waited) == 2 and min(waited) > 7.5, proc.stdout[-3000:]
 
 
+def test_a_rank_stalled_in_an_engine_collective_ends_the_others_within_the_timeout():
+    """DeepSpeed's engines collect over a process group of their own (a clone of the world
+    group); it too gives up after distributed.timeout_minutes (3 s here), not after torch's
+    default 30 minutes. Rank 1 stalls for 60 s while rank 0 reduces its gradients."""
+    proc = run_deepspeed(2, ["tests/dist/peer_checks.py", "engine"], module=False, timeout=240)
+    text = proc.stdout + proc.stderr
+    waited = re.findall(r"rank 0: gave up after ([\d.]+) s: .*Timed out", proc.stdout)
+    assert len(waited) == 1 and 2.5 < float(waited[0]) < 30, text[-3000:]
+    assert "exits with return code = 4" in text and "stepped" not in text, text[-3000:]
+
+
 @pytest.mark.parametrize("teller", [0, 1])
 def test_a_rank_that_failed_alone_stops_the_others_through_the_store(teller):
     """A rank blocked where it cannot notice a peer's exit (an NCCL collective; here a busy
