@@ -53,6 +53,7 @@ FAILED_KEY = "ds_rlhf/failed"  # in the rendezvous store: an error that one rank
 WATCH_EVERY_S = 1.0  # how often every rank looks for it
 _TOLD = [False]  # this rank put its own error there (its watcher then leaves it alone)
 _PHASE = ["start"]  # what this rank is doing, named when a collective fails (see cli.py)
+_TIMEOUT = [timedelta(minutes=30)]  # distributed.timeout_minutes, set by start_distributed
 
 
 def set_phase(name: str) -> None:
@@ -98,7 +99,7 @@ def start_distributed(timeout_minutes: float, failed: BaseException | None = Non
     from deepspeed.utils import groups
 
     set_phase("start (rendezvous of the ranks)")
-    timeout = timedelta(minutes=timeout_minutes)
+    _TIMEOUT[0] = timeout = timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(timeout=timeout)
     accelerator = deepspeed.get_accelerator()
     if accelerator.device_name() != "cpu":
@@ -114,6 +115,12 @@ def start_distributed(timeout_minutes: float, failed: BaseException | None = Non
                                                 coord.rank), daemon=True).start()
     agree_on_start(coord, failed)
     return coord
+
+
+def collective_timeout() -> timedelta:
+    """distributed.timeout_minutes: every process group the run makes is given it, since
+    torch gives a group made without one its default (30 minutes), not the world's."""
+    return _TIMEOUT[0]
 
 
 def tell_peers(message: str) -> None:

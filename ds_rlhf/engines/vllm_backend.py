@@ -182,9 +182,12 @@ class VllmGenerator:
             return None
         import torch.distributed as dist
 
+        from ds_rlhf.coordinator import collective_timeout
+
         world = dist.get_world_size()
         group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(r, r + size)) for r in range(0, world, size)])
+            [list(range(r, r + size)) for r in range(0, world, size)],
+            timeout=collective_timeout())
         return group
 
     def load_weights(self) -> None:

@@ -306,15 +306,18 @@ def test_work_of_rank_0_outlasts_the_collective_timeout_when_untimed():
     assert len(waited) == 2 and min(waited) > 7.5, proc.stdout[-3000:]
 
 
-def test_a_rank_stalled_in_an_engine_collective_ends_the_others_within_the_timeout():
-    """DeepSpeed's engines collect over a process group of their own (a clone of the world
-    group); it too gives up after distributed.timeout_minutes (3 s here), not after torch's
-    default 30 minutes. Rank 1 stalls for 60 s while rank 0 reduces its gradients."""
-    proc = run_deepspeed(2, ["tests/dist/peer_checks.py", "engine"], module=False, timeout=240)
+@pytest.mark.parametrize("group", ["engine", "vllm_tp"])
+def test_a_rank_stalled_in_any_group_of_the_run_ends_the_others_within_the_timeout(group):
+    """The process groups a run makes besides the world's give up after
+    distributed.timeout_minutes (3 s here) too, not after torch's default 30 minutes for new
+    groups: DeepSpeed's clone of the world group, over which the engines reduce gradients
+    and gather ZeRO-3 weights, and the vLLM backend's tensor-parallel groups. Rank 1 stalls
+    for 60 s while rank 0 waits in one of them."""
+    proc = run_deepspeed(2, ["tests/dist/peer_checks.py", group], module=False, timeout=240)
     text = proc.stdout + proc.stderr
     waited = re.findall(r"rank 0: gave up after ([\d.]+) s: .*Timed out", proc.stdout)
     assert len(waited) == 1 and 2.5 < float(waited[0]) < 30, text[-3000:]
-    assert "exits with return code = 4" in text and "stepped" not in text, text[-3000:]
+    assert "exits with return code = 4" in text and "done after" not in text, text[-3000:]
 
 
 @pytest.mark.parametrize("teller", [0, 1])
