@@ -53,7 +53,7 @@ FAILED_KEY = "ds_rlhf/failed"  # in the rendezvous store: an error that one rank
 WATCH_EVERY_S = 1.0  # how often every rank looks for it
 _TOLD = [False]  # this rank put its own error there (its watcher then leaves it alone)
 _PHASE = ["start"]  # what this rank is doing, named when a collective fails (see cli.py)
-_TIMEOUT = [timedelta(minutes=30)]  # distributed.timeout_minutes, set by start_distributed
+_TIMEOUT: list[timedelta | None] = [None]  # distributed.timeout_minutes: start_distributed
 
 
 def set_phase(name: str) -> None:
@@ -120,6 +120,8 @@ def start_distributed(timeout_minutes: float, failed: BaseException | None = Non
 def collective_timeout() -> timedelta:
     """distributed.timeout_minutes: every process group the run makes is given it, since
     torch gives a group made without one its default (30 minutes), not the world's."""
+    if _TIMEOUT[0] is None:
+        raise RuntimeError("collective_timeout() before start_distributed()")
     return _TIMEOUT[0]
 
 
