@@ -19,10 +19,14 @@ older intact checkpoints stay, older intact ones are deleted. Damaged step direc
 ones newer than the new checkpoint (left by a run that resumed from an older one) are moved
 aside, renamed `step_<N>.damaged-<time>` / `step_<N>.stale-<time>`, named in one line and
 never counted; so rotation never deletes the checkpoint just written or the newest intact one.
+A save whose own step directory is already there (it reached a damaged checkpoint's step
+after falling back) moves a complete one aside the same way; only a step directory without
+trainer state (an interrupted save) is deleted.
 
 `checkpoint.resume`: true continues from the newest intact checkpoint; false refuses an
-output_dir that holds checkpoints (a new run there would mix with them); fresh moves
-`checkpoints/` aside to `checkpoints.old-<time>` and starts over.
+output_dir that holds checkpoints (a new run there would mix with them); fresh moves what the
+previous run wrote (`RUN_FILES`: checkpoints, metrics, config.yaml, exports...) into one
+`<output_dir>/previous-<time>/` and starts over.
 
 Before a save, rank 0 checks the free space against the size of the last checkpoint; a save
 that fails (full disk or another OS error, on any rank, or in what rank 0 alone writes: the
@@ -97,16 +101,56 @@ def _complete_steps(root: Path) -> list[Path]:
     return [d for d in _step_dirs(root) if (d / STATE).is_file()]
 
 
+def _unused_name(parent: Path, name: str) -> Path:
+    """`parent/<name>-<UTC time>`, with a counter if that exists."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target, n = parent / f"{name}-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = parent / f"{name}-{stamp}-{n}"
+    return target
+
+
 def _move_aside(path: Path, tag: str) -> Path:
     """Rename `path` to `<path>.<tag>-<UTC time>` (with a counter if that exists): kept for
     the user to inspect or delete, out of the way of resume and rotation."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    target, n = path.with_name(f"{path.name}.{tag}-{stamp}"), 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.{tag}-{stamp}-{n}")
+    target = _unused_name(path.parent, f"{path.name}.{tag}")
     os.rename(path, target)
     return target
+
+
+# What a run writes into its output_dir (the trainers, tracking.py, export, `ds-rlhf plot`'s
+# default PNG, W&B's local files): `checkpoint.resume: fresh` moves these aside together.
+# Named rather than "everything but the lock": an output_dir may also hold what the new run
+# reads (another run's output_dir below it, the user's data), which must stay where it is.
+RUN_FILES = ("checkpoints", "config.yaml", "engines.json", "metrics.jsonl", "metrics.png",
+             "samples.jsonl", "eval.json", "model", "actor", "critic", "wandb")
+PREVIOUS = "previous"  # output_dir/previous-<time>/: one earlier run's RUN_FILES
+
+
+def _move_run_aside(output_dir: Path) -> None:
+    """Rank 0, under the lock: move the RUN_FILES of the run that used output_dir before
+    into one new output_dir/previous-<time>/ (a rename each: same file system, nothing
+    copied or deleted) and say where in one line. Earlier bundles are not RUN_FILES, so they
+    stay beside it."""
+    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found:
+        return
+    bundle = _unused_name(output_dir, PREVIOUS)
+    moved = []
+    try:
+        bundle.mkdir()
+        for path in found:
+            os.rename(path, bundle / path.name)
+            moved.append(path.name)
+    except OSError as e:
+        raise CheckpointError(
+            f"checkpoint.resume is fresh, but moving the previous run aside into {bundle} "
+            f"failed ({e}); moved so far: {', '.join(moved) or 'nothing'}. Fix that (or move "
+            f"{', '.join(p.name for p in found)} away by hand), or use another output_dir"
+        ) from e
+    print(f"checkpoint: resume is fresh; moved the previous run aside to {bundle} "
+          f"({', '.join(moved)}); nothing was deleted", flush=True)
 
 
 def _sha256(path: Path) -> str:
@@ -268,7 +312,8 @@ def resume_point(output_dir: str | Path, resume: bool | str
 
     true: the newest intact checkpoint. false: none, and an output_dir that holds checkpoints
     is refused (the new run's saves would be rotated among the old run's, and `latest` would
-    later resume whichever is newest). fresh: `checkpoints/` is moved aside first."""
+    later resume whichever is newest). fresh: everything the previous run wrote is moved
+    aside first, into one output_dir/previous-<time>/ (`_move_run_aside`)."""
     root = checkpoint_root(output_dir)
     if resume is True:
         step_dir = find_resume(output_dir)
@@ -279,11 +324,10 @@ def resume_point(output_dir: str | Path, resume: bool | str
         raise CheckpointError(
             f"checkpoint.resume is false but {root} holds checkpoints ({names}). Set "
             "checkpoint.resume: true to continue from them, or fresh to move them aside "
-            f"(renamed {root.name}.old-<time>) and start over; or use another output_dir")
-    if held:
-        moved = _move_aside(root, "old")
-        print(f"checkpoint: resume is fresh; moved the previous checkpoints aside to {moved}",
-              flush=True)
+            f"(with the rest of that run, into {PREVIOUS}-<time>/) and start over; or use "
+            "another output_dir")
+    if resume == "fresh":
+        _move_run_aside(Path(output_dir))
     return None, None
 
 
@@ -419,9 +463,21 @@ def _guard_save(step_dir: Path, write) -> None:
 
 
 def _prepare_save(root: Path, step_dir: Path) -> None:
-    """Rank 0, before a save: remove a leftover of an interrupted save of this step, and check
-    that the free space can hold another checkpoint as big as the last one."""
-    if step_dir.exists():
+    """Rank 0, before a save: clear the way for step_dir, and check that the free space can
+    hold another checkpoint as big as the last one.
+
+    A step_dir without trainer state is the leftover of an interrupted save: removed. A
+    complete one is another run's (or this run's before it fell back to an older checkpoint)
+    and is moved aside like rotation does: damaged (the one resume skipped) or stale."""
+    if (step_dir / STATE).is_file():
+        tag = "stale" if verify(step_dir) is None else "damaged"
+        try:
+            _say_moved([(step_dir.name, _move_aside(step_dir, tag))])
+        except OSError as e:  # not one for _guard_save, which would delete step_dir
+            raise CheckpointError(
+                f"cannot save {step_dir}: moving the complete {step_dir.name} there aside "
+                f"failed ({e}); move it away by hand, then run the same command") from e
+    elif step_dir.exists():
         shutil.rmtree(step_dir)
     root.mkdir(parents=True, exist_ok=True)
     done = _complete_steps(root)
@@ -537,8 +593,12 @@ def rotate(root: Path, current: Path, keep_last: int) -> None:
     for old in intact[:max(len(intact) - (keep_last - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     if moved:
-        print("checkpoint: moved aside, kept and not counted in checkpoint.keep_last: "
-              + ", ".join(f"{name} -> {new}" for name, new in moved), flush=True)
+        _say_moved(moved)
+
+
+def _say_moved(moved: list[tuple[str, Path]]) -> None:
+    print("checkpoint: moved aside, kept and not counted in checkpoint.keep_last: "
+          + ", ".join(f"{name} -> {new}" for name, new in moved), flush=True)
 
 
 def load(step_dir: Path, engines: dict, coord, state: dict) -> None:

@@ -15,6 +15,8 @@ naming the config field and the fix:
 - a dataset (`data.datasets[i].path`): a local file that is readable and decodes (.json,
   .jsonl and .csv as UTF-8 text, .parquet by its magic bytes), a local directory, or a hub
   dataset that exists (checked online only: `datasets` keeps its own cache).
+- with `checkpoint.resume: fresh`, none of them lies in what that moves aside (the previous
+  run's files in output_dir, `checkpoint.RUN_FILES`) before the engines read it.
 
 `check_environment(cfg)` names every environment variable the config asks for (reward server
 tokens, `rewards[i].token_env`) that is unset or empty. Every rank runs both: a node may lack
@@ -31,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ds_rlhf.checkpoint import PREVIOUS, RUN_FILES
 from ds_rlhf.config import ConfigError, DataConfig, DataError, ModelConfig
 from ds_rlhf.data.sources import FILE_SUFFIXES, where
 
@@ -46,11 +49,29 @@ def check_inputs(cfg: Any) -> None:
         if isinstance(value, ModelConfig):
             if value.path is not None:
                 check_model(value.path, f"{name}.path")
+                check_not_moved(cfg, value.path, f"{name}.path")
             if value.tokenizer is not None:
                 check_tokenizer(value.tokenizer, f"{name}.tokenizer")
+                check_not_moved(cfg, value.tokenizer, f"{name}.tokenizer")
         elif isinstance(value, DataConfig):
             for i, spec in enumerate(value.datasets):
                 check_dataset(spec.path, where(spec, i))
+                check_not_moved(cfg, spec.path, where(spec, i))
+
+
+def check_not_moved(cfg: Any, path: str, field: str) -> None:
+    """A local input of a run with checkpoint.resume: fresh is not among what that moves aside
+    before the engines load it (the previous run's export, say: `actor.model.path:
+    OUTPUT_DIR/actor`), which would fail later with a missing path."""
+    if cfg.checkpoint.resume != "fresh" or not Path(path).exists():
+        return
+    out = Path(cfg.output_dir).resolve()
+    for name in RUN_FILES:
+        if Path(path).resolve().is_relative_to(out / name):
+            raise ConfigError(
+                f"{field}: {path} is in output_dir's {name}, which checkpoint.resume: fresh "
+                f"moves aside (into {out / PREVIOUS}-<time>/) before this run reads it; copy "
+                "it out of output_dir first, or use another output_dir")
 
 
 def check_environment(cfg: Any) -> None:

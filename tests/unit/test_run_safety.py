@@ -225,13 +225,113 @@ def test_resume_false_refuses_checkpoints_and_fresh_moves_them_aside(tmp_path, c
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
     assert checkpoint.resume_point(tmp_path, "fresh") == (None, None)
-    [old] = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints.old-")]
-    assert f"moved the previous checkpoints aside to {old}" in capsys.readouterr().out
-    assert _names(old) == ["step_100", "step_200"] and not root.exists()
+    [old] = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+    assert f"moved the previous run aside to {old}" in capsys.readouterr().out
+    assert _names(old / "checkpoints") == ["step_100", "step_200"] and not root.exists()
     _save(tmp_path, 10, coord, keep_last=1)
     assert _names(root) == ["step_10"] and find_resume(tmp_path) == root / "step_10"
     assert checkpoint.resume_point(tmp_path, True)[1]["step"] == 10
     assert checkpoint.resume_point(tmp_path / "new", False) == (None, None)  # nothing there
+
+
+def _tree(path) -> dict[str, bytes]:
+    """Every file under `path` (relative name -> bytes)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_fresh_moves_the_whole_previous_run_aside_in_one_bundle(tmp_path, capsys):
+    """The issue's case: fresh moved checkpoints/ aside but the new run deleted metrics.jsonl
+    and samples.jsonl and overwrote config.yaml and the exports. Every file a run writes goes
+    into one previous-<time>/ (the lock, files no run writes and older bundles stay); a second
+    fresh start makes a second bundle beside the first, never inside it."""
+    _step(tmp_path, 4, {"actor/m.pt": b"x"})
+    run = {"metrics.jsonl": b'{"step": 1}\n', "samples.jsonl": b'{"step": 1}\n',
+           "config.yaml": b"seed: 1\n", "engines.json": b"{}\n", "eval.json": b"{}\n",
+           "metrics.png": b"png", "actor/model.safetensors": b"a", "critic/config.json": b"c",
+           "model/config.json": b"m", "wandb/offline-run/run.wandb": b"w"}
+    for name, data in run.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "notes.txt").write_text("mine")  # not a run's: stays
+    lock.acquire(tmp_path)  # what open_run holds while it moves the run aside
+    try:
+        before = _tree(tmp_path)
+        assert checkpoint.resume_point(tmp_path, "fresh") == (None, None)
+        [bundle] = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+        assert re.fullmatch(r"previous-\d{8}-\d{6}", bundle.name), bundle.name
+        line = capsys.readouterr().out
+        assert line.count("\n") == 1 and f"moved the previous run aside to {bundle} " in line
+        assert "nothing was deleted" in line
+        kept = {"notes.txt", lock.NAME}
+        assert _tree(bundle) == {k: v for k, v in before.items() if k not in kept}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([bundle.name, *kept])
+
+        (tmp_path / "metrics.jsonl").write_text('{"step": 2}\n')  # the second run's record
+        checkpoint.resume_point(tmp_path, "fresh")
+        second = [p for p in tmp_path.iterdir() if p.name.startswith("previous-") and
+                  p != bundle]
+        assert [_tree(p) for p in second] == [{"metrics.jsonl": b'{"step": 2}\n'}]
+        assert _tree(bundle) == {k: v for k, v in before.items() if k not in kept}
+        capsys.readouterr()
+        assert checkpoint.resume_point(tmp_path, "fresh") == (None, None)  # nothing to move
+        assert capsys.readouterr().out == ""
+    finally:
+        lock.release()
+
+
+def test_fresh_refuses_to_read_what_it_would_move_aside(tmp_path):
+    """`actor.model.path: OUTPUT_DIR/actor` (going on from the previous run's export) with
+    fresh: its actor/ would be moved aside before the engine loads it. One line, before
+    anything starts; the same path in a bundle, or with resume true, is fine."""
+    from ds_rlhf.checks import check_not_moved
+
+    (tmp_path / "out" / "actor").mkdir(parents=True)
+    (tmp_path / "out" / "previous-20250101-000000" / "actor").mkdir(parents=True)
+    cfg = PPORunConfig(output_dir=str(tmp_path / "out"))
+    cfg.checkpoint.resume = "fresh"
+    with pytest.raises(ConfigError) as e:
+        check_not_moved(cfg, str(tmp_path / "out" / "actor"), "actor.model.path")
+    assert str(e.value) == (
+        f"actor.model.path: {tmp_path / 'out' / 'actor'} is in output_dir's actor, which "
+        f"checkpoint.resume: fresh moves aside (into {tmp_path / 'out' / 'previous'}-<time>/) "
+        "before this run reads it; copy it out of output_dir first, or use another output_dir")
+    check_not_moved(cfg, str(tmp_path / "out" / "previous-20250101-000000" / "actor"), "a")
+    cfg.checkpoint.resume = True
+    check_not_moved(cfg, str(tmp_path / "out" / "actor"), "actor.model.path")
+
+
+def test_a_damaged_checkpoint_is_moved_aside_when_the_run_reaches_its_step(
+        tmp_path, coord, capsys):
+    """The issue's case: step_200 damaged, resume falls back to step_100, and the next save is
+    step 200 again: it deleted the damaged one as if an interrupted save had left it. Only a
+    directory without trainer_state.json is such a leftover; a complete one, damaged or not
+    (an intact one newer than the resumed checkpoint), is moved aside."""
+    root = tmp_path / "checkpoints"
+    for step in (100, 200):
+        _step(tmp_path, step, {"actor/m.pt": b"x" * 100})
+    (root / "step_200" / "actor" / "m.pt").write_bytes(b"x" * 10)  # truncated
+    assert find_resume(tmp_path) == root / "step_100"
+    capsys.readouterr()
+
+    _save(tmp_path, 200, coord, keep_last=5)
+    names = _names(root)
+    assert names[:2] == ["step_100", "step_200"] and len(names) == 3, names
+    assert re.fullmatch(r"step_200\.damaged-\d{8}-\d{6}", names[2]), names
+    assert (root / names[2] / "actor" / "m.pt").read_bytes() == b"x" * 10  # kept as it was
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and f"step_200 -> {root / names[2]}" in line, line
+    assert find_resume(tmp_path) == root / "step_200"
+
+    (root / "latest").write_text("step_100")  # a user went back to step_100 by hand
+    checkpoint._prepare_save(root, root / "step_200")  # intact, newer than the resumed one
+    [stale] = [n for n in _names(root) if n.startswith("step_200.stale-")]
+    assert json.loads((root / stale / "trainer_state.json").read_text())["step"] == 200
+    assert f"step_200 -> {root / stale}" in capsys.readouterr().out
+
+    (root / "step_300" / "actor").mkdir(parents=True)  # an interrupted save: no trainer state
+    checkpoint._prepare_save(root, root / "step_300")
+    assert not (root / "step_300").exists() and "step_300" not in capsys.readouterr().out
 
 
 def test_a_failed_write_of_rank_0_stops_the_save_and_keeps_the_previous(
