@@ -1,7 +1,7 @@
 """The run's rewards: a reward model, Python reward functions and reward servers, combined.
 
     rewards = build_rewards(cfg, reward_model, coord)       # before training; checks all
-    scores, per_reward = rewards.score(reward_rows(rollout, prompts, tokenizer))
+    scores, per_reward, failures = rewards.score(reward_rows(rollout, prompts, tokenizer))
     metrics.update(reward_metrics(per_reward, scores, group_size, coord, valid))
 
 Every reward is a source with one small interface: `RewardRows` in, one float per row out.
@@ -22,14 +22,21 @@ The sequence score is sum_k weight_k * r_k over the configured rewards:
                 deadline for the whole request, answers of at most `max_response_bytes`,
                 `max_retries` with exponential backoff. Redirects are refused, never
                 followed (the token stays with `url`); a token over plain http:// to a host
-                that is not loopback is a config error unless `allow_insecure: true`.
+                that is not loopback is a config error unless `allow_insecure: true`, and
+                one that cannot be a header value (a trailing \r) is refused at the start.
 
 Every answer is checked: one finite number per row. A function that cannot be imported,
 raises, or returns a wrong count or a non-number (or one past float range, 10**400), and a
-server that fails after its retries (an answer that is not UTF-8, not JSON, too large, too
-slow), give one `RewardError` naming the function or URL (and the row, where there is one). With a
-coordinator the ranks agree after scoring, so every rank raises it together and none waits
-in a collective for a rank that has stopped (see `Rewards.score`).
+server whose request is wrong (a refused token, another 4xx, a redirect, a TLS certificate
+error), give one `RewardError` naming the function or URL (and the row, where there is one):
+the setup is wrong, the run stops. With a coordinator the ranks agree after scoring, so every
+rank raises it together and none waits in a collective for a rank that has stopped (see
+`Rewards.score`). A server request that still fails after its retries (a timeout, a
+connection error, a 5xx, an answer that is not UTF-8, not JSON, too large or not one number
+per row) fails its rows only: their score is NaN and `Rewards.score` returns a `RowFailure`
+for each, which the trainer drops from the update (rollout.max_failed_fraction). No message
+ever holds the token: it is replaced by the name of its variable, and errors of http.client
+that may quote a header value are not shown.
 
 No deepspeed or torch.distributed import here: the coordinator brings the collectives.
 """
@@ -58,7 +65,7 @@ import torch
 from torch import Tensor
 
 from ds_rlhf.config import PPORunConfig, RewardSpec, UserInputError
-from ds_rlhf.rollout import Rollout
+from ds_rlhf.rollout import Rollout, RowFailure
 
 
 class RewardError(UserInputError):
@@ -117,8 +124,11 @@ def reward_rows(rollout: Rollout, prompts, tokenizer, episodes=None) -> RewardRo
         rollout=rollout, env_rewards=None if episodes is None else episodes.env_rewards())
 
 
-def _check_values(values: Any, rows: RewardRows, what: str) -> list[float]:
-    """One finite number per row, or a RewardError naming `what` and the row."""
+def _check_values(values: Any, rows: RewardRows, what: str,
+                  describe: Callable[[int], str] | None = None, secret: str | None = None
+                  ) -> list[float]:
+    """One finite number per row, or a RewardError naming `what` and the row (`describe(i)`,
+    default rows.describe), values shown without `secret` (see _show)."""
     if hasattr(values, "tolist"):  # a tensor or numpy array
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
@@ -134,19 +144,40 @@ def _check_values(values: Any, rows: RewardRows, what: str) -> list[float]:
         except (OverflowError, ValueError):
             number = math.inf
         if not math.isfinite(number):
-            raise RewardError(f"{what} returned {_show(v)} ({type(v).__name__}) for "
-                              f"{rows.describe(i)}; expected a finite number")
+            raise RewardError(f"{what} returned {_show(v, secret=secret)} ({type(v).__name__})"
+                              f" for {(describe or rows.describe)(i)}; expected a finite number")
         out.append(number)
     return out
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters (an answer can be megabytes long)."""
+def _show(value: Any, limit: int = 60, secret: str | None = None) -> str:
+    """repr(value), cut to `limit` characters (an answer can be megabytes long); `secret` (a
+    token: a server may echo the request) replaced first, so that no part of it is left."""
     try:
-        text = repr(value)
+        text = _redact(repr(value), secret)
     except ValueError:  # an int past Python's 4300-digit limit for str()
         return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _redact(text: str, secret: str | None, name: str = "the token") -> str:
+    """`text` with `secret` replaced by `name`, as it is and as repr() or JSON escape it."""
+    if secret:
+        for form in {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}:
+            text = text.replace(form, f"<{name}>")
+    return text
+
+
+def _token_problem(token: str) -> str | None:
+    """Why `token` cannot go in `Authorization: Bearer <token>`, or None. http.client refuses
+    a control character (in an error that quotes the header, token included) and a bearer
+    token is printable ASCII (RFC 6750): so nothing else is sent."""
+    if token != token.strip():
+        return ("starts or ends with whitespace (a token file with Windows line endings read "
+                "by $(cat token.txt) leaves a \\r at the end)")
+    if not all("!" <= c <= "~" for c in token):
+        return "holds a character that is not printable ASCII (a control character, a space)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,19 +277,37 @@ class ServerReward:
             if not self.token:
                 raise RewardError(f"{self.what}: environment variable {spec.token_env!r} "
                                   f"({where}.token_env) is not set or empty; export the token")
+            problem = _token_problem(self.token)
+            if problem is not None:  # the value is never shown: it is a secret
+                raise RewardError(
+                    f"{self.what}: the token in ${spec.token_env} ({where}.token_env) {problem}"
+                    f"; export it without, e.g. {spec.token_env}=\"$(tr -d '\\r\\n' < "
+                    "token.txt)\"")
 
-    def __call__(self, rows: RewardRows) -> list[float]:
+    def __call__(self, rows: RewardRows) -> PartialScores:
+        """Requests of `batch_size` rows; a request that fails after its retries fails its
+        rows (NaN, the error). Once one has, the later requests of this call are tried once,
+        not retried: a failing server costs a step one round of retries, not one per
+        request."""
         s = self.spec
         if s.label_column is not None and s.label_column not in rows.columns:
             raise RewardError(f"{self.what}: label_column {s.label_column!r} is not a column "
                               f"of the prompt data; its columns are {sorted(rows.columns)}")
-        out, n = [], len(rows.prompts)
+        out, n, retries = PartialScores([], []), len(rows.prompts), s.max_retries
         for start in range(0, n, s.batch_size):
-            out.extend(self._request(rows.select(range(start, min(start + s.batch_size, n)))))
+            batch = rows.select(range(start, min(start + s.batch_size, n)))
+            try:
+                scores, error = self._request(batch, retries), None
+            except _RequestFailed as e:
+                scores, error, retries = [math.nan] * len(batch.prompts), str(e), 0
+            out.scores.extend(scores)
+            out.errors.extend([error] * len(batch.prompts))
         return out
 
-    def _request(self, batch: RewardRows) -> list[float]:
-        """One POST of `batch`, retried with exponential backoff; the answer checked."""
+    def _request(self, batch: RewardRows, max_retries: int) -> list[float]:
+        """One POST of `batch`, retried `max_retries` times with exponential backoff; the
+        answer checked. After the retries a RewardError when asking again would not help
+        (the setup is wrong), else _RequestFailed (the rows fail)."""
         s = self.spec
         labels = batch.columns[s.label_column] if s.label_column else [""] * len(batch.prompts)
         body = json.dumps({
@@ -267,30 +316,38 @@ class ServerReward:
         attempts = 0
         while True:
             attempts += 1
+            fatal = False
             try:
                 answer = _parse_json(self._post(body))
                 if not isinstance(answer, dict) or "rewards" not in answer:
-                    raise RewardError(f"answered {_show(answer, 200)}, no 'rewards' list")
-                return _check_values(answer["rewards"], batch, "it")
+                    raise RewardError(f"answered {_show(answer, 200, self.token)}, no 'rewards' "
+                                      "list")
+                return _check_values(answer["rewards"], batch, "it",
+                                     lambda i: f"row {i} of the request", self.token)
             except _Refused as e:  # asking again gives the same answer
-                problem = str(e)
-                break
+                problem, fatal = str(e), True
             except RewardError as e:  # a timeout, a 5xx, 408, 429 or an invalid answer
                 problem = str(e)
             except ssl.SSLError as e:
                 problem = f"TLS error: {e}"
-                if not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                    break  # a certificate or protocol mismatch does not heal by waiting
+                # a certificate or protocol mismatch does not heal by waiting
+                fatal = not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
             except (OSError, http.client.HTTPException) as e:  # refused, reset, DNS
                 problem = f"{type(e).__name__}: {e}"
-            except ValueError as e:  # http.client refuses the request (a header with a newline)
-                problem = f"{type(e).__name__}: {e}"
-                break
-            if attempts > s.max_retries:
+            except ValueError as e:  # http.client refuses the request: its text may quote
+                # the header (ValueError: Invalid header value b'Bearer sk-...'), not shown
+                token = f", the token in ${s.token_env}" if s.token_env else ""
+                problem, fatal = (f"http.client refused to send the request ({type(e).__name__}"
+                                  f"; its text is not shown: it may quote a header{token})"), True
+            if fatal or attempts > max_retries:
                 break
             time.sleep(s.backoff * 2 ** (attempts - 1))
-        raise RewardError(f"{self.what}: {problem} (after {attempts} attempt(s), max_retries="
-                          f"{s.max_retries}; a request of {len(batch.prompts)} rows)")
+        tried = (f"after {attempts} attempt(s), max_retries={s.max_retries}"
+                 if fatal or max_retries == s.max_retries else
+                 "tried once: an earlier request of this step failed after its retries")
+        message = _redact(f"{self.what}: {problem} ({tried})", self.token,
+                          f"the token in ${s.token_env}")
+        raise RewardError(message) if fatal else _RequestFailed(message)
 
     def _post(self, body: bytes) -> bytes:
         """POST `body` to the URL; the answer's body, read whole within `timeout` seconds (a
@@ -370,6 +427,19 @@ class _Refused(RewardError):
     """A server answer that asking again would not change (a redirect, most 4xx)."""
 
 
+class _RequestFailed(Exception):
+    """A request that still failed after its retries: its rows fail, the run goes on."""
+
+
+@dataclass
+class PartialScores:
+    """A source's scores where some rows may fail (a reward server): NaN there, with
+    `errors[i]` saying why (None for a row that was scored)."""
+
+    scores: list[float]
+    errors: list[str | None]
+
+
 def _parse_json(data: bytes) -> Any:
     """The JSON document in a server's answer, or a RewardError saying why not."""
     try:
@@ -405,27 +475,38 @@ class Rewards:
         self.names = [r.name for r in rewards]
         self.coord = coord  # when set, ranks agree on failures (see score)
 
-    def score(self, rows: RewardRows) -> tuple[Tensor, dict[str, Tensor]]:
-        """([N] float32 combined score, {name: [N] float32 raw score of that reward}).
+    def score(self, rows: RewardRows
+              ) -> tuple[Tensor, dict[str, Tensor], list[RowFailure | None]]:
+        """([N] float32 combined score, {name: [N] float32 raw score of that reward},
+        [N] failures: None for a scored row, a RowFailure("reward", kind, row) for a row
+        whose reward server request failed after its retries; that reward's raw score and
+        the combined score of such a row are NaN, its other rewards are scored as usual).
 
         Every source runs on every rank even after one failed: the reward model is a
         collective (ZeRO-3 gathers weights), so a rank that skipped it would hang the
-        others. Then the ranks agree: if any failed, all raise the first failing rank's
-        error (with a coord; without one, this process raises its own).
+        others. Then the ranks agree: if any raised a RewardError (the setup is wrong), all
+        raise the first failing rank's error (with a coord; without one, this process
+        raises its own). Failed rows raise nothing: the trainer counts them across ranks.
         """
         n = len(rows.prompts)
-        per_reward, error = {}, None
+        per_reward, error, failures = {}, None, [None] * n
         for r in self.rewards:
             try:
-                per_reward[r.name] = torch.as_tensor(r.source(rows), dtype=torch.float32).cpu()
+                values = r.source(rows)
             except RewardError as e:
                 error = error or e
-                per_reward[r.name] = torch.zeros(n)
+                values = torch.zeros(n)
+            if isinstance(values, PartialScores):
+                for i, kind in enumerate(values.errors):
+                    if kind is not None and failures[i] is None:
+                        failures[i] = RowFailure("reward", kind, rows.describe(i))
+                values = values.scores
+            per_reward[r.name] = torch.as_tensor(values, dtype=torch.float32).cpu()
         raise_together(self.coord, error)
         scores = torch.zeros(n)
         for r in self.rewards:
             scores += r.weight * per_reward[r.name]
-        return scores, per_reward
+        return scores, per_reward, failures
 
 
 def raise_together(coord, error: UserInputError | None) -> None:

@@ -4,17 +4,20 @@ the rows they belong to, metrics. Ranks agreeing on a failure: tests/dist/test_r
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import socket
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from ds_rlhf.cli import main as cli_main
 from ds_rlhf.config import (
     ConfigError,
     DataConfig,
@@ -96,7 +99,8 @@ def test_combination_by_weight_both_function_forms(functions, monkeypatch):
     rewards = build_rewards(cfg, LengthModel())
     assert rewards.names == ["rm", "exact", "len"]
     rows = _rows(["7", " 12", "x"], answers=["7", "12", "9"])
-    scores, per = rewards.score(rows)
+    scores, per, failed = rewards.score(rows)
+    assert failed == [None, None, None]
     # rm: 0, 2, 4; exact: 1, 1, 0; len: 1, 3, 1
     # 0.25 * rm + 3 * exact - 0.5 * len = [0 + 3 - 0.5, 0.5 + 3 - 1.5, 1 + 0 - 0.5]
     assert scores.tolist() == [2.5, 2.0, 0.5]
@@ -171,7 +175,8 @@ def test_server_scores_in_batches_with_token_and_labels(fresh, monkeypatch):
     fresh.token = "s3cret"
     monkeypatch.setenv("RM_TOKEN", "s3cret")
     spec = _server_spec(fresh.url, token_env="RM_TOKEN", batch_size=2, label_column="answer")
-    scores, per = build_rewards(_cfg(spec), None).score(_rows(["7", "12", "x"], ["7", "1", "2"]))
+    scores, per, _ = build_rewards(_cfg(spec), None).score(_rows(["7", "12", "x"],
+                                                                 ["7", "1", "2"]))
     # query = prompt + completion: "q0 =7", "q1 =12", "q2 =x" -> lengths 5, 6, 5
     assert per["server"].tolist() == [5.0, 6.0, 5.0] and scores.tolist() == [5.0, 6.0, 5.0]
     assert [body for _, body in fresh.requests] == [
@@ -194,30 +199,150 @@ def test_server_token_variable_must_be_set(fresh, monkeypatch):
         build_rewards(_cfg(_server_spec(fresh.url, token_env="RM_TOKEN_UNSET")), None)
 
 
+SECRET = "9f8e7d6c"  # the part of a token that must never reach a message
+
+
+@pytest.mark.parametrize("token", [
+    f"sk-{SECRET}\r",  # a token file with Windows line endings, read by $(cat token.txt)
+    f"sk-{SECRET}\n", f" sk-{SECRET}", f"sk-{SECRET} ", f"sk-{SECRET}\t{SECRET}",
+    f"sk-{SECRET}\x1b", f"sk-{SECRET}\x7f", f"sk-{SECRET}\u00e9", f"sk-{SECRET}\u2028",
+])
+def test_token_that_is_not_a_header_value_is_refused_unprinted(fresh, monkeypatch, token):
+    monkeypatch.setenv("RM_TOKEN", token)
+    with pytest.raises(RewardError) as e:
+        build_rewards(_cfg(_server_spec(fresh.url, token_env="RM_TOKEN")), None)
+    told = "".join(traceback.format_exception(e.value))
+    assert "$RM_TOKEN" in str(e.value) and "rewards[0].token_env" in str(e.value)
+    assert SECRET not in told and "\n" not in str(e.value)
+    assert fresh.requests == []
+
+
+def test_errors_of_the_request_path_never_show_the_token(fresh, monkeypatch):
+    token = f"sk-{SECRET}"
+    fresh.token = token
+    monkeypatch.setenv("RM_TOKEN", token)
+    rewards = build_rewards(_cfg(_server_spec(fresh.url, token_env="RM_TOKEN",
+                                              max_retries=0)), None)
+    server = rewards.rewards[0].source
+    # http.client refusing a header value: its text (ValueError: Invalid header value
+    # b'Bearer sk-...\r') holds the token; the setup is wrong, so the run stops
+    server.token = token + "\r"  # as if it had passed the start-up check
+    with pytest.raises(RewardError) as e:
+        rewards.score(_rows(["a"]))
+    told = "".join(traceback.format_exception(e.value))
+    assert SECRET not in told and "$RM_TOKEN" in str(e.value) and "ValueError" in str(e.value)
+    # a connection error whose text holds the token (a proxy echoing the request): the row
+    # fails and the text of its failure (printed, logged) names the variable instead
+    server.token = token
+
+    def leaky(self):
+        raise ConnectionResetError(f"reset after 'Authorization: Bearer {token}'")
+
+    monkeypatch.setattr(http.client.HTTPConnection, "getresponse", leaky)
+    _, _, failed = rewards.score(_rows(["a"]))
+    assert "ConnectionResetError" in failed[0].kind and "$RM_TOKEN" in failed[0].kind
+    assert SECRET not in failed[0].kind
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://:8000/score", "has no host"),
+    ("http:///score", "has no host"),
+    ("https://[::1/score", "Invalid IPv6 URL"),
+    ("http://[zz]/score", "does not appear to be an IPv4 or IPv6 address"),
+    ("http://rm:99999/score", "Port out of range"),
+    ("http://rm:0/score", "port 0 is not in 1..65535"),
+    ("http://rm:http/score", "Port could not be cast to integer"),
+    ("http://rm/get reward", "printable ASCII"),
+    ("http://rm/score\r", "printable ASCII"),
+    ("http://rm/sc\u00f6re", "printable ASCII"),
+    (f"https://user:{SECRET}@rm/score", "credentials"),
+])
+def test_reward_server_url_that_cannot_be_sent_to_is_a_config_error(url, problem):
+    cfg = PPORunConfig(rewards=[RewardSpec(url=url)])
+    cfg.actor.model.path = cfg.critic.model.path = "/models/x"
+    cfg.data.datasets = [DatasetSpec(path="p.jsonl")]
+    with pytest.raises(ConfigError) as e:
+        check_values(cfg)
+    message = str(e.value)
+    assert message.startswith("rewards[0].url: ") and problem in message
+    assert "\n" not in message and SECRET not in message
+
+
+def test_reward_server_url_error_through_the_cli(tmp_path, capsys):
+    """Even --print-config: one line, exit 2 (it was a raw ValueError traceback)."""
+    path = tmp_path / "run.yaml"
+    run = {"actor": {"model": {"path": "/m"}}, "critic": {"model": {"path": "/m"}},
+           "data": {"datasets": [{"path": "p.jsonl"}]},
+           "rewards": [{"url": "https://[::1/score"}]}
+    path.write_text(yaml.safe_dump(run))
+    assert cli_main(["ppo", "--config", str(path), "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("ds-rlhf ppo: error: rewards[0].url: 'https://[::1/score'")
+    assert cli_main(["ppo", "--config", str(path), "--print-config",
+                     "--rewards", "[{url: 'https://[::1]/score'}]"]) == 0
+
+
+def _failed_rows(spec: RewardSpec, completions: tuple[str, ...] = ("a",)) -> str:
+    """Score `completions` with a server that fails on every one of them: the run goes on
+    (no RewardError), each row is a reward failure naming its row, with a NaN score; returns
+    the failures' kind (one for all: they were one request)."""
+    rows = _rows(list(completions))
+    scores, per, failed = build_rewards(_cfg(spec), None).score(rows)
+    assert [f.source for f in failed] == ["reward"] * len(rows.prompts)
+    assert [f.row for f in failed] == [rows.describe(i) for i in range(len(rows.prompts))]
+    assert torch.isnan(scores).all() and torch.isnan(per["server"]).all()
+    (kind,) = {f.kind for f in failed}
+    assert spec.url in kind and len(kind) < 600
+    return kind
+
+
 @pytest.mark.parametrize("mode, problem", [
     ("count", "returned 2 values for 3 rows"),
-    ("nan", r"returned nan \(float\) for row 2"),
+    ("nan", r"returned nan \(float\) for row 2 of the request"),
     ("500", "HTTP 500"),
     ("slow", "no answer within timeout=0.2 s"),
 ])
-def test_bad_server_answers_one_clear_error_after_bounded_retries(fresh, mode, problem):
+def test_bad_server_answers_fail_their_rows_after_bounded_retries(fresh, mode, problem):
     fresh.mode = mode
     start = time.perf_counter()
-    with pytest.raises(RewardError, match=problem) as e:
-        build_rewards(_cfg(_server_spec(fresh.url, backoff=0.05)), None).score(
-            _rows(["a", "b", "c"]))
+    kind = _failed_rows(_server_spec(fresh.url, backoff=0.05), ("a", "b", "c"))
     seconds = time.perf_counter() - start
-    assert fresh.url in str(e.value) and "after 3 attempt(s)" in str(e.value)
+    assert re.search(problem, kind) and "after 3 attempt(s)" in kind
     assert len(fresh.requests) == 3  # 1 + max_retries, then it stops
     assert 0.05 + 0.1 <= seconds < 3  # exponential backoff between the attempts
 
 
-def test_unreachable_server(monkeypatch):
+def test_unreachable_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/get_reward"  # nobody listens here
-    with pytest.raises(RewardError, match=f"{url}.*Connection.*after 3 attempt"):
-        build_rewards(_cfg(_server_spec(url)), None).score(_rows(["a"]))
+    assert re.search(f"{url}.*Connection.*after 3 attempt", _failed_rows(_server_spec(url)))
+
+
+def test_a_failing_request_fails_its_rows_only(raw_servers, functions):
+    """Requests of 2, 2 and 1 rows to a server that always answers one reward: the first
+    two are wrong answers (their rows fail; the second, after the first failed its retries,
+    is tried once), the last is scored. The other rewards, the combination of the rows that
+    did not fail and the metrics over them are untouched."""
+    server = raw_servers(_http(b'{"rewards": [7.0]}'))
+    cfg = _cfg(_server_spec(server.url, batch_size=2, weight=2.0),
+               RewardSpec(function=f"{functions}:length"))
+    rows = _rows(["a", "bb", "ccc", "dddd", "eeeee"])
+    scores, per, failed = build_rewards(cfg, None).score(rows)
+    assert len(server.requests) == 3 + 1 + 1
+    assert [f is None for f in failed] == [False] * 4 + [True]
+    assert "returned 1 values for 2 rows" in failed[0].kind and "after 3 attempt(s)" in \
+        failed[0].kind and failed[0].kind == failed[1].kind
+    assert "returned 1 values for 2 rows" in failed[2].kind and "tried once" in failed[2].kind
+    assert failed[3].row == rows.describe(3)
+    assert per["length"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert torch.isnan(per["server"][:4]).all() and per["server"][4] == 7.0
+    assert torch.isnan(scores[:4]).all() and scores[4] == 2.0 * 7.0 + 5.0
+    valid = torch.tensor([f is None for f in failed])
+    m = reward_metrics(per, torch.where(valid, scores, 0.0), 1, None, valid)
+    assert m == {"rewards/length/mean": 5.0, "rewards/server/mean": 7.0,
+                 "rewards/all_equal_groups": 0.0}
 
 
 class RawServer:
@@ -306,34 +431,31 @@ def test_timeout_is_a_deadline_for_the_whole_answer(raw_servers, where):
     pieces = [trickle[i:i + 2] for i in range(0, len(trickle), 2)]
     server = raw_servers(pieces=pieces if where == "head" else [head, *pieces], gap=0.05)
     start = time.perf_counter()
-    with pytest.raises(RewardError, match=r"no answer within timeout=0.3 s"):
-        build_rewards(_cfg(_server_spec(server.url, timeout=0.3, max_retries=0)), None).score(
-            _rows(["a"]))
+    kind = _failed_rows(_server_spec(server.url, timeout=0.3, max_retries=0))
+    assert "no answer within timeout=0.3 s" in kind
     assert time.perf_counter() - start < 0.9  # held to the deadline (slack for a busy CPU)
 
 
 def test_answer_size_is_capped(raw_servers):
     server = raw_servers(_http(b'{"rewards": [5.0], "pad": "' + b"x" * 5000 + b'"}'))
     spec = _server_spec(server.url, max_response_bytes=1000, max_retries=0)
-    with pytest.raises(RewardError, match="more than max_response_bytes=1000 bytes"):
-        build_rewards(_cfg(spec), None).score(_rows(["a"]))
+    assert "more than max_response_bytes=1000 bytes" in _failed_rows(spec)
     spec.max_response_bytes = 6000  # the same answer fits
     assert build_rewards(_cfg(spec), None).score(_rows(["a"]))[0].tolist() == [5.0]
 
 
 @pytest.mark.parametrize("body, problem", [
     # float() of a 400-digit integer raised OverflowError
-    (b'{"rewards": [1' + b"0" * 400 + b"]}", r"returned 1000.*\.\.\. \(int\) for row 0"),
+    (b'{"rewards": [1' + b"0" * 400 + b"]}",
+     r"returned 1000.*\.\.\. \(int\) for row 0 of the request"),
     # json.loads of an integer past 4300 digits raised ValueError
     (b'{"rewards": [1' + b"0" * 5000 + b"]}", r"invalid JSON \(ValueError: Exceeds the limit"),
     (b'{"rewards": [1.0], "note": "\xff"}', "not UTF-8"),  # UnicodeDecodeError
     (b"[" * 100_000 + b"]" * 100_000, r"invalid JSON \(RecursionError"),
 ])
-def test_answers_that_escaped_the_error_path_are_reward_errors(raw_servers, body, problem):
+def test_answers_that_escaped_the_error_path_are_reward_failures(raw_servers, body, problem):
     server = raw_servers(_http(body))
-    with pytest.raises(RewardError, match=problem) as e:
-        build_rewards(_cfg(_server_spec(server.url, max_retries=0)), None).score(_rows(["a"]))
-    assert server.url in str(e.value) and len(str(e.value)) < 600
+    assert re.search(problem, _failed_rows(_server_spec(server.url, max_retries=0)))
 
 
 def test_function_returning_a_huge_integer_is_a_reward_error(tmp_path):
@@ -358,9 +480,15 @@ def test_tls_errors_are_not_retried(raw_servers):
 
 @pytest.mark.parametrize("status, attempts", [(403, 1), (404, 1), (408, 3), (429, 3)])
 def test_4xx_are_retried_only_for_408_and_429(raw_servers, status, attempts):
+    """A refused request stops the run (asking again gives the same answer: the setup is
+    wrong); 408 and 429 are the server's trouble: retried, then the rows fail."""
     server = raw_servers(_http(b"{}", f"{status} Nope"))
-    with pytest.raises(RewardError, match=f"HTTP {status} .*after {attempts} attempt"):
-        build_rewards(_cfg(_server_spec(server.url)), None).score(_rows(["a"]))
+    spec = _server_spec(server.url)
+    if attempts == 1:
+        with pytest.raises(RewardError, match=f"HTTP {status} .*after 1 attempt"):
+            build_rewards(_cfg(spec), None).score(_rows(["a"]))
+    else:
+        assert re.search(f"HTTP {status} .*after {attempts} attempt", _failed_rows(spec))
     assert len(server.requests) == attempts
 
 
@@ -442,7 +570,7 @@ def test_ints_bools_tuples_and_tensors_are_numbers(tmp_path):
                     "def ints(p, c, **kw): return [1, True]\n"
                     "def tensor(p, c, **kw): return torch.tensor([0.5, 2.0])\n")
     cfg = _cfg(RewardSpec(function=f"{path}:ints"), RewardSpec(function=f"{path}:tensor"))
-    _, per = build_rewards(cfg, None).score(_rows(["a", "b"]))
+    _, per, _ = build_rewards(cfg, None).score(_rows(["a", "b"]))
     assert per["ints"].tolist() == [1.0, 1.0] and per["tensor"].tolist() == [0.5, 2.0]
 
 
