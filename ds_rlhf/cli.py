@@ -11,7 +11,8 @@ YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank=N` from the deepspeed laun
 
 Exit codes: 0 finished, or stopped by a signal (see "preempted:"); 1 a bug (a traceback); 2 bad
 input (config, data, environment variables, checkpoint, output_dir in use or not shared by
-every node, no space for a checkpoint); 3 non-finite loss; 4 another rank stalled past
+every node, no space for a checkpoint); 3 stopped: a non-finite loss, too many failed rows
+(rollout.max_failed_fraction) or steps without an update; 4 another rank stalled past
 distributed.timeout_minutes or died.
 
 Errors on some ranks only: every rank runs the checks, and the ranks compare them before any
@@ -39,7 +40,7 @@ from ds_rlhf.config import (
     load_config,
     to_yaml,
 )
-from ds_rlhf.errors import NonFiniteError, RanksFailedError
+from ds_rlhf.errors import RanksFailedError, StopRunError
 
 COMMANDS = {"sft": SFTRunConfig, "rm": RMRunConfig, "ppo": PPORunConfig, "dpo": DPORunConfig}
 
@@ -86,7 +87,7 @@ def _fail(command: str, label: str, error: BaseException, code: int) -> int:
 def _exit_code(e: BaseException) -> int:
     if isinstance(e, RanksFailedError):
         return e.code
-    return 3 if isinstance(e, NonFiniteError) else 2
+    return 3 if isinstance(e, StopRunError) else 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +165,7 @@ def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
         except Exception:  # noqa: BLE001 (the others never came: report this rank's own)
             pass
     if getattr(e, "every_rank", False) or (isinstance(e, UserInputError) and not peers):
-        code = _fail(command, "stopped" if isinstance(e, NonFiniteError) else "error", e,
+        code = _fail(command, "stopped" if isinstance(e, StopRunError) else "error", e,
                      _exit_code(e))
         stop_distributed()
         return code

@@ -119,6 +119,10 @@ class DataConfig:
     # over max_len): raise or drop
     eval_fraction: float = 0.0  # seeded eval share of datasets without eval_split (0: none)
     seed: int = 0  # seed of the mixing, the eval hold-out and the samplers' epoch shuffles
+    allow_changed_data: bool = False  # resume even when a dataset's train or eval rows are not
+    # those the checkpoint's run had (rows added, removed, edited or reordered; another seed or
+    # eval_fraction): it may then train on rows it held out before. false: such a resume stops
+    # (exit 2) naming the dataset. The rows' place on disk never matters
 
 
 @dataclass
@@ -164,7 +168,8 @@ class GenerationConfig:
 @dataclass
 class RolloutConfig:
     """Multi-turn episodes: tools or an environment answer the model between its turns (see
-    ds_rlhf/episodes.py). With neither set, a rollout is one prompt and one response."""
+    ds_rlhf/episodes.py). With neither set, a rollout is one prompt and one response. And
+    how many of a step's rows may fail (episodes, reward calls) before the run stops."""
 
     tools: list[str] = field(default_factory=list)  # tool functions, each
     # "package.module:function" or "path/to/file.py:function": typed, docstringed, returning
@@ -181,9 +186,17 @@ class RolloutConfig:
     max_turns: int = 4  # model turns per episode at most
     max_total_tokens: int = 256  # response tokens of an episode at most (model turns and
     # observations; the prompt is not counted); a longer episode is cut (episode/truncated)
-    tool_timeout: float = 10.0  # seconds a tool call may run; then the model sees an error
+    tool_timeout: float = 10.0  # seconds a tool call may run; then its process is killed and
+    # the model sees an error
+    tool_workers: int = 8  # processes per rank that tool calls run in, at most (a turn's calls
+    # run in parallel up to this many; each is started at first use and after a kill)
     max_observation_tokens: int = 256  # a tool result longer than this (in tokens) is an error
     # observation instead
+    max_failed_fraction: float = 0.1  # rows of a step whose episode failed (the environment
+    # raised) or whose reward call failed after its retries leave the update (env/
+    # failed_episodes, reward/failed_rows); a step with a larger share of them stops the run
+    # (exit 3). Errors of the setup (an import, the environment's constructor, a refused
+    # token) stop it at once
 
     @property
     def multi_turn(self) -> bool:
@@ -304,7 +317,8 @@ class CheckpointConfig:
     keep_last: int = 2  # intact checkpoints to keep; older ones go once a new one is complete
     # true: continue from the newest intact checkpoint in output_dir/checkpoints, if any;
     # false: start anew, refusing an output_dir that holds checkpoints; fresh: start anew,
-    # moving output_dir/checkpoints aside (renamed checkpoints.old-<time>) first
+    # moving everything the previous run wrote in output_dir (checkpoints, metrics, config.yaml,
+    # exports...) aside into one output_dir/previous-<time>/ first; nothing is deleted
     resume: bool | Literal["fresh"] = True
     export_critic: bool = False  # also export the critic in HF format at the end (PPO)
 
@@ -337,12 +351,14 @@ class RewardSpec:
     function: str | None = None  # "package.module:function" or "path/to/file.py:function",
     # called fn(prompts, completions, **columns) -> list[float] (TRL's signature)
     url: str | None = None  # reward server endpoint speaking OpenRLHF's remote reward model
-    # protocol: POST {"query", "prompts", "labels"} -> {"rewards"}
+    # protocol: POST {"query", "prompts", "labels"} -> {"rewards"}; http(s)://host[:port]/path,
+    # printable ASCII, no user:password@ (see _server_url)
     name: str = ""  # metric name rewards/<name>/mean; default: the function's name, or "server"
     weight: float = 1.0  # its weight in the sequence score sum_k weight_k * r_k
     label_column: str | None = None  # server: the prompt dataset column sent as "labels"
     # (OpenRLHF's --label_key); unset sends "" for every row
     token_env: str | None = None  # server: environment variable holding a bearer token
+    # (printable ASCII, no surrounding whitespace: checked at the start, never printed)
     timeout: float = 30.0  # server: seconds for one request, connection and whole answer
     # included (a deadline, not a per-read timeout)
     max_response_bytes: int = 4 * 1024 * 1024  # server: longest answer accepted (4 MiB);
@@ -350,8 +366,9 @@ class RewardSpec:
     allow_insecure: bool = False  # server: allow sending the token_env token over plain
     # http:// to a host that is not loopback (readable on the network); else a config error
     max_retries: int = 3  # server: retries of a failed request (timeout, connection, 5xx,
-    # 408, 429, invalid answer), with exponential backoff; other 4xx answers, redirects
-    # (never followed: the token stays with `url`) and TLS errors are not retried
+    # 408, 429, invalid answer), with exponential backoff, after which its rows fail (they
+    # leave the update: rollout.max_failed_fraction); other 4xx answers, redirects (never
+    # followed: the token stays with `url`) and TLS errors are not retried and stop the run
     backoff: float = 1.0  # server: seconds before the first retry, doubled for each next one
     batch_size: int = 64  # server: rows per request
 
@@ -882,6 +899,31 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def _server_url(url: str, where: str) -> urllib.parse.SplitResult:
+    """`url` split, when a request can go there: http(s)://host[:port]/path with a host, a
+    port in 1..65535, printable ASCII only (http.client refuses the rest at the first
+    request, after every engine was built) and no user:password@ (never sent, and the URL
+    is in every error message)."""
+    _require(url.startswith(("http://", "https://")), where, f"{url!r} is not an http:// or "
+             "https:// URL")
+    _require(all("!" <= c <= "~" for c in url), where, f"{url!r} must be printable ASCII "
+             "without spaces: percent-encode the rest (an international host name in its "
+             "xn-- form)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # parsed on access: "Port out of range", not a number
+    except ValueError as e:  # "Invalid IPv6 URL" ([::1 without its bracket) and the port
+        raise ConfigError(f"{where}: {url!r} is not a valid URL ({e}); write "
+                          "http(s)://host:port/path, an IPv6 host in brackets") from None
+    _require(parts.username is None and parts.password is None, where, "holds credentials "
+             "(user:password@), which are never sent and would be printed in logs; remove "
+             "them and put a bearer token in an environment variable named by token_env")
+    _require(bool(parts.hostname), where, f"{url!r} has no host; write "
+             "http(s)://host:port/path")
+    _require(port is None or port >= 1, where, f"{url!r}: port {port} is not in 1..65535")
+    return parts
+
+
 def _check_rewards(cfg: PPORunConfig) -> None:
     """At least one reward; each `rewards` entry a well-formed function or server; unique
     names. Importing the functions and reading tokens is build_rewards' job (rewards.py)."""
@@ -908,13 +950,11 @@ def _check_rewards(cfg: PPORunConfig) -> None:
                 _require(getattr(spec, name) == getattr(default, name), f"{at}.{name}",
                          "is a reward-server setting but this entry is a function; remove it")
         else:
-            _require(spec.url.startswith(("http://", "https://")), f"{at}.url", f"{spec.url!r} "
-                     "is not an http:// or https:// URL")
+            url = _server_url(spec.url, f"{at}.url")
             _require(spec.token_env != "", f"{at}.token_env", "is empty; name an environment "
                      "variable or unset it")
             _require(spec.timeout > 0, f"{at}.timeout", "must be > 0 seconds")
             _require(spec.max_response_bytes >= 1, f"{at}.max_response_bytes", "must be >= 1")
-            url = urllib.parse.urlsplit(spec.url)
             _require(spec.token_env is None or url.scheme == "https" or spec.allow_insecure
                      or _is_loopback(url.hostname), f"{at}.url", f"{spec.url!r} would send the "
                      f"token in ${spec.token_env} over plain http:// to {url.hostname!r}, "
@@ -951,6 +991,9 @@ def _check_rollout(cfg: PPORunConfig) -> None:
     _require(r.max_turns >= 1, "rollout.max_turns", "must be at least 1")
     _require(r.max_total_tokens >= 1, "rollout.max_total_tokens", "must be at least 1")
     _require(r.tool_timeout > 0, "rollout.tool_timeout", "must be > 0 seconds")
+    _require(r.tool_workers >= 1, "rollout.tool_workers", "must be at least 1")
+    _require(0.0 <= r.max_failed_fraction <= 1.0, "rollout.max_failed_fraction",
+             "must be in [0, 1] (the share of a step's rows that may fail)")
     _require(r.max_observation_tokens >= 1, "rollout.max_observation_tokens",
              "must be at least 1")
     _require(math.isfinite(r.env_reward_weight), "rollout.env_reward_weight",
@@ -958,7 +1001,7 @@ def _check_rollout(cfg: PPORunConfig) -> None:
     if not r.multi_turn:
         default = RolloutConfig()
         for name in ("tool_parser", "env_reward_weight", "max_turns", "max_total_tokens",
-                     "tool_timeout", "max_observation_tokens"):
+                     "tool_timeout", "tool_workers", "max_observation_tokens"):
             _require(getattr(r, name) == getattr(default, name), f"rollout.{name}",
                      "is an episode setting but neither rollout.tools nor rollout.environment "
                      "is set; set one of them or remove it")

@@ -26,20 +26,25 @@ episode is cut (episode/truncated) when it reaches rollout.max_total_tokens resp
 Token in, token out: the model's tokens are appended exactly as sampled, never decoded and
 re-encoded (decoding is only for parsing); observations (tool results, environment text)
 are encoded once and appended. `Rollout.action_mask` is 1 on the model's tokens, 0 on
-observations: only the model's tokens enter the losses, KL terms and token counts.
+observations: only the model's tokens enter the losses, KL terms and token counts. Who
+produced a token decides (Episode.act / Episode.observe), never a message's role: an
+environment's "assistant" message (a scripted turn) is an observation like any other.
 
 Generation is behind one interface (`TurnBackend`): prompt token ids and per-row seeds in,
 response token ids out. Token t of a turn draws the uniform of its position in the episode's
 response (generation.generate's position_offset), so sampling stays a function of (seed,
 prompt, sample, step, position): 1 rank equals 2 ranks, and a resumed run repeats.
 
-Hostile tools: a tool that raises, runs past rollout.tool_timeout (each call runs in its own
-daemon thread; a call past its time is abandoned, Python cannot kill a thread), returns a
-non-string or a result over rollout.max_observation_tokens, an unknown tool and a malformed
-call all become an error observation the model sees (episode/tool_errors). An environment
-that raises or answers wrongly is a bug in the run: `EpisodeError` names it and the row, and
-every rank stops with it (exit 2) after all episodes of the step have ended; no collective
-runs inside an episode.
+Hostile tools: a tool that raises, runs past rollout.tool_timeout (calls run in worker
+processes, ds_rlhf/tool_worker.py; one past its time is killed with its process and the
+worker replaced), ends its process, returns a non-string or a result over
+rollout.max_observation_tokens, an unknown tool and a malformed call all become an error
+observation the model sees (episode/tool_errors). An environment that raises or answers
+wrongly in reset() or step() fails that episode only: it ends there, Episode.error names the
+environment, the method and the row, and the trainer drops the row (Episodes.failed,
+rollout.max_failed_fraction). A setup error (the environment class cannot be built, the
+tool workers cannot import the tools) stops every rank with `EpisodeError` (exit 2) after
+all episodes of the step have ended; no collective runs inside an episode.
 """
 
 from __future__ import annotations
@@ -48,19 +53,28 @@ import inspect
 import json
 import math
 import numbers
+import os
 import re
-import threading
+import signal
+import subprocess
+import sys
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Pipe
+from multiprocessing.connection import wait as connection_wait
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ds_rlhf.config import RolloutConfig, UserInputError
 from ds_rlhf.rewards import load_function, raise_together
-from ds_rlhf.rollout import Rollout
+from ds_rlhf.rollout import Rollout, RowFailure
 
 # (context ids per row, prompt_index [b], sample_index [b], position_offset [b],
 #  max_new_tokens) -> (the new tokens of each row, up to and including its EOS; the sampler's
@@ -115,14 +129,41 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-class Tools:
-    """The run's tool functions by name, their schemas, and calls under a timeout."""
+@dataclass(eq=False)
+class _Worker:
+    """A tool worker process (ds_rlhf/tool_worker.py) and its socket."""
 
-    def __init__(self, refs: Sequence[str], timeout: float):
+    proc: subprocess.Popen
+    conn: Connection
+    ready: bool = False  # it said ("ready",): its tools are imported
+    call: int = -1  # the call it runs (index into Tools.run's calls)
+    deadline: float = 0.0  # when that call (or, not ready, its start) has run too long
+
+
+_WORKER = str(Path(__file__).with_name("tool_worker.py"))
+_START_SECONDS = 120.0  # a worker that has not imported the tools by then: a setup error
+
+
+class Tools:
+    """The run's tool functions by name, their schemas, and calls under a timeout.
+
+    Calls run in worker processes (ds_rlhf/tool_worker.py, at most `workers`, started at
+    first use and kept): a call past its `timeout` is killed with its process (a thread
+    cannot be: a tool stuck in C, holding the GIL, held the whole rank) and the worker
+    replaced at once, so no abandoned work keeps running. A pool rather than one process
+    per call: a process starts once, not at every call, and `workers` bounds what a turn of
+    many rows puts on a node's CPUs. Workers are plain subprocesses of `python -I`, not
+    multiprocessing's: spawn and forkserver re-import the rank's __main__ in the child (a
+    training script without a main guard would start training again), fork copies a rank
+    with CUDA and DeepSpeed threads. They die with the rank (PR_SET_PDEATHSIG; the rank's
+    thread that first ran tools must stay alive, as the main thread does) and at close()."""
+
+    def __init__(self, refs: Sequence[str], timeout: float, workers: int = 8):
         from transformers.utils import get_json_schema
 
         self.timeout = timeout
-        self.functions: dict[str, Callable] = {}
+        self.max_workers = workers
+        self.refs: dict[str, str] = {}  # tool name -> import ref, for the workers
         self.schemas: list[dict] = []
         for i, ref in enumerate(refs):
             what = f"tool {ref!r} (rollout.tools[{i}])"
@@ -133,45 +174,131 @@ class Tools:
                 raise EpisodeError(f"{what}: no JSON schema ({e}); give it type hints and a "
                                    "Google-style docstring with an Args: section") from e
             name = schema["function"]["name"]
-            if name in self.functions:
+            if name in self.refs:
                 raise EpisodeError(f"{what}: a second tool named {name!r}; rename one")
-            self.functions[name] = fn
+            module, _, fn_name = ref.rpartition(":")
+            if module.endswith(".py"):  # the same file whatever the worker's folder
+                ref = f"{Path(module).resolve()}:{fn_name}"
+            self.refs[name] = ref
             self.schemas.append(schema)
+        self.workers: list[_Worker] = []  # alive: idle ones are in self.idle too
+        self.idle: list[_Worker] = []
+        self._close = weakref.finalize(self, _end_all, self.workers, os.getpid())
+
+    def close(self) -> None:
+        """Ends the worker processes (also at exit, or when this object is collected)."""
+        self._close()
 
     def run(self, calls: Sequence[ToolCall]) -> list[tuple[str, bool]]:
-        """(result text, ok) of each call, all calls in parallel, each in a daemon thread
-        that gets `timeout` seconds; a failure becomes an error text, never an exception."""
+        """(result text, ok) of each call, all calls in parallel (up to `workers`), each
+        with `timeout` seconds; a failure becomes an error text, never an exception (only
+        workers that cannot start at all raise EpisodeError: the setup is wrong)."""
         results: list[tuple[str, bool] | None] = [None] * len(calls)
-        threads = []
+        queue = deque()
         for k, call in enumerate(calls):
-            fn = self.functions.get(call.name)
-            if fn is None:
+            if call.name in self.refs:
+                queue.append(k)
+            else:
                 results[k] = (f"error: no tool named {call.name!r}; the tools are "
-                              f"{', '.join(sorted(self.functions))}", False)
-                continue
-
-            def target(k=k, fn=fn, call=call):
-                try:
-                    value = fn(**call.arguments)
-                except Exception as e:
-                    results[k] = (f"error: {call.name} raised {type(e).__name__}: {e}", False)
-                    return
-                if not isinstance(value, str):
-                    results[k] = (f"error: {call.name} returned {type(value).__name__}, not a "
-                                  "string", False)
-                    return
-                results[k] = (value, True)
-
-            thread = threading.Thread(target=target, daemon=True, name=f"tool-{call.name}")
-            thread.start()
-            threads.append((k, thread))
-        deadline = time.monotonic() + self.timeout
-        for k, thread in threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
-            if thread.is_alive() or results[k] is None:  # abandoned: it may finish later
-                results[k] = (f"error: {calls[k].name} did not answer within "
-                              f"{self.timeout:g} s", False)
+                              f"{', '.join(sorted(self.refs))}", False)
+        running: dict[Connection, _Worker] = {}
+        try:
+            while queue or running:
+                while queue and (self.idle or len(self.workers) < self.max_workers):
+                    worker = self._worker()
+                    worker.call = k = queue.popleft()
+                    worker.deadline = time.monotonic() + (
+                        self.timeout if worker.ready else _START_SECONDS)
+                    running[worker.conn] = worker
+                    try:
+                        worker.conn.send((calls[k].name, calls[k].arguments))
+                    except OSError:  # it died since: its recv below says so
+                        pass
+                wait = min(w.deadline for w in running.values()) - time.monotonic()
+                for conn in connection_wait(list(running), max(wait, 0.0)):
+                    worker = running[conn]
+                    name = calls[worker.call].name
+                    try:
+                        answer = conn.recv()
+                    except (EOFError, OSError):  # the tool ended its process
+                        del running[conn]
+                        results[worker.call] = (f"error: {name} ended its process (exit "
+                                                f"code {self._end(worker, wait=True)})", False)
+                        continue
+                    if not worker.ready:  # its start, not yet the call's answer
+                        if answer[0] != "ready":
+                            raise EpisodeError(f"rollout.tools: a tool worker process cannot "
+                                               f"import {answer[1]}")
+                        worker.ready = True
+                        worker.deadline = time.monotonic() + self.timeout
+                        continue
+                    del running[conn]
+                    results[worker.call] = answer
+                    self.idle.append(worker)
+                now = time.monotonic()
+                for conn, worker in list(running.items()):
+                    if worker.deadline <= now:
+                        if not worker.ready:
+                            raise EpisodeError(f"a tool worker process did not import the "
+                                               f"tools within {_START_SECONDS:g} s")
+                        del running[conn]
+                        self._end(worker)
+                        results[worker.call] = (f"error: {calls[worker.call].name} did not "
+                                                f"answer within {self.timeout:g} s", False)
+                        self.idle.append(self._start())  # starts while the model generates
+        finally:  # an exception (or ^C) leaves no call running to answer a later run
+            for worker in running.values():
+                self._end(worker)
         return [r for r in results]  # type: ignore[misc]
+
+    def _worker(self) -> _Worker:
+        """An idle worker (possibly still starting), or a new one."""
+        while self.idle:
+            worker = self.idle.pop()
+            if worker.proc.poll() is None:
+                return worker
+            self._end(worker)  # killed from outside while idle
+        return self._start()
+
+    def _start(self) -> _Worker:
+        ours, theirs = Pipe()
+        proc = subprocess.Popen([sys.executable, "-I", _WORKER, str(theirs.fileno()),
+                                 str(os.getpid())], pass_fds=[theirs.fileno()],
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        ours.send((sys.path, self.refs))
+        worker = _Worker(proc, ours)
+        self.workers.append(worker)
+        return worker
+
+    def _end(self, worker: _Worker, wait: bool = False) -> int | None:
+        """Kill a worker and what it started (its process group); its exit code. `wait`:
+        it is ending on its own, give it a moment to say with which code."""
+        if wait:
+            try:
+                worker.proc.wait(1.0)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill(worker)
+        self.workers.remove(worker)
+        return worker.proc.returncode
+
+
+def _kill(worker: _Worker) -> None:
+    """SIGKILL to its process group: the worker and what its tool started."""
+    try:
+        os.killpg(worker.proc.pid, signal.SIGKILL)  # its group id, held while one lives
+    except ProcessLookupError:  # ended, and nothing of its group is left
+        pass
+    worker.proc.wait()
+    worker.conn.close()
+
+
+def _end_all(workers: list[_Worker], owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child, whose copies these are not
+        for worker in workers:
+            _kill(worker)
+        workers.clear()
 
 
 _STAND_IN = "ds_rlhf_stand_in_turn"
@@ -208,7 +335,8 @@ class Episode:
     response: list[int] = field(default_factory=list)  # model turns and observations
     action: list[int] = field(default_factory=list)  # 1: the model's token, 0: observation
     sampler_logprobs: list[float] = field(default_factory=list)  # 0.0 on observations
-    parts: list[tuple[str, int]] = field(default_factory=list)  # (role, tokens) in order
+    parts: list[tuple[str, int]] = field(default_factory=list)  # (role, tokens) in order,
+    # the role for display (samples.jsonl): an observation's first message's
     last_turn: list[int] = field(default_factory=list)  # the model's last turn
     turns: int = 0
     tool_calls: int = 0
@@ -216,12 +344,32 @@ class Episode:
     env_reward: float = 0.0
     truncated: bool = False  # cut by max_total_tokens, or max_turns with a call pending
     done: bool = False
+    error: RowFailure | None = None  # the environment failed in this episode: it ended
 
-    def append(self, role: str, ids: list[int], logprobs: list[float] | None = None) -> None:
+    def act(self, ids: list[int], logprobs: list[float] | None) -> None:
+        """The model's turn: its tokens are the trained ones (action 1)."""
+        self.last_turn, self.turns = ids, self.turns + 1
+        self._append("assistant", ids, 1, logprobs)
+
+    def observe(self, role: str, ids: list[int]) -> None:
+        """What a tool or the environment answered: context, never trained (action 0),
+        whatever the role of its messages (an environment may script an assistant turn)."""
+        self._append(role, ids, 0, None)
+
+    def _append(self, role: str, ids: list[int], action: int,
+                logprobs: list[float] | None) -> None:
         self.response += ids
         self.sampler_logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
-        self.action += [int(role == "assistant")] * len(ids)
+        self.action += [action] * len(ids)
         self.parts.append((role, len(ids)))
+
+    def fail(self, failure: RowFailure, eos: int) -> None:
+        """End the episode as failed. Its row stays a valid rollout row (the trainer drops
+        it): the response it has, or one token if none, and nothing of it in any loss."""
+        self.error, self.done = failure, True
+        if not self.response:
+            self._append("environment", [eos], 0, None)
+        self.action = [0] * len(self.response)
 
 
 @dataclass
@@ -243,6 +391,17 @@ class Episodes:
 
     def env_rewards(self) -> list[float]:
         return [e.env_reward for e in self.episodes]
+
+    @property
+    def failed(self) -> Tensor:
+        """[B] bool: the rows whose episode failed (the environment raised or answered
+        wrongly); the trainer leaves them out of the update (rollout.max_failed_fraction)."""
+        return torch.tensor([e.error is not None for e in self.episodes], dtype=torch.bool)
+
+    @property
+    def errors(self) -> list[RowFailure | None]:
+        """Why each row's episode failed, None where it did not."""
+        return [e.error for e in self.episodes]
 
     def parts(self, i: int, tokenizer) -> list[dict]:
         """Episode i as [{"role", "text"}] in order: samples.jsonl."""
@@ -278,6 +437,11 @@ def _check_step(answer: Any, what: str) -> tuple[Any, float, bool]:
                            f"{type(observation).__name__}; return a str or a list of messages")
     if not isinstance(reward, numbers.Real) or not math.isfinite(float(reward)):
         raise EpisodeError(f"{what} returned reward {reward!r}; expected a finite number")
+    if isinstance(done, Tensor) and done.dtype == torch.bool and done.dim() == 0:
+        done = bool(done)  # a torch scalar: fine, as numpy's bool is
+    if not isinstance(done, (bool, np.bool_)):  # bool("False") is True: no guessing
+        raise EpisodeError(f"{what} returned done {repr(done)[:60]} "
+                           f"({type(done).__name__}); return a bool")
     return observation, float(reward), bool(done)
 
 
@@ -291,7 +455,8 @@ class EpisodeRunner:
         self.max_new_tokens = max_new_tokens  # per model turn (generation.max_new_tokens)
         self.max_prompt_len = max_prompt_len
         self.eos = tokenizer.eos_token_id
-        self.tools = Tools(cfg.tools, cfg.tool_timeout) if cfg.tools else None
+        self.tools = Tools(cfg.tools, cfg.tool_timeout, cfg.tool_workers) \
+            if cfg.tools else None
         self.env_cls = None
         if cfg.environment is not None:
             self.env_cls = load_function(cfg.environment, "rollout.environment",
@@ -307,6 +472,11 @@ class EpisodeRunner:
         if self.tools is not None:  # fail now, not in the first step
             render_delta(tokenizer, [{"role": "tool", "name": "t", "content": "0"}])
 
+    def close(self) -> None:
+        """Ends the tool worker processes (at the end of a run; at exit anyway)."""
+        if self.tools is not None:
+            self.tools.close()
+
     @property
     def schemas(self) -> list[dict] | None:
         """The tools' JSON schemas for the chat template, or None."""
@@ -321,21 +491,26 @@ class EpisodeRunner:
             prompt_index: Tensor, sample_index: Tensor, coord=None,
             pad_token_id: int = 0) -> tuple[Rollout, Episodes]:
         """Every row's episode to its end, then one Rollout (with action_mask). `rows[i]`:
-        the dataset row of row i ({"prompt": text, **columns}). An environment failure on
-        any rank raises EpisodeError on every rank (with `coord`) once all rows ended."""
+        the dataset row of row i ({"prompt": text, **columns}). An environment that raises
+        or answers wrongly in reset() or step() ends that episode only, failed (Episode.
+        error, Episodes.failed). A setup error (the environment class cannot be built, the
+        tool workers cannot start) raises EpisodeError on every rank (with `coord`) once all
+        rows ended."""
         env_seconds, error = 0.0, None
         envs: list[Any] = [None] * len(prompt_ids)
         episodes = [Episode(list(p)) for p in prompt_ids]
         if self.env_cls is not None:
             start = time.perf_counter()
-            for i in range(len(episodes)):
+            for i, e in enumerate(episodes):
                 try:
                     envs[i] = self.env_cls()
-                    episodes[i].prompt_ids = self._env_prompt(envs[i].reset(dict(rows[i])),
-                                                              rows[i], int(prompt_index[i]))
-                except Exception as e:
-                    error = self._env_error(e, "reset", rows[i], int(prompt_index[i]))
+                except Exception as err:
+                    error = self._env_error(err, "__init__", rows[i], int(prompt_index[i]))
                     break
+                try:
+                    e.prompt_ids = self._env_prompt(envs[i].reset(dict(rows[i])))
+                except Exception as err:  # the row keeps its dataset prompt
+                    self._fail(e, err, "reset", rows[i], int(prompt_index[i]))
             env_seconds += time.perf_counter() - start
         has_logprobs = True  # every turn's backend call gave the sampler's logprobs
         for turn in range(self.cfg.max_turns):
@@ -354,18 +529,19 @@ class EpisodeRunner:
             for k, (i, out, budget) in enumerate(zip(live, outs, budgets, strict=True)):
                 e = episodes[i]
                 out = list(out)[:budget]  # a turn ends at EOS or max_new_tokens
-                e.append("assistant", out, None if logprobs is None else logprobs[k][:len(out)])
-                e.last_turn, e.turns = out, e.turns + 1
+                e.act(out, None if logprobs is None else logprobs[k][:len(out)])
             start = time.perf_counter()
             if self.tools is not None:
-                self._tool_turn(episodes, live, last_turn)
+                try:
+                    self._tool_turn(episodes, live, last_turn)
+                except EpisodeError as err:  # the tool workers cannot start
+                    error = err
             else:
                 for i in live:
                     try:
                         self._env_turn(episodes[i], envs[i], last_turn)
-                    except Exception as e:
-                        error = self._env_error(e, "step", rows[i], int(prompt_index[i]))
-                        break
+                    except Exception as err:
+                        self._fail(episodes[i], err, "step", rows[i], int(prompt_index[i]))
             env_seconds += time.perf_counter() - start
         raise_together(coord, error)
         for e in episodes:  # max_turns reached with a call or observation pending: cut
@@ -437,30 +613,38 @@ class EpisodeRunner:
         budget = self.cfg.max_total_tokens - len(e.response)
         if len(ids) >= budget:  # no room for the model's next turn
             ids, e.done, e.truncated = ids[:budget], True, True
-        e.append(role, ids)
+        e.observe(role, ids)
 
-    def _env_prompt(self, prompt: Any, row: dict, index: int) -> list[int]:
+    def _env_prompt(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             ids = self.encode(prompt)
         elif isinstance(prompt, list):
             ids = self.encode(self.tokenizer.apply_chat_template(
                 prompt, tokenize=False, add_generation_prompt=True))
         else:
-            raise TypeError(f"reset() returned {type(prompt).__name__}; return the prompt as "
-                            "a str or a list of messages")
+            raise EpisodeError(f"reset() returned {type(prompt).__name__}; return the prompt "
+                               "as a str or a list of messages")
         if not ids or len(ids) > self.max_prompt_len:
-            raise ValueError(f"reset() gave a prompt of {len(ids)} tokens; it must have 1 to "
-                             f"data.max_prompt_len={self.max_prompt_len}")
+            raise EpisodeError(f"reset() gave a prompt of {len(ids)} tokens; it must have 1 "
+                               f"to data.max_prompt_len={self.max_prompt_len}")
         return ids
 
+    def _failure(self, e: Exception, method: str, row: dict, index: int) -> RowFailure:
+        """What failed (the environment, its method, the exception) and on which row."""
+        detail = str(e) if isinstance(e, EpisodeError) else \
+            f"{method}() raised {type(e).__name__}: {e}"
+        return RowFailure("episode", f"environment {self.cfg.environment!r} "
+                          f"(rollout.environment): {detail}", f"the row of prompt index "
+                          f"{index} ({_short(str(row.get('prompt', '')))})")
+
     def _env_error(self, e: Exception, method: str, row: dict, index: int) -> EpisodeError:
-        if isinstance(e, EpisodeError):
-            detail = str(e)
-        else:
-            detail = f"{method}() raised {type(e).__name__}: {e}"
-        return EpisodeError(f"environment {self.cfg.environment!r} (rollout.environment): "
-                            f"{detail} on the row of prompt index {index} "
-                            f"({_short(str(row.get('prompt', '')))})")
+        failure = self._failure(e, method, row, index)
+        return EpisodeError(f"{failure.kind} on {failure.row}")
+
+    def _fail(self, episode: Episode, e: Exception, method: str, row: dict,
+              index: int) -> None:
+        episode.fail(self._failure(e, method, row, index),
+                     self.eos if self.eos is not None else 0)
 
     @staticmethod
     def _rollout(episodes: list[Episode], prompt_index: Tensor, sample_index: Tensor,

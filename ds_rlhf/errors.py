@@ -9,11 +9,20 @@ rank and host and exits at once (cli.py), so that no rank waits in a collective 
 from __future__ import annotations
 
 
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or model output that the run must not go past (exit code 3). The
-    ranks count non-finite values together, so every rank raises it at the same point."""
+class StopRunError(RuntimeError):
+    """The run must not go on (exit code 3): what it trains on went bad. The ranks count
+    what went bad together, so every rank raises it at the same point."""
 
     every_rank = True
+
+
+class NonFiniteError(StopRunError):
+    """A non-finite loss or model output that the run must not go past."""
+
+
+class FailedRowsError(StopRunError):
+    """Too many of a step's rows failed (an episode whose environment raised, a reward call
+    that failed after its retries): rollout.max_failed_fraction."""
 
 
 class RanksFailedError(RuntimeError):

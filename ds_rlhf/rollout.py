@@ -19,6 +19,20 @@ PER_TOKEN = ("response_ids", "response_mask", "action_mask", "sampler_logprobs",
              "old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns")
 
 
+@dataclass(frozen=True)
+class RowFailure:
+    """Why one row of a rollout failed, so that the update drops it (rollout.
+    max_failed_fraction): its episode's environment raised, or its reward call failed after
+    the retries. `kind` is the error without the row (failures of one kind are reported
+    together), `row` names the row."""
+
+    SOURCES = ("episode", "reward")
+
+    source: str  # one of SOURCES
+    kind: str  # e.g. "environment 'env.py:Env' (rollout.environment): step() raised KeyError: 'x'"
+    row: str  # e.g. "the row of prompt index 7 ('What is 2 + 2?')"
+
+
 @dataclass
 class Rollout:
     prompt_ids: Tensor  # [B, P] long, left padded

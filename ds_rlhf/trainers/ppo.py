@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,8 @@ from ds_rlhf.coordinator import (
     setup_distributed_env,
     start_distributed,
 )
-from ds_rlhf.data import PromptSet, collate_left, load_prompts
+from ds_rlhf.data import PromptSet, collate_left, load_prompts, split_state
+from ds_rlhf.data.sources import check_resumed_split
 from ds_rlhf.engines.roles import (
     Actor,
     Critic,
@@ -46,9 +47,9 @@ from ds_rlhf.episodes import (
     build_episodes,
     episode_metrics,
 )
-from ds_rlhf.errors import NonFiniteError
+from ds_rlhf.errors import FailedRowsError, NonFiniteError
 from ds_rlhf.rewards import Rewards, build_rewards, reward_metrics, reward_rows
-from ds_rlhf.rollout import Rollout, minibatch_schedule
+from ds_rlhf.rollout import Rollout, RowFailure, minibatch_schedule
 from ds_rlhf.tracking import Timer, Tracker
 
 
@@ -72,6 +73,7 @@ class PPOTrainer:
     step: int = 0  # PPO steps completed
     saved_step: int = 0  # the step of the newest checkpoint (0: none)
     untrained_steps: int = 0  # PPO steps in a row that took no optimizer step
+    failure_kinds: set[str] = field(default_factory=set)  # failures printed so far
 
     def train(self) -> bool:
         """Run to ppo.steps; returns False when stopped early by a preemption signal."""
@@ -107,7 +109,8 @@ class PPOTrainer:
             return
         state = {"sampler": self.sampler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                  "consumed_prompts": self.step * self.cfg.ppo.rollout_batch_size,
-                 "wandb_run_id": self.tracker.run_id}
+                 "wandb_run_id": self.tracker.run_id,
+                 "data_split": split_state(self.prompts.fingerprints)}
         checkpoint.save(self.cfg.output_dir, self.step, self.engines(), state, self.coord,
                         self.cfg.checkpoint.keep_last)
         self.saved_step = self.step
@@ -155,13 +158,19 @@ class PPOTrainer:
             with timer("values"):
                 rollout.values = self.critic.values(rollout)
         with timer("reward"):
-            scores, per_reward = self.rewards.score(reward_rows(rollout, self.prompts,
-                                                                self.tokenizer, episodes))
-            nonfinite = ~torch.isfinite(scores)  # before score_clip makes inf finite
+            scores, per_reward, reward_failures = self.rewards.score(
+                reward_rows(rollout, self.prompts, self.tokenizer, episodes))
+            # A row whose episode failed is that episode's failure, whatever its reward did.
+            failures = [e or r for e, r in zip(
+                episodes.errors if episodes is not None else [None] * len(rollout),
+                reward_failures, strict=True)]
+            failed = torch.tensor([f is not None for f in failures], dtype=torch.bool)
+            nonfinite = ~torch.isfinite(scores) & ~failed  # before score_clip makes inf finite
             rollout.scores = self.adjust_scores(scores, rollout)
         every = cfg.tracking.sample_every
-        samples = self.samples(rollout, step, episodes) if every and step % every == 0 \
-            else None
+        samples = self.samples(rollout, step, episodes, failures) \
+            if every and step % every == 0 else None
+        num_failed = self.drop_failed_rows(failures, rollout)
         num_dropped = self.drop_rows(nonfinite, rollout)
 
         # 3. Per-token rewards and advantages of ppo.advantage_estimator.
@@ -175,8 +184,12 @@ class PPOTrainer:
 
         # 5. KL controller, metrics, samples.
         metrics = self.rollout_metrics(rollout, kl)
-        metrics.update(reward_metrics(per_reward, rollout.scores, n, self.coord, ~nonfinite))
+        metrics.update(reward_metrics(per_reward, rollout.scores, n, self.coord,
+                                      ~(nonfinite | failed)))
         metrics["train/nonfinite_score_rows"] = num_dropped
+        metrics["reward/failed_rows"] = num_failed["reward"]
+        if episodes is not None:
+            metrics["env/failed_episodes"] = num_failed["episode"]
         if episodes is not None:
             metrics.update(episode_metrics(self.coord.sum(episodes.stats()).tolist()))
             timer.seconds["env"] = episodes.env_seconds
@@ -184,7 +197,7 @@ class PPOTrainer:
         if samples is not None:
             self.tracker.log_samples(self.coord.gather_objects(samples))
         num_rows = cfg.ppo.rollout_batch_size * n
-        if num_dropped < num_rows:  # else no KL was measured (NaN)
+        if num_dropped + sum(num_failed.values()) < num_rows:  # else no KL was measured (NaN)
             self.kl_ctl.update(metrics["objective/kl"], num_rows)
         metrics.update(train_stats)
         timer.seconds["step"] = time.perf_counter() - start
@@ -204,8 +217,10 @@ class PPOTrainer:
             metrics["perf/samples_per_s"]
         return metrics
 
-    def samples(self, rollout: Rollout, step: int, episodes: Episodes | None) -> list[dict]:
-        """samples.jsonl rows; an episode's also list its parts, each with its role."""
+    def samples(self, rollout: Rollout, step: int, episodes: Episodes | None,
+                failures: list[RowFailure | None]) -> list[dict]:
+        """samples.jsonl rows; an episode's also list its parts, each with its role; a
+        failed row says why ("failed")."""
         rows = []
         for i in range(len(rollout)):
             response = rollout.response_ids[i, :int(rollout.response_lengths[i])].tolist()
@@ -218,6 +233,8 @@ class PPOTrainer:
                          "score": float(rollout.scores[i])})  # NaN: null in samples.jsonl
             if episodes is not None:
                 rows[-1]["parts"] = episodes.parts(i, self.tokenizer)
+            if failures[i] is not None:
+                rows[-1]["failed"] = f"{failures[i].kind} ({failures[i].row})"
         return rows
 
     def dataset_rows(self, prompt_index: torch.Tensor) -> list[dict]:
@@ -244,6 +261,44 @@ class PPOTrainer:
         rollout.scores[bad] = 0.0
         return num_bad
 
+    def drop_failed_rows(self, failures: list[RowFailure | None], rollout: Rollout
+                         ) -> dict[str, int]:
+        """Rows whose episode or reward call failed (`failures[i]` not None) leave the update
+        as drop_rows' do. Each kind of failure is printed once per run (rank 0, with its count
+        in the step it first appeared); a step where more than rollout.max_failed_fraction of
+        the rows failed stops the run on every rank. Returns the failed rows over all ranks by
+        source ("episode", "reward")."""
+        counts = self.coord.sum(torch.tensor(
+            [sum(f is not None and f.source == source for f in failures)
+             for source in RowFailure.SOURCES], dtype=torch.float64))
+        num_failed = dict(zip(RowFailure.SOURCES, (int(c) for c in counts.tolist()),
+                              strict=True))
+        total, num_rows = sum(num_failed.values()), len(rollout) * self.coord.world_size
+        if not total:
+            return num_failed
+        kinds: dict[str, list[RowFailure]] = {}
+        for f in self.coord.gather_objects([f for f in failures if f is not None]):
+            kinds.setdefault(f.kind, []).append(f)
+        report = "; ".join(f"{kind} ({len(fs)} row{'s' * (len(fs) > 1)}, first {fs[0].row})"
+                           for kind, fs in kinds.items())
+        limit = self.cfg.rollout.max_failed_fraction
+        if total > limit * num_rows:
+            raise FailedRowsError(
+                f"{total} of {num_rows} rows failed at PPO step {self.step}, more than "
+                f"rollout.max_failed_fraction ({limit:g}): {report}. The last checkpoint is "
+                "intact; fix what failed, or raise rollout.max_failed_fraction")
+        new = {kind: fs for kind, fs in kinds.items() if kind not in self.failure_kinds}
+        self.failure_kinds.update(new)
+        if new and self.coord.is_main:
+            for kind, fs in new.items():
+                print(f"PPO step {self.step}: {len(fs)} of {num_rows} rows failed: {kind} "
+                      f"(first {fs[0].row}); such rows leave the update (env/failed_episodes, "
+                      "reward/failed_rows), this message is not repeated", flush=True)
+        failed = torch.tensor([f is not None for f in failures], dtype=torch.bool)
+        rollout.response_mask[failed] = 0
+        rollout.scores[failed] = 0.0
+        return num_failed
+
     def check_progress(self, metrics: dict[str, float]) -> None:
         """Stop (exit 3) after ppo.max_untrained_steps PPO steps in a row without an optimizer
         step: a run that skips everything must not finish as if it had trained."""
@@ -254,8 +309,9 @@ class PPOTrainer:
         if limit and self.untrained_steps >= limit:
             raise NonFiniteError(
                 f"no optimizer step in the last {self.untrained_steps} PPO steps (up to step "
-                f"{self.step}): every row had a NaN/inf score or every micro-batch a NaN/inf "
-                f"loss (see train/nonfinite_score_rows and train/skipped_microbatches in "
+                f"{self.step}): every row failed or had a NaN/inf score, or every micro-batch a "
+                f"NaN/inf loss (see env/failed_episodes, reward/failed_rows, "
+                f"train/nonfinite_score_rows and train/skipped_microbatches in "
                 f"{Path(self.cfg.output_dir) / 'metrics.jsonl'}); the last checkpoint is "
                 "intact. Check the reward model and the learning rate")
 
@@ -482,6 +538,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
 
     coord = start_distributed(cfg.distributed.timeout_minutes)
     resume_dir, state = checkpoint.open_run(cfg.output_dir, cfg.checkpoint.resume, coord)
+    check_resumed_split(cfg.data, state, split_state(prompts.fingerprints), coord.is_main)
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
         if prompts.num_filtered:
@@ -547,7 +604,12 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
 
 def run(cfg: PPORunConfig) -> PPOTrainer:
     trainer = build_ppo(cfg)
-    if trainer.train():
+    try:
+        finished = trainer.train()
+    finally:  # the tool worker processes end with the run, however it ends
+        if trainer.episodes is not None:
+            trainer.episodes.close()
+    if finished:
         set_phase("export")
         out = Path(cfg.output_dir)
         trainer.actor.export(out / "actor", trainer.tokenizer, trainer.coord.is_main)

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from ds_rlhf.algo import FixedKLController
+from ds_rlhf.algo import FixedKLController, group_advantages
 from ds_rlhf.config import PPORunConfig
+from ds_rlhf.errors import FailedRowsError
 from ds_rlhf.rewards import reward_metrics
-from ds_rlhf.rollout import Rollout
+from ds_rlhf.rollout import Rollout, RowFailure
 from ds_rlhf.tracking import Timer
 from ds_rlhf.trainers.ppo import PPOTrainer
 
@@ -121,3 +122,46 @@ def test_reward_metrics_skip_dropped_rows(coord):
     one_left = torch.tensor([True, False, False, False] + [True] * 4)
     m = reward_metrics(per_reward, scores, 4, None, one_left & valid)
     assert m["rewards/all_equal_groups"] == 0.5
+
+
+# Rows whose episode or reward call failed (issue 27, item 8) take the same way out.
+def _failure(source: str, i: int) -> RowFailure:
+    return RowFailure(source, f"{source} kind", f"the row of prompt index {i}")
+
+
+def test_failed_rows_leave_their_group_like_a_group_without_them(coord, capsys):
+    """Group 0 loses row 2 to a failed episode and group 1 row 5 to a failed reward call:
+    each sibling's advantage equals that of the same group without the failed row, computed
+    on its own (the scores of the failed rows, finite here, must not count)."""
+    trainer = _trainer(coord, "grpo")
+    trainer.cfg.rollout.max_failed_fraction = 0.25
+    rollout = _rollout()
+    rollout.scores = torch.tensor([1.0, 2.0, 100.0, 4.0, 0.0, -50.0, 3.0, 6.0])
+    failures = [None, None, _failure("episode", 0), None, None, _failure("reward", 1), None,
+                None]
+    assert trainer.drop_failed_rows(failures, rollout) == {"episode": 1, "reward": 1}
+    trainer.advantages(rollout)
+    per_row = rollout.advantages[:, 0]
+    assert per_row[2] == 0.0 and per_row[5] == 0.0 and rollout.response_mask[[2, 5]].sum() == 0
+    for rows in ([0, 1, 3], [4, 6, 7]):  # the survivors of group 0, of group 1
+        alone = group_advantages(rollout.scores[rows], len(rows), "grpo")
+        torch.testing.assert_close(per_row[rows], alone)
+    out = capsys.readouterr().out  # each kind printed once, with its count and first row
+    assert out.count("rows failed") == 2
+    assert "1 of 8 rows failed: episode kind (first the row of prompt index 0)" in out
+    trainer.drop_failed_rows(failures, _rollout())  # the same kinds again: not printed
+    assert capsys.readouterr().out == ""
+
+
+def test_more_failed_rows_than_max_failed_fraction_stop_the_run(coord):
+    trainer = _trainer(coord, "grpo")
+    trainer.cfg.rollout.max_failed_fraction = 0.25  # 2 of 8 may fail, not 3
+    failures = [_failure("episode", 0), None, _failure("episode", 0), None, None,
+                _failure("reward", 1), None, None]
+    with pytest.raises(FailedRowsError) as e:
+        trainer.drop_failed_rows(failures, _rollout())
+    assert str(e.value).startswith(
+        "3 of 8 rows failed at PPO step 0, more than rollout.max_failed_fraction (0.25): "
+        "episode kind (2 rows, first the row of prompt index 0); reward kind (1 row, first "
+        "the row of prompt index 1). The last checkpoint is intact")
+    assert FailedRowsError.every_rank

@@ -1,5 +1,6 @@
 """Multi-turn episodes with a scripted "model" (fixed token sequences per turn): the loss mask,
-token-in/token-out, hostile tools and environments, zero gradient on observations. Runs
+token-in/token-out, hostile tools (their processes: test_tools.py) and environments (a failed
+episode ends alone), zero gradient on observations. Runs
 through real DeepSpeed engines: tests/dist/test_grpo_dist.py (agent runs)."""
 
 from __future__ import annotations
@@ -286,15 +287,106 @@ def test_environment_episodes(env):
     assert rollout.action_mask[0].tolist() == [1, 1, 0, 1, 1, 0, 1, 1]
 
 
-def test_environment_failures_name_the_environment_and_row(env):
-    r = runner(tools=[], environment=env)
-    rows = [{"prompt": "what is", "answer": "3"}, {"prompt": "what", "answer": "boom"}]
-    with pytest.raises(EpisodeError, match=r"environment .*Countdown.*reset\(\) raised "
-                       r"KeyError: 'no such puzzle' on the row of prompt index 1 \('what'\)"):
-        run(r, {0: [ANSWER], 1: [ANSWER]}, rows=rows)
-    with pytest.raises(EpisodeError, match=r"step\(\) returned 'bad', not a tuple .* prompt "
-                       "index 0"):
-        run(r, {0: [ids("?") + [EOS]], 1: [ANSWER]}, rows=[rows[0], rows[0]])
+def test_a_failed_episode_ends_alone_and_names_the_environment_and_row(env):
+    """reset() raising (row 1) and step() answering wrongly (row 2, its second turn) fail
+    those episodes only: row 0 plays to its end; the failed rows are still rollout rows."""
+    r = runner(tools=[], environment=env, max_turns=5)
+    rows = [{"prompt": "what is", "answer": "3"}, {"prompt": "what", "answer": "boom"},
+            {"prompt": "what is", "answer": "3"}]
+    prompts = [*PROMPTS, ids("user : what is 3 + 4 ? assistant :")]
+    turn, what = ids("7") + [EOS], ids("what")
+    _, rollout, episodes = run(r, {0: [turn] * 3, 2: [turn, ids("?") + [EOS]]},
+                               prompts=prompts, rows=rows)
+    assert episodes.failed.tolist() == [False, True, True]
+    ok, reset, step = episodes.errors
+    assert ok is None and reset.source == step.source == "episode"
+    where = f"environment {env!r} (rollout.environment): "
+    assert reset.kind == where + "reset() raised KeyError: 'no such puzzle'"
+    assert reset.row == "the row of prompt index 1 ('what')"
+    assert step.kind == where + "step() returned 'bad', not a tuple (observation, reward, done)"
+    assert step.row == "the row of prompt index 2 ('what is')"
+    assert episodes.episodes[1].error is reset
+    e = episodes.episodes
+    assert (e[0].turns, e[0].env_reward, e[0].done) == (3, 1.5, True)
+    assert rollout.action_mask[0].tolist() == [1, 1, 0, 1, 1, 0, 1, 1]
+    # reset failed: the row's dataset prompt and one token, in no loss
+    assert rollout.prompt_ids[1][rollout.prompt_mask[1].bool()].tolist() == prompts[1]
+    assert rollout.response_lengths.tolist() == [8, 1, 5]
+    assert rollout.loss_mask[1].sum() == 0 and e[1].turns == 0
+    assert episodes.final_texts(TOK)[1] == ""
+    # step failed on the second turn: what the episode had, in no loss either
+    assert rollout.response_ids[2, :5].tolist() == turn + what + ids("?") + [EOS]
+    assert rollout.loss_mask[2].sum() == 0 and e[2].turns == 2
+
+
+def test_an_environment_that_cannot_be_built_stops_the_run(tmp_path):
+    """The constructor is the setup, not one episode: EpisodeError, as every rank raises it
+    together (rewards.raise_together)."""
+    path = tmp_path / "env.py"
+    path.write_text("class Needy:\n    def __init__(self, size):\n        pass\n")
+    r = runner(tools=[], environment=f"{path}:Needy")
+    with pytest.raises(EpisodeError, match=r"environment .*Needy.* \(rollout.environment\): "
+                       r"__init__\(\) raised TypeError: .*size"):
+        run(r, {0: [ANSWER], 1: [ANSWER]})
+
+
+DONE_FILE = '''
+import numpy
+import torch
+
+class Done:
+    """Ends after one turn when row["done"] (a Python expression) says so."""
+
+    def reset(self, row):
+        self.done = eval(row["done"])
+        return row["prompt"]
+
+    def step(self, action):
+        return "what", 0.5, self.done
+'''
+
+
+def test_done_must_be_a_bool(tmp_path):
+    """done="False" ended every episode after one turn; a bool (numpy's, a torch scalar
+    too) is an answer, anything else fails the episode naming the environment."""
+    path = tmp_path / "env.py"
+    path.write_text(DONE_FILE)
+    r = runner(tools=[], environment=f"{path}:Done", max_turns=2)
+    dones = ["'False'", "True", "numpy.bool_(True)", "torch.tensor(True)", "1", "None",
+             "numpy.bool_(False)", "torch.tensor([True])"]
+    rows = [{"prompt": "what is", "done": d} for d in dones]
+    prompts = [ids("user : what is assistant :")] * len(rows)
+    turn = ids("7") + [EOS]
+    _, _, episodes = run(r, {i: [turn, turn] for i in range(len(rows))}, prompts=prompts,
+                         rows=rows)
+    assert episodes.failed.tolist() == [True, False, False, False, True, True, False, True]
+    kinds = [f.kind for f in episodes.errors if f is not None]
+    assert kinds[0] == (f"environment '{path}:Done' (rollout.environment): step() returned "
+                        "done 'False' (str); return a bool")
+    assert kinds[1:] == [kinds[0].replace("'False' (str)", x) for x in
+                         ("1 (int)", "None (NoneType)", "tensor([True]) (Tensor)")]
+    assert [e.turns for e in episodes.episodes] == [1, 1, 1, 1, 1, 1, 2, 1]
+
+
+def test_an_environment_message_of_role_assistant_is_not_trained(tmp_path):
+    """An observation is the environment's, whatever its messages' role: a scripted
+    assistant turn (a forced prefix) is context, 0 in the action mask and the loss."""
+    path = tmp_path / "env.py"
+    path.write_text("class Prefix:\n"
+                    "    def reset(self, row):\n"
+                    "        return row['prompt']\n"
+                    "    def step(self, action):\n"
+                    "        return [{'role': 'assistant', 'content': '5'}], 0.0, action == '3'\n")
+    r = runner(tools=[], environment=f"{path}:Prefix", max_turns=3)
+    turn, answer = ids("7") + [EOS], ids("3") + [EOS]
+    model, rollout, episodes = run(r, {0: [turn, answer], 1: [answer]})
+    observation = ids(" assistant : 5") + [EOS] + ids("assistant :")
+    assert model.calls[1][0][0] == model.calls[0][0][0] + turn + observation  # seen
+    expected = [1] * len(turn) + [0] * len(observation) + [1] * len(answer)
+    assert rollout.action_mask[0].tolist() == expected
+    assert rollout.loss_mask[0].tolist() == expected
+    assert rollout.action_mask[1].tolist() == [1, 1] + [0] * (len(expected) - 2)
+    assert [p["role"] for p in episodes.parts(0, TOK)] == ["assistant"] * 3  # as displayed
 
 
 def test_hermes_parser():
@@ -378,6 +470,8 @@ def test_rollout_config_is_checked_before_any_engine(tmp_path):
         ({"max_turns": 3}, "rollout.max_turns: is an episode setting"),
         ({"tools": ["m:f"], "max_turns": 0}, "rollout.max_turns: must be at least 1"),
         ({"tools": ["m:f"], "tool_timeout": 0}, "rollout.tool_timeout"),
+        ({"tools": ["m:f"], "tool_workers": 0}, "rollout.tool_workers: must be at least 1"),
+        ({"tool_workers": 2}, "rollout.tool_workers: is an episode setting"),
         ({"tools": ["m:f"], "tool_parser": "json"}, "rollout.tool_parser"),
         ({"tools": ["m:f"], "max_total_tokens": 64}, "generation.max_new_tokens: 128"),
     ]:
@@ -470,9 +564,10 @@ def test_returns_and_gae_run_over_the_models_tokens_only(estimator):
         torch.testing.assert_close(episode.returns[model], side.returns[mask.bool()])
 
 
-def test_an_environment_failure_on_one_rank_stops_every_rank():
+def test_a_setup_failure_on_one_rank_stops_every_rank():
     """rewards.raise_together, as a rank without an error sees it: the other rank's
-    EpisodeError, its type and message (naming that rank), raised here too."""
+    EpisodeError (its environment could not be built), its type and message (naming that
+    rank), raised here too."""
     from ds_rlhf.rewards import raise_together
 
     class OtherRankFailed:  # rank 0's view of a 2-rank run whose rank 1 failed
@@ -483,10 +578,11 @@ def test_an_environment_failure_on_one_rank_stops_every_rank():
 
         def gather_objects(self, items):
             assert items == []
-            return [(EpisodeError, "environment 'e.py:E' (rollout.environment): step() "
+            return [(EpisodeError, "environment 'e.py:E' (rollout.environment): __init__() "
                      "raised KeyError (on rank 1)")]
 
-    with pytest.raises(EpisodeError, match=r"step\(\) raised KeyError \(on rank 1\)") as info:
+    with pytest.raises(EpisodeError, match=r"__init__\(\) raised KeyError \(on rank 1\)") \
+            as info:
         raise_together(OtherRankFailed(), None)
     assert info.value.every_rank
     raise_together(None, None)  # one process, no error: nothing
