@@ -35,6 +35,34 @@ class Echo:
         return " it is good", sum(map(ord, action)) % 7 / 7, self.turns == 2
 '''
 
+# Echo, but the second sample of each prompt in FAILING raises in its first step(): one
+# failed episode per prompt of FAILING per step. Its per-process count of each prompt's
+# resets is the sample index (a group is reset in order, on one rank).
+FLAKY = ENV + """
+
+class Flaky(Echo):
+    FAILING = {failing!r}
+    resets = {{}}
+
+    def reset(self, row):
+        k = Flaky.resets[row["prompt"]] = Flaky.resets.get(row["prompt"], -1) + 1
+        self.fails = k % 4 == 1 and row["prompt"] in self.FAILING
+        return super().reset(row)
+
+    def step(self, action):
+        if self.fails:
+            raise KeyError("the flaky environment lost its state")
+        return super().step(action)
+"""
+
+
+def four_prompts(assets, tmp) -> tuple[str, list[str]]:
+    """A prompt file of 4 prompts: with rollout_batch_size 4 every step has all of them."""
+    lines = open(assets["prompts"]).read().splitlines()[:4]
+    path = tmp / "four_prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), [json.loads(line)["prompt"] for line in lines]
+
 
 def _agent(assets, tmp, name: str, steps: int) -> dict:
     """GRPO on environment episodes: 2 turns of up to 8 tokens, a 3-token observation
@@ -63,6 +91,8 @@ def runs(assets, tmp_path_factory):
         "def char_code(prompts, completions, **columns):\n"
         "    return [sum(map(ord, c)) % 7 / 7 for c in completions]\n")
     (tmp / "env.py").write_text(ENV)
+    prompts, texts = four_prompts(assets, tmp)
+    (tmp / "flaky.py").write_text(FLAKY.format(failing=texts[:1]))
     configs = {
         # A reward function only, kl_coef 0 and kl_loss_coef 0: the actor is the only
         # engine. seq_mean_token_mean over the global minibatch; 2 minibatches drawn from
@@ -89,8 +119,8 @@ def runs(assets, tmp_path_factory):
            for name, shortcut in (("shortcut", True), ("two_forwards", False))},
         # a KL loss term needs the reference; DAPO's clip-higher; Dr. GRPO's normalisation
         "grpo_kl": _config(assets, tmp, "grpo_kl", 2, {
-            **GRPO, "steps": 2, "kl_loss_coef": 0.1, "kl_loss_estimator": "k2", "clip_eps_high": 0.28,
-            "loss_agg": "seq_mean_token_sum_norm"}),
+            **GRPO, "steps": 2, "kl_loss_coef": 0.1, "kl_loss_estimator": "k2",
+            "clip_eps_high": 0.28, "loss_agg": "seq_mean_token_sum_norm"}),
         "rloo_z3": _config(assets, tmp, "rloo_z3", 3, {**RLOO, "steps": 2}),
         # rloo at ZeRO-2: 2 steps uninterrupted; 1 step then resumed to 2 in another dir
         "rloo": _config(assets, tmp, "rloo", 2, {**RLOO, "steps": 2}),
@@ -100,19 +130,25 @@ def runs(assets, tmp_path_factory):
         "agent": _agent(assets, tmp, "agent", 2),
         "agent_cut": _agent(assets, tmp, "agent_cut", 1),
         "agent_resumed": _agent(assets, tmp, "agent_cut", 2),
+        # 1 of the 16 episodes of each step fails: it leaves the update, the run goes on
+        "flaky": {**_agent(assets, tmp, "flaky", 2),
+                  "data": {"datasets": [{"path": prompts}], "max_prompt_len": 16},
+                  "rollout": {"environment": f"{tmp / 'flaky.py'}:Flaky", "max_turns": 3,
+                              "max_total_tokens": 24}},
     }
     paths = [write_yaml(cfg, tmp / f"{name}.yaml") for name, cfg in configs.items()]
     proc = run_deepspeed(2, ["tests/dist/runs.py", *map(str, paths)], module=False,
                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ones = [write_yaml({**configs[name], "output_dir": str(tmp / f"{name}_1rank")},
-                       tmp / f"{name}_1rank.yaml") for name in ("grpo", "agent")]
+                       tmp / f"{name}_1rank.yaml") for name in ("grpo", "agent", "flaky")]
     proc1 = run_deepspeed(1, ["tests/dist/runs.py", *map(str, ones)], module=False,
                           timeout=600)
     assert proc1.returncode == 0, proc1.stdout[-4000:] + proc1.stderr[-4000:]
     out = {name: tmp / name for name in configs if not name.endswith("_resumed")}
-    return {**out, "grpo_1rank": tmp / "grpo_1rank", "agent_1rank": tmp / "agent_1rank",
-            "stdout": proc.stdout}
+    return {**out, **{f"{name}_1rank": tmp / f"{name}_1rank" for name in ("grpo", "agent",
+                                                                           "flaky")},
+            "stdout": proc.stdout, "stdout_1rank": proc1.stdout}
 
 
 @pytest.mark.parametrize("name, steps", [("grpo", 1), ("grpo_tis", 1), ("grpo_kl", 2),
@@ -279,3 +315,21 @@ def test_tis_with_the_hf_sampler_changes_nothing(runs):
     # up to 1% of a step (seen: 3 of 26k above 1e-7, at most 2.5e-6); on average 1e-5 of it.
     diff = torch.cat([(b[name] - value).abs().flatten() for name, value in a.items()])
     assert diff.max() < 1e-5 and diff.mean() < 1e-8, (diff.max(), diff.mean())
+
+
+def test_a_failed_episode_leaves_the_update_and_the_run_goes_on(runs):
+    """Flaky fails 1 of the 16 episodes of each step: both steps run, each counts one failed
+    episode and prints its kind once (step 1); 1 rank and 2 ranks train alike."""
+    for name in ("flaky", "flaky_1rank"):
+        metrics = read_metrics(runs[name] / "metrics.jsonl")
+        assert [m["env/failed_episodes"] for m in metrics] == [1, 1]
+        assert all(m["train/skipped_minibatches"] == 0 for m in metrics)
+        stdout = runs["stdout" if name == "flaky" else "stdout_1rank"]
+        kind = "step() raised KeyError: 'the flaky environment lost its state'"
+        assert stdout.count(kind) == 1, stdout[-3000:]
+        assert "PPO step 1: 1 of 16 rows failed: environment" in stdout
+    for m1, m2 in zip(read_metrics(runs["flaky_1rank"] / "metrics.jsonl"),
+                      read_metrics(runs["flaky"] / "metrics.jsonl"), strict=True):
+        for key in ("objective/scores", "loss/policy_avg", "policy/approxkl_avg",
+                    "response_length/mean"):
+            assert m1[key] == pytest.approx(m2[key], abs=1e-5), key

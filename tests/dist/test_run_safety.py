@@ -336,6 +336,18 @@ def test_a_rank_that_failed_alone_stops_the_others_through_the_store(teller):
                           "crashed") == 1, text[-3000:]
 
 
+def test_too_many_failed_episodes_stop_every_rank_with_exit_3(assets, tmp_path):
+    """tests/e2e/test_ppo_cli.py's 3 failed episodes of 16 on 2 ranks (8 rows each): the
+    ranks count them together, every rank stops at step 1, the message printed once."""
+    from tests.e2e.test_ppo_cli import FAILED_3_OF_16, flaky_config
+
+    cfg = write_yaml(flaky_config(assets, tmp_path, failing=3), tmp_path / "c.yaml")
+    proc = run_deepspeed(2, ["ds_rlhf", "ppo", "--config", str(cfg)], timeout=300)
+    text = proc.stdout + proc.stderr
+    assert "exits with return code = 3" in text and "Traceback" not in text, text[-3000:]
+    assert text.count(FAILED_3_OF_16.format(env=tmp_path / "flaky.py:Flaky")) == 1, text[-3000:]
+
+
 def test_an_error_of_one_rank_alone_is_printed_by_it(assets, tmp_path):
     """Rank 1 alone fails in its first step, outside any agreement of the ranks: it prints
     its error naming its rank and host and exits at once (before, only rank 0 printed, so

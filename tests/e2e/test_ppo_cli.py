@@ -4,8 +4,10 @@ config switches that must not change results do not."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,12 +78,24 @@ def test_print_config_round_trips(assets, tmp_path):
     assert load_config(printed) == load_config(tmp_path / "run.yaml", ["--ppo.kl_coef", "0.3"])
 
 
-def test_memory_switches_change_memory_not_results(assets, tmp_path):
-    """Gradient checkpointing, ZeRO-3, CPU offload of parameters and optimizer states, and a
-    kept generation copy with a static KV cache."""
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file a run left in `path` (relative name -> bytes), without the lock and the
+    bundles of earlier runs."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.relative_to(path).parts[0] != "run.lock"
+            and not p.relative_to(path).parts[0].startswith("previous-")}
+
+
+@pytest.fixture(scope="module")
+def memory_runs(assets, tmp_path_factory) -> list[tuple[str, list[dict], str, dict]]:
+    """The runs of test_memory_switches_change_memory_not_results, one after the other in one
+    output_dir with checkpoint.resume: fresh, so each moves the one before aside
+    (test_fresh_moves_the_previous_run_aside_whole): (name, metrics, stdout, files left)."""
     from ds_rlhf.tracking import read_metrics
 
-    base = ppo_config(assets, tmp_path)
+    tmp = tmp_path_factory.mktemp("memory")
+    out = tmp / "out"
+    base = ppo_config(assets, out)
     variants = {
         "plain": {},
         "checkpointing": {"actor": {**base["actor"], "gradient_checkpointing": True},
@@ -94,17 +108,46 @@ def test_memory_switches_change_memory_not_results(assets, tmp_path):
                        "generation": {**base["generation"], "reuse_copy": True,
                                       "static_cache": True}},
     }
-    runs = {}
+    runs = []
     for name, sections in variants.items():
-        out = tmp_path / name
-        proc = _ppo(ppo_config(assets, out, **sections), tmp_path)
+        cfg = ppo_config(assets, out, checkpoint={"resume": "fresh", "export_critic": True},
+                         **sections)
+        proc = _ppo(cfg, tmp)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = read_metrics(out / "metrics.jsonl")
-    for name in ("checkpointing", "offload", "generation"):
-        for a, b in zip(runs["plain"], runs[name], strict=True):
+        runs.append((name, read_metrics(out / "metrics.jsonl"), proc.stdout, _tree(out)))
+    return runs
+
+
+def test_memory_switches_change_memory_not_results(memory_runs):
+    """Gradient checkpointing, ZeRO-3, CPU offload of parameters and optimizer states, and a
+    kept generation copy with a static KV cache."""
+    (_, plain, _, _), *others = memory_runs
+    for name, metrics, _, _ in others:
+        for a, b in zip(plain, metrics, strict=True):
             for key in ("objective/scores", "objective/kl", "loss/policy_avg",
                         "loss/value_avg"):
                 assert a[key] == pytest.approx(b[key], abs=1e-6), (name, key)
+
+
+def test_fresh_moves_the_previous_run_aside_whole(memory_runs):
+    """The issue's case: resume fresh moved only checkpoints/ aside and the new run deleted
+    metrics.jsonl and samples.jsonl and overwrote config.yaml and the exports. Each fresh start
+    moves every file of the run before it (checkpoints, metrics, samples, config.yaml,
+    engines.json, the actor and critic exports) byte for byte into one previous-<time>/ that
+    its message names; earlier bundles stay beside it."""
+    assert "moved the previous run" not in memory_runs[0][2]  # nothing there before
+    bundles = []
+    pairs = zip(memory_runs[:-1], memory_runs[1:], strict=True)
+    for (_, _, _, before), (name, metrics, stdout, _) in pairs:
+        [bundle] = re.findall(r"checkpoint: resume is fresh; moved the previous run aside to "
+                              r"(\S+) \(.*\); nothing was deleted\n", stdout)
+        assert _tree(Path(bundle)) == before, name
+        assert {"metrics.jsonl", "samples.jsonl", "config.yaml", "engines.json",
+                "actor/config.json", "critic/config.json", "checkpoints/latest"} <= set(before)
+        assert [m["step"] for m in metrics] == [1, 2]  # the new run's own record
+        bundles.append(Path(bundle))
+    out = bundles[0].parent
+    assert sorted(p for p in out.iterdir() if p.name.startswith("previous-")) == bundles
 
 
 def test_tool_without_schema_fails_before_any_engine(assets, tmp_path):
@@ -115,25 +158,41 @@ def test_tool_without_schema_fails_before_any_engine(assets, tmp_path):
     _fails_with(_ppo(cfg, tmp_path), "rollout.tools[0]", "no JSON schema", "docstring")
 
 
-def test_environment_failure_ends_the_run_with_exit_2(assets, tmp_path):
-    """An environment whose step() raises mid-episode: exit 2, one message naming the
-    environment, the method and the row; no traceback."""
-    (tmp_path / "env.py").write_text(
-        "class Broken:\n"
-        "    def reset(self, row):\n"
-        "        return row['prompt']\n"
-        "    def step(self, action):\n"
-        "        raise ZeroDivisionError('no moves left')\n")
-    cfg = ppo_config(assets, tmp_path / "out", ppo={"steps": 1, "rollout_batch_size": 2,
-                                                    "advantage_estimator": "reinforce_pp"},
-                     rollout={"environment": f"{tmp_path / 'env.py'}:Broken",
-                              "max_total_tokens": 24})
+def flaky_config(assets, tmp_path, failing: int) -> dict:
+    """GRPO on Flaky episodes (tests/dist/test_grpo_dist.py) whose environment fails the
+    second sample of `failing` of the 4 prompts: `failing` of the 16 rows of every step."""
+    from tests.dist.test_grpo_dist import FLAKY, four_prompts
+
+    prompts, texts = four_prompts(assets, tmp_path)
+    (tmp_path / "flaky.py").write_text(FLAKY.format(failing=texts[:failing]))
+    cfg = ppo_config(assets, tmp_path / "out",
+                     ppo={"steps": 2, "rollout_batch_size": 4, "advantage_estimator": "grpo",
+                          "kl_coef": 0.0},
+                     generation={"max_new_tokens": 8, "batch_size": 8, "n_samples_per_prompt": 4},
+                     data={"datasets": [{"path": prompts}], "max_prompt_len": 16},
+                     rollout={"environment": f"{tmp_path / 'flaky.py'}:Flaky", "max_turns": 3,
+                              "max_total_tokens": 24, "max_failed_fraction": 0.1})
     del cfg["critic"], cfg["reward"]
-    proc = _ppo(cfg, tmp_path)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return cfg
+
+
+FAILED_3_OF_16 = ("ds-rlhf ppo: stopped: 3 of 16 rows failed at PPO step 1, more than "
+                  "rollout.max_failed_fraction (0.1): environment '{env}' (rollout.environment): "
+                  "step() raised KeyError: 'the flaky environment lost its state' (3 rows, first "
+                  "the row of prompt index")
+
+
+def test_too_many_failed_episodes_stop_the_run_with_exit_3(assets, tmp_path):
+    """3 of the 16 episodes of step 1 fail, more than rollout.max_failed_fraction 0.1 allows:
+    exit 3, one message naming the environment, its error and the count; no traceback, no
+    checkpoint of the step (the 2-rank case: tests/dist/test_run_safety.py)."""
+    proc = _ppo(flaky_config(assets, tmp_path, failing=3), tmp_path)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert (f"error: environment '{tmp_path / 'env.py'}:Broken' (rollout.environment): step() "
-            "raised ZeroDivisionError: no moves left on the row of prompt index") in proc.stderr
+    text = proc.stdout + proc.stderr
+    assert text.count(FAILED_3_OF_16.format(env=tmp_path / "flaky.py:Flaky")) == 1, text[-3000:]
+    assert "rows failed" not in proc.stdout  # the stop's message only
+    assert not (tmp_path / "out" / "checkpoints" / "step_1").exists()
 
 
 def test_resume_false_on_an_output_dir_with_checkpoints_is_refused(assets, tmp_path):
@@ -149,3 +208,37 @@ def test_resume_false_on_an_output_dir_with_checkpoints_is_refused(assets, tmp_p
                       "(step_100, step_200). Set checkpoint.resume: true")
     assert proc.stderr.count("checkpoint.resume is false") == 1
     assert sorted(p.name for p in root.iterdir()) == ["step_100", "step_200"]
+
+
+def test_a_resume_checks_the_rows_not_where_they_live(assets, tmp_path):
+    """The issue's cluster case: a job stages its data to node-local scratch, a new folder at
+    every requeue. The same rows in another folder resume (the split depends on the rows, not
+    the path); with a row added the resume stops before any engine with one message naming
+    the dataset (exit 2); data.allow_changed_data: true goes on, saying so."""
+    lines = Path(assets["prompts"]).read_text().splitlines(keepends=True)
+
+    def staged(folder: str, rows: list[str]) -> str:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "prompts.jsonl").write_text("".join(rows))
+        return str(tmp_path / folder / "prompts.jsonl")
+
+    def resume(path: str, steps: int, *extra: str) -> subprocess.CompletedProcess:
+        cfg = ppo_config(assets, tmp_path / "out", ppo={"steps": steps},
+                         data={"datasets": [{"path": path, "format": "prompt"}],
+                               "eval_fraction": 0.25})
+        return _ppo(cfg, tmp_path, *extra)
+
+    first = resume(staged("scratch-1", lines), 1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    added = staged("scratch-2", [*lines, json.dumps({"prompt": "review of the phone"}) + "\n"])
+    proc = resume(added, 2)
+    _fails_with(proc, f"error: dataset {added!r} (data.datasets[0]) (train rows): not the rows "
+                      "of the checkpoint's run at step 1", "data.allow_changed_data: true")
+    assert proc.stderr.count("not the rows of the checkpoint's run") == 1
+    proc = resume(added, 1, "--data.allow_changed_data", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"data: warning: dataset {added!r}" in proc.stdout and "resumed from" in proc.stdout
+    proc = resume(staged("scratch-3", lines), 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "data: " not in proc.stdout
+    assert "step 2/2" in proc.stdout
