@@ -23,8 +23,9 @@ from ds_rlhf.data.loaders import (
     load_sft,
     prepare_tokenizer,
 )
+from ds_rlhf.data.sources import split_state
 
 __all__ = [
     "PreferenceSet", "PromptSet", "SFTSet", "collate_left", "collate_right", "load_preferences",
-    "load_prompts", "load_sft", "prepare_tokenizer",
+    "load_prompts", "load_sft", "prepare_tokenizer", "split_state",
 ]

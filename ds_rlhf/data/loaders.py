@@ -41,6 +41,8 @@ class PromptSet:
     num_filtered: int  # rows dropped for a prompt over data.max_prompt_len
     columns: dict[str, list] = field(default_factory=dict)  # the datasets' other columns
     # (e.g. a reference answer), one value per prompt; None where a row's dataset lacks one
+    fingerprints: list[str] = field(default_factory=list)  # per dataset, of the rows this
+    # split read (sources.Selection), for the checkpoint
 
 
 @dataclass
@@ -52,6 +54,7 @@ class SFTSet:
     # tokens and the EOS; every token with train_on_prompt or format text), else 0
     num_filtered: int  # rows dropped for a prompt over data.max_prompt_len
     num_truncated: int  # rows cut at data.max_len
+    fingerprints: list[str] = field(default_factory=list)  # as in PromptSet
 
 
 @dataclass
@@ -62,6 +65,7 @@ class PreferenceSet:
     rejected_ids: list[list[int]]  # prompt + rejected response + EOS
     prompt_lens: list[int]  # number of prompt tokens at the start of both sides
     num_filtered: int  # pairs dropped: prompt over data.max_prompt_len or a side over max_len
+    fingerprints: list[str] = field(default_factory=list)  # as in PromptSet
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
@@ -129,19 +133,23 @@ def _combine(cfg: DataConfig, split: Split, per_dataset: list[list[Any]],
 
 
 def _load(cfg: DataConfig, tokenizer: Any, split: Split,
-          rows_fn: Callable[[int, Any, list[int]], tuple[list[Any], int]]) -> tuple[list, int]:
-    """Run `rows_fn(index, table, rows) -> (examples, num_filtered)` on every dataset."""
+          rows_fn: Callable[[int, Any, list[int]], tuple[list[Any], int]]
+          ) -> tuple[list, int, list[str]]:
+    """Run `rows_fn(index, table, rows) -> (examples, num_filtered)` on every dataset; and
+    the datasets' fingerprints."""
     if split not in ("train", "eval"):
         raise DataError(f"split must be 'train' or 'eval', got {split!r}")
     prepare_tokenizer(tokenizer)
-    per_dataset, num_rows, num_filtered = [], [], 0
+    per_dataset, num_rows, num_filtered, fingerprints = [], [], 0, []
     for index in range(len(cfg.datasets)):
-        table, rows = rows_of(cfg, index, split)
-        examples, filtered = rows_fn(index, table, rows) if rows else ([], 0)
+        chosen = rows_of(cfg, index, split)
+        examples, filtered = (rows_fn(index, chosen.table, chosen.rows) if chosen.rows
+                              else ([], 0))
         per_dataset.append(examples)
-        num_rows.append(len(rows))
+        num_rows.append(len(chosen.rows))
         num_filtered += filtered
-    return _combine(cfg, split, per_dataset, num_rows), num_filtered
+        fingerprints.append(chosen.fingerprint)
+    return _combine(cfg, split, per_dataset, num_rows), num_filtered, fingerprints
 
 
 # Tokenised data is computed in memory on every rank, never cached on disk: a fast tokenizer
@@ -174,10 +182,10 @@ def load_prompts(cfg: DataConfig, tokenizer: Any, split: Split = "train",
         return ([(x, t, e) for x, t, e, k in zip(ids, texts, extra, keep, strict=True) if k],
                 keep.count(False))
 
-    examples, num_filtered = _load(cfg, tokenizer, split, rows_fn)
+    examples, num_filtered, fingerprints = _load(cfg, tokenizer, split, rows_fn)
     columns = {c: [e.get(c) for _, _, e in examples] for c in names}
     return PromptSet([x for x, _, _ in examples], [t for _, t, _ in examples], num_filtered,
-                     columns)
+                     columns, fingerprints)
 
 
 def _messages_sft(cfg: DataConfig, index: int, table: Any, rows: list[int], tokenizer: Any,
@@ -265,9 +273,9 @@ def load_sft(cfg: DataConfig, tokenizer: Any, split: Split = "train",
             out.append((x, m))
         return out, keep.count(False)
 
-    examples, num_filtered = _load(cfg, tokenizer, split, rows_fn)
+    examples, num_filtered, fingerprints = _load(cfg, tokenizer, split, rows_fn)
     return SFTSet([x for x, _ in examples], [m for _, m in examples], num_filtered,
-                  num_truncated)
+                  num_truncated, fingerprints)
 
 
 def _check_pair_lens(cfg: DataConfig, index: int, rows: list[int], lengths: list[int],
@@ -307,6 +315,6 @@ def load_preferences(cfg: DataConfig, tokenizer: Any, split: Split = "train",
                if k and max(len(c), len(j)) <= cfg.max_len]
         return out, len(rows) - len(out)
 
-    examples, num_filtered = _load(cfg, tokenizer, split, rows_fn)
+    examples, num_filtered, fingerprints = _load(cfg, tokenizer, split, rows_fn)
     return PreferenceSet([c for c, _, _ in examples], [j for _, j, _ in examples],
-                         [n for _, _, n in examples], num_filtered)
+                         [n for _, _, n in examples], num_filtered, fingerprints)

@@ -10,8 +10,19 @@ Where rows come from (`DatasetSpec.path`):
 
 Train/eval: with `eval_split` set, eval rows are that split and train rows all of `split`.
 Otherwise a seeded random `data.eval_fraction` of the rows of `split` is held out for eval
-(at least one row when the fraction is > 0); the choice depends only on (data.seed, path,
-split), so train and eval are disjoint and the same on every rank and every run.
+(at least one row when the fraction is > 0): the rows with the smallest keys, a row's key being
+a hash of data.seed and the row's content (`row_keys`; identical rows go by their place in the
+file). So the hold-out depends on the seed and the rows only, never on where the file lives (a
+dataset staged to node-local scratch, the demo's data inside OUTPUT_DIR): train and eval are
+disjoint and the same on every rank and every run. Content rather than position: with
+positions, a row inserted or removed, or a re-sorted file, sends every later row to a random
+side; with content, reordering changes nothing, rows added or removed move only rows at the
+cut (the eval count changes), and an edited row draws its side anew. Each dataset is split on
+its own, before mixing, so weights and the other datasets never change its split.
+
+Fingerprints: each split of each dataset has one (`Selection.fingerprint`, a hash of its rows'
+keys in order); a checkpoint records them and a resume on other rows stops
+(`check_resumed_split`), unless data.allow_changed_data.
 
 Mixing (training rows only): the mix has as many rows as the datasets together (N, counted
 after overlong rows are dropped), and dataset i gets round(N * w_i / sum(w)) of them
@@ -26,6 +37,7 @@ rows are not weighted: every eval row of every dataset, in the same order.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import random
@@ -159,26 +171,55 @@ def read_split(spec: DatasetSpec, index: int, split: str) -> Table:
     return table
 
 
-def rows_of(cfg: DataConfig, index: int, split: str) -> tuple[Table | None, list[int]]:
+def row_keys(table: Table, seed: int) -> list[bytes]:
+    """Each row's key: a hash of data.seed and the row as JSON (columns sorted, null and missing
+    values left out, so that a JSON Lines row bringing a new column changes no other row, and a
+    row reads the same from .jsonl, .json, .csv with text cells or a hub dataset)."""
+    columns = {c: table.read_column(c) for c in table.columns}
+    keys = []
+    for r in range(table.num_rows):
+        row = {c: values[r] for c, values in columns.items() if values[r] is not None}
+        text = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          default=str)
+        keys.append(hashlib.sha256(f"{seed}:{text}".encode()).digest())
+    return keys
+
+
+@dataclass
+class Selection:
+    """The rows of one dataset that one split ("train" or "eval") reads."""
+
+    table: Table | None  # None: no rows (eval with eval_fraction 0 and no eval_split)
+    rows: list[int]  # indices into the table, in file order
+    fingerprint: str  # hash of those rows' keys in that order: other rows, another order or
+    # another data.seed give another one
+
+
+def _select(table: Table | None, rows: list[int], keys: list[bytes]) -> Selection:
+    digest = hashlib.sha256(b"".join(keys[r] for r in rows)).hexdigest()[:16]
+    return Selection(table, rows, digest)
+
+
+def rows_of(cfg: DataConfig, index: int, split: str) -> Selection:
     """The table to read for `split` ("train" or "eval") and the indices of its rows in it."""
     spec = cfg.datasets[index]
     if split == "eval" and spec.eval_split is not None:
         table = read_split(spec, index, spec.eval_split)
-        return table, list(range(table.num_rows))
+        return _select(table, list(range(table.num_rows)), row_keys(table, cfg.seed))
     if split == "eval" and cfg.eval_fraction == 0:
-        return None, []  # no eval rows from this dataset: skip reading it
+        return _select(None, [], [])  # no eval rows from this dataset: skip reading it
     table = read_split(spec, index, spec.split)
+    keys = row_keys(table, cfg.seed)
     rows = list(range(table.num_rows))
     if spec.eval_split is not None or cfg.eval_fraction == 0:
-        return table, rows
-    rng = random.Random(f"eval:{cfg.seed}:{spec.path}:{spec.split}")
-    rng.shuffle(rows)
+        return _select(table, rows, keys)
     num_eval = min(max(1, round(cfg.eval_fraction * len(rows))), len(rows) - 1)
     if num_eval < 1:
         raise DataError(f"{where(spec, index)}: one row cannot be split into train and eval; "
                          "add rows, set data.eval_fraction: 0, or name an eval_split")
-    held_out = rows[:num_eval] if split == "eval" else rows[num_eval:]
-    return table, sorted(held_out)
+    by_key = sorted(rows, key=lambda r: keys[r])  # stable: identical rows in file order
+    held_out = by_key[:num_eval] if split == "eval" else by_key[num_eval:]
+    return _select(table, sorted(held_out), keys)
 
 
 def mix(groups: Sequence[list[T]], weights: Sequence[float], seed: int) -> list[T]:
@@ -196,3 +237,53 @@ def mix(groups: Sequence[list[T]], weights: Sequence[float], seed: int) -> list[
         mixed.extend(group * repeats)
         mixed.extend(group[k] for k in sorted(rng.sample(range(len(group)), rest)))
     return mixed
+
+
+class ChangedDataError(DataError):
+    """A resume on other rows than the checkpoint's run had. Every rank reads the same data
+    and the same checkpoint, so every rank raises it together (cli.py: rank 0 prints it)."""
+
+    every_rank = True
+
+
+def split_state(train: list[str], held_out: list[str] | None = None) -> list[dict[str, str]]:
+    """What a checkpoint records of its data ("data_split" in trainer_state.json): per entry
+    of data.datasets, the fingerprints of its train rows and, where the run evaluates (SFT, RM,
+    DPO), of its eval rows."""
+    if held_out is None:
+        return [{"train": t} for t in train]
+    return [{"train": t, "eval": e} for t, e in zip(train, held_out, strict=True)]
+
+
+def check_resumed_split(cfg: DataConfig, state: dict | None, current: list[dict[str, str]],
+                        is_main: bool) -> None:
+    """Stop a resume whose datasets' rows differ from the checkpoint's (`split_state`): it
+    would train on other rows, perhaps ones it held out before, and its eval numbers would
+    not compare. data.allow_changed_data: true goes on with a warning. A checkpoint written
+    before fingerprints existed resumes as before, with a note."""
+    if state is None:
+        return  # a fresh start
+    recorded = state.get("data_split")
+    if recorded is None:
+        if is_main:
+            print("data: the checkpoint records no fingerprint of its data (written by an "
+                  "older ds_rlhf), so the rows are not checked against it", flush=True)
+        return
+    if len(recorded) != len(current):
+        changed = [f"data.datasets has {len(current)} entries, the checkpoint's run had "
+                   f"{len(recorded)}"]
+    else:
+        changed = [f"{where(cfg.datasets[i], i)} ({' and '.join(parts)} rows)"
+                   for i, (old, new) in enumerate(zip(recorded, current, strict=True))
+                   if (parts := [k for k, v in new.items() if k in old and old[k] != v])]
+    if not changed:
+        return
+    message = (f"{'; '.join(changed)}: not the rows of the checkpoint's run at step "
+               f"{state['step']} (rows added, removed, edited or reordered, or another "
+               "data.seed or data.eval_fraction), so the run would train on other rows, perhaps "
+               "ones it held out for eval")
+    if not cfg.allow_changed_data:
+        raise ChangedDataError(f"{message}. Resume with that data, start anew in another "
+                               "output_dir, or set data.allow_changed_data: true to go on")
+    if is_main:
+        print(f"data: warning: {message}; going on (data.allow_changed_data)", flush=True)

@@ -39,6 +39,7 @@ from ds_rlhf.coordinator import (
     setup_distributed_env,
     start_distributed,
 )
+from ds_rlhf.data.sources import check_resumed_split
 from ds_rlhf.engines.export import export_hf
 from ds_rlhf.engines.roles import init_engine
 from ds_rlhf.errors import NonFiniteError
@@ -94,15 +95,18 @@ class Session:
     engine: Any
     preempted: checkpoint.PreemptionFlag
     resume_state: dict | None  # trainer_state.json of the loaded checkpoint (None: fresh)
+    data_split: list[dict[str, str]]  # fingerprints of the rows (sources.split_state)
 
 
 def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
-          world_size: int) -> Session:
+          world_size: int, data_split: list[dict[str, str]]) -> Session:
     """init_distributed, save config.yaml, build the ZeRO engine, load the newest checkpoint
-    of OUTPUT_DIR/checkpoints if there is one (and checkpoint.resume is on)."""
+    of OUTPUT_DIR/checkpoints if there is one (and checkpoint.resume is on) once its data
+    fingerprints match `data_split` (or data.allow_changed_data)."""
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
     coord = start_distributed(cfg.distributed.timeout_minutes)
     resume_dir, state = checkpoint.open_run(cfg.output_dir, cfg.checkpoint.resume, coord)
+    check_resumed_split(cfg.data, state, data_split, coord.is_main)
     if coord.is_main:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
     engine = init_engine(build_model(), trained(cfg)[1], grad_accum, world_size,
@@ -111,7 +115,7 @@ def start(cfg: RunConfig, build_model: Callable[[], nn.Module], grad_accum: int,
         checkpoint.load(resume_dir, {"model": engine}, coord, state)
         if coord.is_main:
             print(f"resumed from {resume_dir} at step {state['step']}", flush=True)
-    return Session(coord, engine, preempted, state)
+    return Session(coord, engine, preempted, state, data_split)
 
 
 def backward_step(engine, batches: list, loss_fn: LossFn, num_global: float,
@@ -198,7 +202,8 @@ def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
         nonlocal saved
         if step != saved:
             checkpoint.save(cfg.output_dir, step, {"model": engine},
-                            {"sampler": sampler.state_dict(), "wandb_run_id": tracker.run_id},
+                            {"sampler": sampler.state_dict(), "wandb_run_id": tracker.run_id,
+                             "data_split": session.data_split},
                             coord, cfg.checkpoint.keep_last)
             saved = step
 

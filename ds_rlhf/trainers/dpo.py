@@ -29,7 +29,7 @@ import torch
 from ds_rlhf import algo, models
 from ds_rlhf.config import ConfigError, DPORunConfig, ModelConfig
 from ds_rlhf.coordinator import Coordinator
-from ds_rlhf.data import PreferenceSet, collate_right, load_preferences
+from ds_rlhf.data import PreferenceSet, collate_right, load_preferences, split_state
 from ds_rlhf.engines.roles import adapters_disabled, init_engine
 from ds_rlhf.trainers import common
 
@@ -249,7 +249,8 @@ def build_dpo(cfg: DPORunConfig) -> DPOTrainer:
 
     session = common.start(
         cfg, lambda: models.build_causal_lm(cfg.policy.model, "policy", cfg.policy.dtype,
-                                            cfg.seed), grad_accum, world_size)
+                                            cfg.seed), grad_accum, world_size,
+        split_state(train_set.pairs.fingerprints, eval_set.pairs.fingerprints))
     coord, pad = session.coord, tokenizer.pad_token_id
     if cfg.policy.lora_rank:  # the policy with its adapters off: no second model
         reference = Reference(session.engine, True, cfg.ref.micro_batch_size, pad)

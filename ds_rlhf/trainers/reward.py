@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ds_rlhf import models
 from ds_rlhf.config import RMRunConfig
-from ds_rlhf.data import PreferenceSet, collate_right, load_preferences
+from ds_rlhf.data import PreferenceSet, collate_right, load_preferences, split_state
 from ds_rlhf.trainers import common
 
 
@@ -55,7 +55,7 @@ def run(cfg: RMRunConfig) -> dict[str, float] | None:
     session = common.start(
         cfg, lambda: models.build_scalar_model(cfg.model.model, "model", cfg.model.dtype,
                                                cfg.seed, pad),
-        grad_accum, world_size)
+        grad_accum, world_size, split_state(train_set.fingerprints, eval_set.fingerprints))
     coord, engine = session.coord, session.engine
     if coord.is_main:
         print(f"rm: {len(train_set.chosen_ids)} train pairs ({train_set.num_filtered} dropped "

@@ -18,7 +18,7 @@ import torch
 
 from ds_rlhf import algo, models
 from ds_rlhf.config import SFTRunConfig
-from ds_rlhf.data import SFTSet, collate_right, load_sft
+from ds_rlhf.data import SFTSet, collate_right, load_sft, split_state
 from ds_rlhf.trainers import common
 
 
@@ -53,7 +53,7 @@ def run(cfg: SFTRunConfig) -> dict[str, float] | None:
     # 2. The engine.
     session = common.start(
         cfg, lambda: models.build_causal_lm(cfg.model.model, "model", cfg.model.dtype, cfg.seed),
-        grad_accum, world_size)
+        grad_accum, world_size, split_state(train_set.fingerprints, eval_set.fingerprints))
     coord, engine = session.coord, session.engine
     pad, device = tokenizer.pad_token_id, engine.device
     if coord.is_main:

@@ -30,8 +30,9 @@ from ds_rlhf.data import (
     load_prompts,
     load_sft,
     prepare_tokenizer,
+    split_state,
 )
-from ds_rlhf.data.sources import mix
+from ds_rlhf.data.sources import ChangedDataError, check_resumed_split, mix
 from ds_rlhf.demo import VOCAB, build_tokenizer
 
 EOS = 0
@@ -308,6 +309,94 @@ def test_eval_fraction_is_seeded_and_disjoint(tmp_path, tok):
     other = load_prompts(cfg_for(spec, eval_fraction=0.25, seed=1), tok, "eval").texts
     assert other != held
     assert load_prompts(cfg_for(spec), tok, "eval").input_ids == []  # eval_fraction 0: none
+
+
+def split_rows():
+    words = ["good", "great", "bad", "poor", "it", "is", "camera", "phone", "review", "of"]
+    return [{"prompt": f"{w} {v} {u}"} for w in words for v in words[:4] for u in words[:2]]
+
+
+def test_moving_a_dataset_keeps_its_split(tmp_path, tok):
+    """The issue's case: the hold-out was seeded with the path, so the same file in another
+    folder (demo data inside OUTPUT_DIR, data staged to node-local scratch) split differently.
+    The split depends on the seed and the rows: moved, or reordered, the same rows are held
+    out; the fingerprint follows the rows in order."""
+    rows = split_rows()  # 80 distinct prompts
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "scratch").mkdir(parents=True)
+    here, there = (write_jsonl(tmp_path / d / "p.jsonl", rows) for d in ("a", "b/scratch"))
+    sets = [{split: load_prompts(cfg_for(DatasetSpec(path=p), eval_fraction=0.25), tok, split)
+             for split in ("train", "eval")} for p in (here, there)]
+    for split in ("train", "eval"):
+        assert sets[0][split].texts == sets[1][split].texts
+        assert sets[0][split].fingerprints == sets[1][split].fingerprints
+    assert len(sets[0]["eval"].texts) == 20
+    reordered = write_jsonl(tmp_path / "r.jsonl", rows[::-1])
+    held = load_prompts(cfg_for(DatasetSpec(path=reordered), eval_fraction=0.25), tok, "eval")
+    assert sorted(held.texts) == sorted(sets[0]["eval"].texts)  # the same rows held out
+    assert held.fingerprints != sets[0]["eval"].fingerprints  # in another order
+
+
+def test_split_fingerprint_follows_rows_not_formats(tmp_path, tok):
+    """One fingerprint per dataset, the same for the rows as JSON Lines, a JSON list or CSV,
+    and for a missing value as for null; an edited row, an added row or another seed changes
+    it (and only that dataset's)."""
+    rows = split_rows()[:20]
+
+    def fps(*paths, **kw):
+        cfg = cfg_for(*(DatasetSpec(path=p) for p in paths), eval_fraction=0.25, **kw)
+        train, held = (load_prompts(cfg, tok, split).fingerprints for split in ("train", "eval"))
+        return list(zip(train, held, strict=True))
+
+    jsonl = write_jsonl(tmp_path / "p.jsonl", rows)
+    as_list = tmp_path / "p.json"
+    as_list.write_text(json.dumps([{**r, "note": None} for r in rows]))
+    with open(tmp_path / "p.csv", "w", newline="") as f:
+        csv.DictWriter(f, ["prompt"]).writeheader()
+        csv.DictWriter(f, ["prompt"]).writerows(rows)
+    [base] = fps(jsonl)
+    assert fps(str(as_list)) == fps(str(tmp_path / "p.csv")) == [base]
+    edited = write_jsonl(tmp_path / "e.jsonl", [*rows[:-1], {"prompt": "good good good"}])
+    added = write_jsonl(tmp_path / "n.jsonl", [*rows, {"prompt": "good good good"}])
+    assert fps(jsonl, edited) == [base, fps(edited)[0]] and fps(edited)[0] != base
+    assert fps(added)[0] != base and fps(jsonl, seed=1)[0] != base
+
+
+def test_a_resume_on_changed_rows_stops_naming_the_dataset(tmp_path, tok, capsys):
+    """The checkpoint's fingerprints against this run's: the same rows elsewhere go on; a
+    dataset with a row edited stops the resume in one line naming it (not the unchanged one);
+    data.allow_changed_data goes on with a warning; an old checkpoint without fingerprints
+    resumes with a note."""
+    rows = split_rows()[:20]
+    (tmp_path / "moved").mkdir()
+    a, b = write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "b.jsonl", rows[:8])
+    moved = write_jsonl(tmp_path / "moved" / "a.jsonl", rows)
+    edited = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "it is good"}, *rows[1:]])
+
+    def recorded(*paths, **kw) -> list[dict[str, str]]:
+        cfg = cfg_for(*(DatasetSpec(path=p) for p in paths), eval_fraction=0.25, **kw)
+        train, held = (load_prompts(cfg, tok, split).fingerprints for split in ("train", "eval"))
+        return split_state(train, held)
+
+    state = {"step": 6, "data_split": recorded(a, b)}
+    check_resumed_split(cfg_for(DatasetSpec(path=moved), DatasetSpec(path=b)), state,
+                        recorded(moved, b), True)
+    changed = cfg_for(DatasetSpec(path=edited), DatasetSpec(path=b))
+    with pytest.raises(ChangedDataError) as e:
+        check_resumed_split(changed, state, recorded(edited, b), True)
+    message = str(e.value)
+    assert message.startswith(f"dataset {edited!r} (data.datasets[0]) (")
+    assert b not in message and "\n" not in message and "step 6" in message
+    assert "data.allow_changed_data: true" in message
+    with pytest.raises(ChangedDataError, match="datasets has 1 entries, the checkpoint's run "
+                                               "had 2"):
+        check_resumed_split(changed, state, [{"train": "x"}], True)
+    capsys.readouterr()
+    check_resumed_split(cfg_for(DatasetSpec(path=edited), DatasetSpec(path=b),
+                                allow_changed_data=True), state, recorded(edited, b), True)
+    assert "data: warning: dataset" in capsys.readouterr().out
+    check_resumed_split(changed, {"step": 6}, recorded(edited, b), True)
+    assert "records no fingerprint" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ bad input
