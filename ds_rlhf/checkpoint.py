@@ -525,8 +525,10 @@ class _GuardedWrites:
 
 
 def save(output_dir: str | Path, step: int, engines: dict, state: dict, coord,
-         keep_last: int) -> Path:
-    """Save on every rank (collective). `state` must be JSON-serialisable."""
+         keep_last: int, files: dict[str, object] | None = None) -> Path:
+    """Save on every rank (collective). `state` must be JSON-serialisable; `files`: more of
+    the trainer's state by file name (torch.save, by rank 0: the same on every rank), in
+    the manifest like the rest (`load_file`)."""
     root = checkpoint_root(output_dir)
     step_dir = root / f"step_{step}"
     set_phase(f"save step {step}")
@@ -556,6 +558,8 @@ def save(output_dir: str | Path, step: int, engines: dict, state: dict, coord,
     coord.barrier()  # every rank's shards are on disk
 
     def complete() -> None:
+        for name, obj in (files or {}).items():
+            torch.save(obj, step_dir / name)
         write_manifest(step_dir)
         _write_atomic(step_dir / STATE, json.dumps(
             {**state, "step": step, "world_size": coord.world_size}, indent=1))
@@ -615,6 +619,13 @@ def load(step_dir: Path, engines: dict, coord, state: dict) -> None:
     rng = step_dir / f"rng_rank{coord.rank}.pt"
     if rng.is_file():  # a rank the writing run did not have keeps its own seeds
         _set_rng_state(torch.load(rng, weights_only=False))
+
+
+def load_file(step_dir: Path, name: str):
+    """A file `save` wrote from its `files`, or None where the checkpoint has none (the
+    manifest was checked when the run opened the checkpoint)."""
+    path = step_dir / name
+    return torch.load(path, weights_only=False) if path.is_file() else None
 
 
 def _launching_command() -> psutil.Process | None:

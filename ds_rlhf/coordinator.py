@@ -290,11 +290,11 @@ class Coordinator:
         total = self.sum(torch.tensor([float(values[k]) for k in keys]))
         return dict(zip(keys, total.tolist(), strict=True))
 
-    def max(self, value: int) -> int:
-        """The largest `value` over ranks."""
+    def max(self, value: float) -> float:
+        """The largest `value` over ranks (an int stays an int)."""
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return type(value)(t.item())
 
     def any(self, flag: bool) -> bool:
         return bool(self.sum(torch.tensor([float(flag)])).item() > 0)

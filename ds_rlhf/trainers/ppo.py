@@ -50,7 +50,10 @@ from ds_rlhf.episodes import (
 from ds_rlhf.errors import FailedRowsError, NonFiniteError
 from ds_rlhf.rewards import Rewards, build_rewards, reward_metrics, reward_rows
 from ds_rlhf.rollout import Rollout, RowFailure, minibatch_schedule
+from ds_rlhf.schedule import Schedule
 from ds_rlhf.tracking import Timer, Tracker
+
+ROLLOUTS = "rollouts.pt"  # a checkpoint's FIFO of generated rollouts (rollout.staleness)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class PPOTrainer:
     tracker: Tracker
     preempted: checkpoint.PreemptionFlag
     episodes: EpisodeRunner | None = None  # multi-turn episodes (rollout.tools/environment)
+    schedule: Schedule | None = None  # which rollout each step trains on (build_ppo sets it)
     step: int = 0  # PPO steps completed
     saved_step: int = 0  # the step of the newest checkpoint (0: none)
     untrained_steps: int = 0  # PPO steps in a row that took no optimizer step
@@ -107,12 +111,14 @@ class PPOTrainer:
     def save(self) -> None:
         if self.step == self.saved_step:
             return
+        # A lagged run's FIFO: generated, not yet trained on (every rank's rows; a collective)
+        files = {ROLLOUTS: self.schedule.state()} if self.cfg.rollout.staleness else None
         state = {"sampler": self.sampler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                  "consumed_prompts": self.step * self.cfg.ppo.rollout_batch_size,
                  "wandb_run_id": self.tracker.run_id,
                  "data_split": split_state(self.prompts.fingerprints)}
         checkpoint.save(self.cfg.output_dir, self.step, self.engines(), state, self.coord,
-                        self.cfg.checkpoint.keep_last)
+                        self.cfg.checkpoint.keep_last, files)
         self.saved_step = self.step
 
     def resume(self, step_dir, state: dict) -> None:
@@ -120,33 +126,24 @@ class PPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.step = self.saved_step = state["step"]
+        self.schedule.load_state(checkpoint.load_file(step_dir, ROLLOUTS), self.step)
 
     def ppo_step(self, step: int) -> dict[str, float]:
         cfg, start = self.cfg, time.perf_counter()
         timer = Timer(on_enter=lambda name: set_phase(f"step {step} {name}"))
         n = cfg.generation.n_samples_per_prompt
 
-        # 1. This rank's equal share of the next global batch of prompts, each n times: rows
-        #    g*n .. g*n+n-1 are the samples of one prompt (a group, never split over ranks).
-        prompt_index = self.coord.shard(self.sampler.next_batch()).repeat_interleave(n)
-        sample_index = torch.arange(n).repeat(len(prompt_index) // n)
-        prompt_ids, prompt_mask = collate_left(
-            [self.prompts.input_ids[i] for i in prompt_index], self.tokenizer.pad_token_id)
-
-        # 2. Rollout: sample responses, then score them with the models the run has.
-        episodes = None
+        # 1-2. The rollout of this step: this rank's share of the step's prompts, each n
+        #    times, with sampled responses (self.generate); with rollout.staleness k, made k
+        #    steps ago by the actor after step - 1 - k (ds_rlhf/schedule.py). Then score it
+        #    with the models the run has, the old logprobs with the actor as it is now (the
+        #    proximal policy of decoupled PPO; the sampler's are the behaviour policy's).
         with timer("generate"), self.actor.generation_mode():
-            if self.episodes is None:
-                rollout = self.actor.generate(prompt_ids, prompt_mask, prompt_index, step,
-                                              sample_index=sample_index)
-            else:  # a multi-turn episode per row, tools or environment answering
-                rollout, episodes = self.episodes.run(
-                    actor_backend(self.actor, step, self.tokenizer.pad_token_id),
-                    [self.prompts.input_ids[i] for i in prompt_index],
-                    self.dataset_rows(prompt_index), prompt_index, sample_index, self.coord,
-                    self.tokenizer.pad_token_id)
+            generated = self.schedule.rollout_for(step)
+        rollout, episodes = generated.rollout, generated.episodes
         # The on-policy shortcut: the update's own forward gives the old logprobs (0 s here).
-        shortcut = cfg.ppo.takes_on_policy_shortcut
+        # Never for a lagged rollout: the actor that sampled it is gone.
+        shortcut = cfg.ppo.takes_on_policy_shortcut and cfg.rollout.staleness == 0
         timer.seconds["actor_logprobs"] = 0.0
         if not shortcut:
             with timer("actor_logprobs"):
@@ -190,10 +187,11 @@ class PPOTrainer:
         metrics["reward/failed_rows"] = num_failed["reward"]
         if episodes is not None:
             metrics["env/failed_episodes"] = num_failed["episode"]
+        metrics["rollout/staleness"] = step - 1 - generated.version  # updates since sampled
         if episodes is not None:
             metrics.update(episode_metrics(self.coord.sum(episodes.stats()).tolist()))
-            timer.seconds["env"] = episodes.env_seconds
-            timer.seconds["generate"] -= episodes.env_seconds
+            timer.seconds["env"] = generated.env_seconds
+            timer.seconds["generate"] -= generated.env_seconds
         if samples is not None:
             self.tracker.log_samples(self.coord.gather_objects(samples))
         num_rows = cfg.ppo.rollout_batch_size * n
@@ -216,6 +214,25 @@ class PPOTrainer:
         metrics["perf/tokens_per_s"] = metrics["response_length/mean"] * \
             metrics["perf/samples_per_s"]
         return metrics
+
+    def generate(self, step: int) -> tuple[Rollout, Episodes | None]:
+        """This rank's rows of step `step`, sampled by the actor as it is now (in generation
+        mode): its equal share of the step's global batch of prompts, each n times (rows
+        g*n .. g*n+n-1 are the samples of one prompt, a group never split over ranks), with
+        step `step`'s per-row seeds; a multi-turn episode per row with rollout.tools or
+        rollout.environment."""
+        n = self.cfg.generation.n_samples_per_prompt
+        prompt_index = self.coord.shard(self.sampler.next_batch()).repeat_interleave(n)
+        sample_index = torch.arange(n).repeat(len(prompt_index) // n)
+        pad = self.tokenizer.pad_token_id
+        if self.episodes is None:
+            prompt_ids, prompt_mask = collate_left(
+                [self.prompts.input_ids[i] for i in prompt_index], pad)
+            return self.actor.generate(prompt_ids, prompt_mask, prompt_index, step,
+                                       sample_index=sample_index), None
+        return self.episodes.run(
+            actor_backend(self.actor, step, pad), [self.prompts.input_ids[i] for i in prompt_index],
+            self.dataset_rows(prompt_index), prompt_index, sample_index, self.coord, pad)
 
     def samples(self, rollout: Rollout, step: int, episodes: Episodes | None,
                 failures: list[RowFailure | None]) -> list[dict]:
@@ -448,18 +465,21 @@ class PPOTrainer:
         num_rows, num_tokens = (lengths > 0).double().sum(), lengths.sum()
         model_tokens = rollout.loss_mask.sum().double()
         mismatch = {"logprob_abs_diff": 0.0, "capped_frac": 0.0, "mismatch_kl": 0.0}
+        weights = torch.zeros(1)  # the TIS weights on the model's tokens (0 elsewhere)
         if rollout.sampler_logprobs is not None:
-            _, mismatch = algo.rollout_is_weights(rollout.old_logprobs, rollout.sampler_logprobs,
-                                                  rollout.loss_mask, self.cfg.ppo.rollout_is_cap)
+            weights, mismatch = algo.rollout_is_weights(
+                rollout.old_logprobs, rollout.sampler_logprobs, rollout.loss_mask,
+                self.cfg.ppo.rollout_is_cap)
         local = torch.stack([  # rows dropped for a NaN/inf score have no tokens: not counted
             num_rows, rollout.scores.double().sum(),
             kl_seq.sum(), (rollout.scores.double() - self.kl_ctl.value * kl_seq).sum(),
             num_tokens, has_eos.double().sum(), ((lengths >= max_new) & ~has_eos).double().sum(),
             model_tokens, mismatch["logprob_abs_diff"] * model_tokens,
             mismatch["capped_frac"] * model_tokens, mismatch["mismatch_kl"] * num_rows,
+            weights.double().sum(),
         ])
-        n, scores, kl_sum, rlhf, length, eos, clipped, model, abs_diff, capped, mismatch_kl = \
-            self.coord.sum(local).tolist()
+        n, scores, kl_sum, rlhf, length, eos, clipped, model, abs_diff, capped, mismatch_kl, \
+            weight_sum = self.coord.sum(local).tolist()
         n = n or float("nan")  # every row dropped: means are undefined (null in metrics.jsonl)
         model = model or float("nan")
         metrics = {
@@ -469,8 +489,10 @@ class PPOTrainer:
             "val/num_eos_tokens": eos,
             "rollout/logprob_abs_diff": abs_diff / model, "rollout/mismatch_kl": mismatch_kl / n,
         }
-        if self.cfg.ppo.rollout_correction == "tis":
+        if self.cfg.ppo.rollout_correction == "tis":  # the weights' share capped, mean, max
             metrics["rollout/is_capped_frac"] = capped / model
+            metrics["rollout/is_weight_mean"] = weight_sum / model
+            metrics["rollout/is_weight_max"] = self.coord.max(float(weights.max()))
         return metrics
 
 
@@ -590,6 +612,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
                         run_id=state.get("wandb_run_id") if state else None),
         preempted=preempted, episodes=episodes,
     )
+    trainer.schedule = Schedule(cfg.rollout.staleness, trainer.generate, coord, pad)
     if coord.is_main:  # what was built, for the user and for tools (bench, tests)
         print(f"engines: {', '.join(trainer.engine_names)} (ppo.advantage_estimator "
               f"{p.advantage_estimator})", flush=True)

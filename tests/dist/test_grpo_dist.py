@@ -75,6 +75,15 @@ def _agent(assets, tmp, name: str, steps: int) -> dict:
                             "max_total_tokens": 24})
 
 
+def _lagged(assets, tmp, name: str, steps: int, k: int) -> dict:
+    """GRPO with rollout.staleness k and TIS, a reward function only; a checkpoint at every
+    step (the weights that sampled each step are checked against them)."""
+    return _config(assets, tmp, name, 2, {**GRPO, "steps": steps, "rollout_correction": "tis"},
+                   reward={"model": {}, "zero_stage": 3},
+                   rewards=[{"function": f"{tmp / 'reward_fn.py'}:char_code"}],
+                   rollout={"staleness": k}, checkpoint={"save_every": 1, "keep_last": 10})
+
+
 def _config(assets, tmp, name: str, zero_stage: int, ppo: dict, **sections) -> dict:
     base = ppo_config(assets, tmp / name)
     stage = {"zero_stage": zero_stage}
@@ -130,6 +139,15 @@ def runs(assets, tmp_path_factory):
         "agent": _agent(assets, tmp, "agent", 2),
         "agent_cut": _agent(assets, tmp, "agent_cut", 1),
         "agent_resumed": _agent(assets, tmp, "agent_cut", 2),
+        # rollout.staleness: 3 GRPO steps with a lag of 1 (uninterrupted; 2 steps then
+        # resumed to 3), a lag of 2, and PPO with a critic and the reward model
+        **{name: _lagged(assets, tmp, name, steps, k)
+           for name, steps, k in (("grpo_lag1", 3, 1), ("grpo_lag1_cut", 2, 1),
+                                  ("grpo_lag2", 4, 2))},
+        "grpo_lag1_resumed": _lagged(assets, tmp, "grpo_lag1_cut", 3, 1),
+        "ppo_lag1": ppo_config(assets, tmp / "ppo_lag1", rollout={"staleness": 1},
+                               ppo={"steps": 3, "rollout_batch_size": 8, "num_minibatches": 2,
+                                    "rollout_correction": "tis"}),
         # 1 of the 16 episodes of each step fails: it leaves the update, the run goes on
         "flaky": {**_agent(assets, tmp, "flaky", 2),
                   "data": {"datasets": [{"path": prompts}], "max_prompt_len": 16},
@@ -141,13 +159,14 @@ def runs(assets, tmp_path_factory):
                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ones = [write_yaml({**configs[name], "output_dir": str(tmp / f"{name}_1rank")},
-                       tmp / f"{name}_1rank.yaml") for name in ("grpo", "agent", "flaky")]
+                       tmp / f"{name}_1rank.yaml")
+            for name in ("grpo", "agent", "flaky", "grpo_lag1", "ppo_lag1")]
     proc1 = run_deepspeed(1, ["tests/dist/runs.py", *map(str, ones)], module=False,
                           timeout=600)
     assert proc1.returncode == 0, proc1.stdout[-4000:] + proc1.stderr[-4000:]
     out = {name: tmp / name for name in configs if not name.endswith("_resumed")}
-    return {**out, **{f"{name}_1rank": tmp / f"{name}_1rank" for name in ("grpo", "agent",
-                                                                           "flaky")},
+    return {**out, **{f"{name}_1rank": tmp / f"{name}_1rank"
+                      for name in ("grpo", "agent", "flaky", "grpo_lag1", "ppo_lag1")},
             "stdout": proc.stdout, "stdout_1rank": proc1.stdout}
 
 
@@ -333,3 +352,106 @@ def test_a_failed_episode_leaves_the_update_and_the_run_goes_on(runs):
         for key in ("objective/scores", "loss/policy_avg", "policy/approxkl_avg",
                     "response_length/mean"):
             assert m1[key] == pytest.approx(m2[key], abs=1e-5), key
+
+
+def _samples(out) -> dict:
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    return {(r["step"], r["prompt_index"], r["sample_index"]): r for r in rows}
+
+
+@pytest.mark.parametrize("name", ["grpo_lag1", "ppo_lag1"])
+def test_a_lagged_run_on_1_rank_equals_2_ranks(runs, name):
+    """rollout.staleness 1, GRPO and PPO with a critic: the same sampled tokens on every row
+    of every step on 1 and 2 ranks, metrics within 1e-6; the lag is logged, and the old
+    logprobs, recomputed by the updated actor, differ from the sampler's from step 2 on."""
+    one, two = _samples(runs[f"{name}_1rank"]), _samples(runs[name])
+    assert sorted(one) == sorted(two) and len(two) == 3 * (16 if name == "grpo_lag1" else 8)
+    for key, row in two.items():
+        assert one[key]["response_ids"] == row["response_ids"], key
+    m1s, m2s = (read_metrics(runs[n] / "metrics.jsonl") for n in (f"{name}_1rank", name))
+    for m1, m2 in zip(m1s, m2s, strict=True):
+        for key, value in m2.items():
+            # A clip fraction counts tokens past a boundary: round-off (1e-8 here, the two
+            # runs sum gradients in another order) may move one of the step's ~60 tokens.
+            tolerance = 0.02 if "clipfrac" in key else 1e-6
+            if not key.startswith(("timing/", "perf/")):
+                assert m1[key] == pytest.approx(value, abs=tolerance), (m2["step"], key)
+    assert [m["rollout/staleness"] for m in m2s] == [0, 1, 1]
+    assert m2s[0]["rollout/logprob_abs_diff"] < 1e-4  # step 1: sampled by W_0, trained by W_0
+    for m in m2s[1:]:  # sampled by W_{t-2}, the old logprobs by W_{t-1}
+        assert m["rollout/logprob_abs_diff"] > 1e-3
+        assert 0 < m["rollout/is_weight_mean"] <= m["rollout/is_weight_max"] <= 2.0
+
+
+def test_a_resumed_lagged_run_equals_the_uninterrupted_run(runs):
+    """Cut after step 2 with step 3's rollout in the FIFO (rollouts.pt): the same command
+    resumed trains on it: the metrics are the uninterrupted run's bit for bit."""
+    cut = runs["grpo_lag1_cut"] / "checkpoints" / "step_2"
+    assert (cut / "rollouts.pt").is_file()
+    assert "rollouts.pt" in json.loads((cut / "manifest.json").read_text())["files"]
+    full, resumed = (read_metrics(runs[n] / "metrics.jsonl") for n in ("grpo_lag1",
+                                                                       "grpo_lag1_cut"))
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(full, resumed, strict=True):
+        for key, value in a.items():
+            if not key.startswith(("timing/", "perf/")):
+                assert b[key] == value, (a["step"], key)
+
+
+@pytest.mark.parametrize("name, k", [("grpo_lag1", 1), ("grpo_lag2", 2)])
+def test_the_rollout_of_step_t_is_sampled_by_the_actor_after_step_t_minus_1_minus_k(
+        runs, name, k):
+    """Every row of step t, sampled again (same seeds) by the actor of checkpoint step
+    t - 1 - k (the initial actor where that is <= 0), gives the run's tokens. And the FIFO
+    that each checkpoint holds (rollouts.pt) carries the sampler's logprobs of exactly that
+    actor: those of the next actor differ."""
+    from ds_rlhf.config import load_config
+    from ds_rlhf.data import collate_left, load_prompts
+    from ds_rlhf.generation import generate
+    from ds_rlhf.models import build_causal_lm, load_tokenizer
+
+    out = runs[name]
+    cfg = load_config(out / "config.yaml")
+    tokenizer = load_tokenizer(cfg.actor.model, "actor")
+    prompts = load_prompts(cfg.data, tokenizer, split="train")
+
+    def actor_after(step: int):
+        model = build_causal_lm(cfg.actor.model, "actor", cfg.actor.dtype, cfg.seed).eval()
+        if step > 0:
+            states = out / "checkpoints" / f"step_{step}" / "actor" / "mp_rank_00_model_states.pt"
+            model.load_state_dict(torch.load(states, weights_only=False)["module"])
+        return model
+
+    samples = _samples(out)
+    for step in range(1, cfg.ppo.steps + 1):
+        rows = [r for (s, _, _), r in sorted(samples.items()) if s == step]
+        ids, mask = collate_left([prompts.input_ids[r["prompt_index"]] for r in rows],
+                                 tokenizer.pad_token_id)
+        response, response_mask = generate(
+            actor_after(max(step - 1 - k, 0)), ids, mask,
+            torch.tensor([r["prompt_index"] for r in rows]), step=step, seed=cfg.seed,
+            max_new_tokens=cfg.generation.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, temperature=cfg.generation.temperature,
+            sample_index=torch.tensor([r["sample_index"] for r in rows]))
+        assert [t[m.bool()].tolist() for t, m in zip(response, response_mask, strict=True)] \
+            == [r["response_ids"] for r in rows], step
+
+    def logprobs(model, row) -> torch.Tensor:  # the row's response tokens, teacher-forced
+        ids = torch.tensor([row.prompt_ids + row.response_ids])
+        logits = model(input_ids=ids).logits[0, len(row.prompt_ids) - 1:-1].float()
+        return torch.log_softmax(logits / cfg.generation.temperature, -1).gather(
+            1, torch.tensor(row.response_ids)[:, None]).squeeze(1)
+
+    for saved in range(1, cfg.ppo.steps + 1):
+        fifo = torch.load(out / "checkpoints" / f"step_{saved}" / "rollouts.pt",
+                          weights_only=False)["fifo"]
+        assert [(s, v) for s, v, _ in fifo] == [
+            (s, max(s - 1 - k, 0)) for s in range(saved + 1, saved + 1 + k)]
+        for made_for, version, rows in fifo:
+            right, next_one = actor_after(version), actor_after(version + 1)
+            diffs = []
+            for row in rows:
+                sampler = torch.tensor(row.sampler_logprobs)
+                torch.testing.assert_close(logprobs(right, row), sampler, atol=1e-4, rtol=0)
+                diffs.append((logprobs(next_one, row) - sampler).abs().max())
+            assert max(diffs) > 1e-3, (saved, made_for)  # one update later: another actor
