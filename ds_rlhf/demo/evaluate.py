@@ -85,7 +85,7 @@ def main_grpo(out: Path, start_time: float | None, max_new_tokens: int) -> dict:
         "accuracy_sft": round(accuracy_sft, 4), "accuracy_rl": round(accuracy_rl, 4),
         "accuracy_gain": round(accuracy_rl - accuracy_sft, 4),
         "estimator": _config_value(out / "grpo", "ppo", "advantage_estimator"),
-        "backend": _config_value(out / "grpo", "generation", "backend"),
+        **_generated_by(out / "grpo"),
         "rl_steps": metrics[-1]["step"], "eval_prompts": len(rows),
         "example_sft": f"{rows[k]['prompt']} {sft[k]}",
         "example_rl": f"{rows[k]['prompt']} {rl[k]}",
@@ -160,7 +160,7 @@ def main_tools(out: Path, start_time: float | None) -> dict:
         "tool_calls_sft": round(sft.stats()[2].item() / len(rows), 4),
         "tool_calls_rl": round(calls / len(rows), 4),
         "rl_steps": read_metrics(out / "grpo" / "metrics.jsonl")[-1]["step"],
-        "backend": _config_value(out / "grpo", "generation", "backend"),
+        **_generated_by(out / "grpo"),
         "eval_prompts": len(rows),
         "example_sft": f"{prompts[k]}{example(sft)}", "example_rl": f"{prompts[k]}{example(rl)}",
     }
@@ -178,6 +178,14 @@ def main_tools(out: Path, start_time: float | None) -> dict:
           + (f"wall time: {summary['wall_s']:.0f} s\n" if "wall_s" in summary else "")
           + f"summary: {out / 'summary.json'}")
     return summary
+
+
+def _generated_by(run_dir: Path) -> dict:
+    """What generated the run's rollouts: the backend (hf or vllm), rollout.staleness (the
+    lag in actor updates) and the placement (the training ranks generate: colocated)."""
+    return {"backend": _config_value(run_dir, "generation", "backend"),
+            "staleness": _config_value(run_dir, "rollout", "staleness"),
+            "placement": "colocated"}
 
 
 def _config_value(run_dir: Path, section: str, key: str):
@@ -221,7 +229,7 @@ def main(argv=None) -> dict:
         "dpo_eval_accuracy": dpo_eval["rewards/accuracies"],
         "kl_final": ppo_metrics[-1]["objective/kl"],
         "ppo_steps": ppo_metrics[-1]["step"],
-        "backend": _config_value(out / "ppo", "generation", "backend"),
+        **_generated_by(out / "ppo"),
         "response_length_sft": round(sft["length"], 2),
         "response_length_ppo": round(ppo["length"], 2),
         "response_length_dpo": round(dpo["length"], 2),

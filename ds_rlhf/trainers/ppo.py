@@ -143,7 +143,7 @@ class PPOTrainer:
         rollout, episodes = generated.rollout, generated.episodes
         # The on-policy shortcut: the update's own forward gives the old logprobs (0 s here).
         # Never for a lagged rollout: the actor that sampled it is gone.
-        shortcut = cfg.ppo.takes_on_policy_shortcut and cfg.rollout.staleness == 0
+        shortcut = cfg.takes_on_policy_shortcut
         timer.seconds["actor_logprobs"] = 0.0
         if not shortcut:
             with timer("actor_logprobs"):

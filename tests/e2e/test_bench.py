@@ -68,7 +68,7 @@ def test_bench_grpo_builds_only_the_actor():
     proc = run_deepspeed(2, [
         "ds_rlhf", "bench", "ppo", "--preset", "tiny", "--batch", "4", "--prompt-len", "16",
         "--response-len", "16", "--steps", "2", "--estimator", "grpo", "--n-samples", "2",
-        "--reward", "function"], timeout=300)
+        "--reward", "function", "--staleness", "0,1"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1  # rank 0 only
@@ -76,7 +76,12 @@ def test_bench_grpo_builds_only_the_actor():
     assert result["rollout_batch"] == 4 * 2 * 2  # prompts per rank x ranks x samples
     assert (result["estimator"], result["n_samples"]) == ("grpo", 2)
     assert result["engines"] == ["actor"] and result["critic_params_m"] is None
+    assert list(result["runs"]) == ["zero2", "zero2_lag1"]
+    lagged = result["runs"].pop("zero2_lag1")  # rollout.staleness 1: the same ranks, ahead
+    assert lagged["staleness"] == 1 and not lagged["on_policy_shortcut"]
+    assert lagged["time_split_s"]["actor_logprobs"] > 0  # the old logprobs' own forward
     (run,) = result["runs"].values()
+    assert run["staleness"] == 0
     assert list(run["engines"]) == ["actor"] and run["engines"]["actor"]["trained"]
     assert run["time_split_s"]["critic_train"] == 0.0
     # One optimizer step per rollout, no KL: the old logprobs come from the training forward
