@@ -231,6 +231,9 @@ def generate(
         compact_finished_rows: once a quarter of the rows decoding have ended, the cache
             and the per-row state keep only the live rows (see :func:`_should_compact`). Not
             with a ``decode`` callable: a compiled step is built for one shape.
+            Both need a cache generate builds from ``model.config`` whose layers hold only
+            keys and values (full attention, sliding windows, static); other models (no
+            config, linear attention layers...) run the plain loop.
         stats: add this call's prefill and decode seconds and row-steps to it.
 
     Both change what is computed, not what is drawn: each row's tokens depend on its own
