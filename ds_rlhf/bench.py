@@ -6,6 +6,10 @@
     launch/bench.sh ppo --preset tiny --config actor.json --critic-config critic.json
     launch/bench.sh ppo --preset opt-4l-256 --eos-frac 0.05 --micro-batch-tokens 0,256
     launch/bench.sh ppo --preset tiny --estimator grpo --n-samples 4 --reward function
+    launch/bench.sh ppo --preset opt-4l-256 --estimator grpo --reward function --n-samples 8 \
+        --batch 2 --prompt-len 256 --response-len 32 --share-prefill 0,1  # a group's prefill
+    launch/bench.sh ppo --preset tiny --estimator grpo --reward function --n-samples 4 \
+        --batch 4 --prompt-len 32 --response-len 128 --eos-frac 0.04 --compact 0,1  # long tails
     launch/bench.sh generation            # HybridEngine vs the ZeRO-3 module
     launch/bench.sh generation --backend hf,vllm   # and vLLM (generation.backend: vllm)
     launch/bench.sh ppo --preset tiny --backend hf,vllm
@@ -31,10 +35,18 @@ KL term (no reference engine), the others with ppo.kl_coef 0.05; a critic-free e
 no critic. `--reward function` scores with a rule (`bench_reward`) instead of the reward model,
 which is then not built. `--backend hf,vllm` adds the generation backend to the variants
 (`_vllm` in their names); the time split then has `weight_sync` (vLLM's share of `switch`).
+`--share-prefill 0,1` and `--compact 0,1` add the hf loop's generation.share_prompt_prefill
+and generation.compact_finished_rows off and on to the variants (`_share0`, `_compact0` in
+the names of the off ones; each variant's JSON has both settings, null for vllm). For hf
+variants the time split also has `prefill` and `decode`, the two parts of the generate calls
+(measured inside them, the device synchronised), and `finished_row_steps_share` is the share
+of the rows run by the decode forwards that had already ended. `--prompt-len`, `--n-samples`
+and `--eos-frac` (long-tailed lengths) shape the workload they matter on.
 `--vs-hf N`: after the steps, each hf variant times its generation and its scoring forwards
 against plain HF calls of the same shapes on the same models (`generate` with the same
-sampling, `model(...)` under no_grad), N times in turn: `vs_hf_s`, {phase: [ds_rlhf, HF]}
-(CPU seconds on CPU ranks, synchronized wall-clock seconds on a GPU).
+sampling on a step's rows: `--batch` prompts, each `--n-samples` times; `model(...)` under
+no_grad), N times in turn: `vs_hf_s`, {phase: [ds_rlhf, HF]} (CPU seconds on CPU ranks,
+synchronized wall-clock seconds on a GPU).
 
 `generation`: on an actor at ZeRO-3, the same prompts (fixed length: no EOS) are generated
 through the ZeRO-3 module itself (every forward all-gathers each layer, ranks in lock-step)
@@ -272,13 +284,42 @@ class Variant:
     micro_batch_tokens: int  # 0: micro-batches of --micro-batch rows
     backend: str = "hf"  # generation.backend
     staleness: int = 0  # rollout.staleness
+    share_prompt_prefill: bool = True  # generation.share_prompt_prefill (hf backend)
+    compact_finished_rows: bool = True  # generation.compact_finished_rows (hf backend)
 
     @property
     def name(self) -> str:
         return f"zero{self.zero_stage}" + (f"_tokens{self.micro_batch_tokens}"
                                            if self.micro_batch_tokens else "") + \
             ("_vllm" if self.backend == "vllm" else "") + \
-            (f"_lag{self.staleness}" if self.staleness else "")
+            (f"_lag{self.staleness}" if self.staleness else "") + \
+            ("" if self.share_prompt_prefill else "_share0") + \
+            ("" if self.compact_finished_rows else "_compact0")
+
+    def settings(self) -> dict:
+        """What the variant's JSON says of it (the hf loop's switches: None with vllm)."""
+        hf = self.backend == "hf"
+        return {"zero_stage": self.zero_stage, "micro_batch_tokens": self.micro_batch_tokens,
+                "backend": self.backend, "staleness": self.staleness,
+                "share_prompt_prefill": self.share_prompt_prefill if hf else None,
+                "compact_finished_rows": self.compact_finished_rows if hf else None}
+
+
+def _variants(args, preset: dict) -> list[Variant]:
+    """Every --zero-stage x --micro-batch-tokens x --backend x --staleness, and for the hf
+    backend every --share-prefill x --compact (vLLM has its own prefix cache and continuous
+    batching)."""
+    variants = []
+    for z in args.zero_stage or [preset["zero_stage"]]:
+        for n in args.micro_batch_tokens:
+            for b in args.backend:
+                for k in args.staleness:
+                    if b == "vllm":
+                        variants.append(Variant(z, n, b, k))
+                        continue
+                    variants += [Variant(z, n, b, k, bool(share), bool(compact))
+                                 for share in args.share_prefill for compact in args.compact]
+    return variants
 
 
 def _ppo_config(args, actor: dict, critic: dict, variant: Variant, workdir: Path,
@@ -307,7 +348,9 @@ def _ppo_config(args, actor: dict, critic: dict, variant: Variant, workdir: Path
         "generation": {"max_new_tokens": args.response_len, "batch_size": args.gen_batch,
                        "n_samples_per_prompt": args.n_samples, "backend": variant.backend,
                        **({"static_cache": args.static_cache, "compile": args.compile,
-                           "reuse_copy": args.reuse_copy or args.compile}
+                           "reuse_copy": args.reuse_copy or args.compile,
+                          "share_prompt_prefill": variant.share_prompt_prefill,
+                          "compact_finished_rows": variant.compact_finished_rows}
                           if variant.backend == "hf" else {})},
         "ppo": {"steps": args.warmup + args.steps, "rollout_batch_size": args.batch,
                 "advantage_estimator": args.estimator,
@@ -356,6 +399,8 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
     step_s = [m["timing/step"] for m in steps]
     t = {phase: statistics.median(m[f"timing/{phase}"] for m in steps) for phase in PHASES}
     median = statistics.median(step_s)
+    gen = [m["generation_stats"] for m in steps]
+    hf = gen[0] is not None  # the vllm backend's loop is its own: not split
     response = statistics.median(m["response_length/mean"] for m in steps)
     frozen = t["ref_logprobs"] + t["reward"]
     result = {
@@ -372,9 +417,16 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
         # The old logprobs came from the training forward (ppo.on_policy_shortcut): then
         # actor_logprobs is 0 and the actor's training forward stands in for it.
         "on_policy_shortcut": cfg.takes_on_policy_shortcut,
-        "time_split_s": {k: round(v, 4) for k, v in t.items()},
+        # prefill and decode: the hf loop's parts of generate, inside its generate calls
+        "time_split_s": {**{k: round(v, 4) for k, v in t.items()},
+                         **{k: round(statistics.median(getattr(g, f"{k}_s") for g in gen), 4)
+                            if hf else None for k in ("prefill", "decode")}},
         # weight_sync is part of switch: counted once
         "time_split_sum_over_step": round((sum(t.values()) - t["weight_sync"]) / median, 4),
+        # of the rows the decode forwards ran, the share that had already ended (all steps)
+        "finished_row_steps_share": round(
+            sum(g.finished_row_steps for g in gen) / max(sum(g.row_steps for g in gen), 1), 4)
+        if hf else None,
         "switch_over_generate": round(t["switch"] / t["generate"], 3),
         # The trained engines' scoring forwards against the frozen ones' (same shapes).
         # None unless all four engines run: then the forwards are the same shapes.
@@ -402,24 +454,29 @@ def _clock() -> float:
     return time.perf_counter()
 
 
-def _vs_hf(trainer, batch: int, repeats: int) -> dict[str, list[float]]:
+def _vs_hf(trainer, batch: int, n: int, repeats: int) -> dict[str, list[float]]:
     """ds_rlhf's generation and scoring calls against plain HF calls of the same shapes on the
-    same models, in turn `repeats` times: {phase: [ds_rlhf, HF] median seconds (_clock)}. HF:
-    `generate` with the same sampling (temperature, top-k / top-p, every response its full
-    length) on the model the actor generates with, and `model(input_ids, attention_mask,
-    position_ids)` (the causal LMs' logits at every position, the scalar models' backbone +
-    head at every position) under no_grad. Every rank runs the same calls (ZeRO-3 engines
-    gather in them)."""
+    same models, in turn `repeats` times: {phase: [ds_rlhf, HF] median seconds (_clock)}. The
+    rows are a step's: `batch` prompts, each `n` times (its samples). HF: `generate` with the
+    same sampling (temperature, top-k / top-p) on the model the actor generates with, every
+    response its full length (no EOS, as HF's min_new_tokens gives) or, with the run's EOS
+    ids (--eos-frac), ending at them (HF's loop keeps ended rows in its batch; lengths follow
+    each sampler's own draws); and `model(input_ids, attention_mask, position_ids)` (the
+    causal LMs' logits at every position, the scalar models' backbone + head at every
+    position) under no_grad. ds_rlhf's calls run the variant's generation settings (shared
+    prefill, compaction). Every rank runs the same calls (ZeRO-3 engines gather in them)."""
     from ds_rlhf.data.collate import collate_left
     from ds_rlhf.models import sequence_inputs
 
     g = trainer.cfg.generation
-    trainer.actor.eos_token_id = None  # full-length responses, as HF's min_new_tokens gives
-    prompt_ids, prompt_mask = collate_left(trainer.prompts.input_ids[:batch],
-                                           trainer.tokenizer.pad_token_id)
-    index = torch.arange(batch)
+    eos = trainer.actor.eos_token_id
+    prompt_ids, prompt_mask = collate_left(  # a prompt's n samples adjacent, as in a step
+        [trainer.prompts.input_ids[i] for i in range(batch) for _ in range(n)],
+        trainer.tokenizer.pad_token_id)
+    index, sample_index = torch.arange(batch).repeat_interleave(n), torch.arange(n).repeat(batch)
     with trainer.actor.generation_mode():
-        rollout = trainer.actor.generate(prompt_ids, prompt_mask, index, step=1)
+        rollout = trainer.actor.generate(prompt_ids, prompt_mask, index, step=1,
+                                         sample_index=sample_index)
     input_ids, attention_mask, position_ids = sequence_inputs(
         rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
@@ -427,7 +484,8 @@ def _vs_hf(trainer, batch: int, repeats: int) -> dict[str, list[float]]:
 
     def ours_generate():
         with trainer.actor.generation_mode():
-            trainer.actor.generate(prompt_ids, prompt_mask, index, step=1)
+            trainer.actor.generate(prompt_ids, prompt_mask, index, step=1,
+                                   sample_index=sample_index)
 
     def hf_generate():
         with trainer.actor.hybrid.generation_mode() as gen:  # the model ours generates with
@@ -435,7 +493,8 @@ def _vs_hf(trainer, batch: int, repeats: int) -> dict[str, list[float]]:
             gen.model.generate(
                 input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
                 do_sample=True, temperature=g.temperature, top_k=g.top_k or None,
-                top_p=g.top_p, max_new_tokens=g.max_new_tokens, min_new_tokens=g.max_new_tokens,
+                top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                min_new_tokens=g.max_new_tokens if eos is None else 0, eos_token_id=eos,
                 pad_token_id=trainer.tokenizer.pad_token_id)
 
     def hf_forward(engine):
@@ -483,8 +542,7 @@ def bench_ppo(args) -> dict:
     critic = load_model_config(args.critic_config, preset["critic"] or actor, "--critic-config")
     tokenizer = matched_tokenizer(actor["vocab_size"])
     check_vocab(tokenizer, {"actor": actor, "critic and reward": critic})
-    variants = [Variant(z, n, b, k) for z in args.zero_stage or [preset["zero_stage"]]
-                for n in args.micro_batch_tokens for b in args.backend for k in args.staleness]
+    variants = _variants(args, preset)
 
     workdir = Path(tempfile.mkdtemp(prefix="ds_rlhf_bench_"))  # this rank's inputs
     # The runs' output_dir is one directory for all of this launch's ranks (the trainer checks
@@ -519,19 +577,21 @@ def bench_ppo(args) -> dict:
     for step in range(1, args.warmup + args.steps + 1):
         for trainer, steps in zip(trainers, measured, strict=True):
             cpu = time.process_time()
+            stats = None if trainer.actor.vllm else generation.GenerationStats()
+            trainer.actor.generation_stats = stats  # the hf loop's prefill / decode split
             metrics = trainer.ppo_step(step)
             metrics["cpu/step"] = time.process_time() - cpu
+            metrics["generation_stats"] = stats
             if step > args.warmup:
                 steps.append(metrics)
     coord = trainers[0].coord
     memory = coord.gather_objects([round(_peak_memory_gb(), 3)])
-    runs = {v.name: {"zero_stage": v.zero_stage, "micro_batch_tokens": v.micro_batch_tokens,
-                     "backend": v.backend, "staleness": v.staleness,
-                     **_summary(args, trainer, steps)}
+    runs = {v.name: {**v.settings(), **_summary(args, trainer, steps)}
             for v, trainer, steps in zip(variants, trainers, measured, strict=True)}
     for v, trainer in zip(variants, trainers, strict=True):
+        trainer.actor.generation_stats = None
         if args.vs_hf and v.backend == "hf":
-            runs[v.name]["vs_hf_s"] = _vs_hf(trainer, args.batch * args.n_samples, args.vs_hf)
+            runs[v.name]["vs_hf_s"] = _vs_hf(trainer, args.batch, args.n_samples, args.vs_hf)
     first = runs[variants[0].name]["step_s"]["median"]
     return {
         "bench": "ppo", "preset": args.preset, "config": args.config,
@@ -568,6 +628,13 @@ def _stages(text: str) -> list[int]:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
+
+
+def _switches(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",")]
+    if any(v not in (0, 1) for v in values) or len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"a switch is 0, 1 or 0,1, got {text}")
+    return values
 
 
 def _repeats(text: str) -> int:
@@ -618,6 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--eos-frac", type=float, default=0.0,
                      help="variable lengths: this share of the vocabulary ends a response "
                      "(0: fixed length, no EOS)")
+    ppo.add_argument("--share-prefill", type=_switches, default=[1],
+                     help="generation.share_prompt_prefill: 1, 0 or 0,1 (both, interleaved)")
+    ppo.add_argument("--compact", type=_switches, default=[1],
+                     help="generation.compact_finished_rows: 1, 0 or 0,1 (both, interleaved)")
     ppo.add_argument("--reuse-copy", action="store_true", help="generation.reuse_copy")
     ppo.add_argument("--static-cache", action="store_true", help="generation.static_cache")
     ppo.add_argument("--compile", action="store_true",

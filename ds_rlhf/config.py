@@ -162,6 +162,12 @@ class GenerationConfig:
     static_cache: bool = False  # preallocated KV cache: fixed shapes per decode step
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); needs
     # static_cache, and reuse_copy under ZeRO-3 or LoRA so the compiled model is kept
+    share_prompt_prefill: bool = True  # hf backend: the rows of one prompt (its n samples;
+    # the first turn of multi-turn episodes) run the prompt forward once and decode from
+    # copies of its KV cache; the same tokens. false prefills every row (for A/B timing)
+    compact_finished_rows: bool = True  # hf backend: once a quarter of a generate call's rows
+    # have ended, the KV cache and per-row state keep only the live rows; the same tokens.
+    # Not with compile (a compiled step has one shape). false decodes every row to the end
     vllm: VllmConfig = field(default_factory=VllmConfig)  # backend: vllm only
 
 

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import transformers
 from torch import Tensor
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
-__all__ = ["generate", "pad_responses", "prompt_uniforms", "row_seed", "sample_tokens",
-           "sampled_logprobs"]
+__all__ = ["GenerationStats", "generate", "pad_responses", "prompt_uniforms", "row_seed",
+           "sample_tokens", "sampled_logprobs"]
 
 
 def row_seed(seed: int, prompt_index: int, step: int, sample_index: int = 0) -> int:
@@ -151,6 +154,26 @@ def _eos_tensor(eos_token_id: int | Iterable[int] | None, device: torch.device) 
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+@dataclass
+class GenerationStats:
+    """What :func:`generate` calls cost, summed over the calls given it (the bench's split).
+
+    ``prefill_s``: the prompt forward (and the copies of a shared prompt's cache);
+    ``decode_s``: the rest, the draws and the one-token forwards (wall-clock, the device
+    synchronised at both ends). ``row_steps``: rows fed to the one-token forwards, summed
+    over them; ``finished_row_steps``: those of rows that had already ended (their outputs are
+    discarded: the work compaction removes)."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    row_steps: int = 0
+    finished_row_steps: int = 0
+
+    @property
+    def finished_share(self) -> float:
+        return self.finished_row_steps / self.row_steps if self.row_steps else 0.0
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -173,6 +196,9 @@ def generate(
     sample_index: Tensor | None = None,
     position_offset: Tensor | None = None,
     return_logprobs: bool = False,
+    share_prompt_prefill: bool = True,
+    compact_finished_rows: bool = True,
+    stats: GenerationStats | None = None,
 ) -> tuple[Tensor, ...]:
     """Sample responses for left-padded prompts with a KV cache.
 
@@ -200,6 +226,19 @@ def generate(
             the first turn's.
         return_logprobs: also return the sampler's log-probability of each drawn token (see
             :func:`sampled_logprobs`); the tokens drawn are the same either way.
+        share_prompt_prefill: rows with the same prompt (ids and mask: the n samples of a
+            prompt) run the prompt forward once; each row decodes from a copy of its cache.
+        compact_finished_rows: once a quarter of the rows decoding have ended, the cache
+            and the per-row state keep only the live rows (see :func:`_should_compact`). Not
+            with a ``decode`` callable: a compiled step is built for one shape.
+            Both need a cache generate builds from ``model.config`` whose layers hold only
+            keys and values (full attention, sliding windows, static); other models (no
+            config, linear attention layers...) run the plain loop.
+        stats: add this call's prefill and decode seconds and row-steps to it.
+
+    Both change what is computed, not what is drawn: each row's tokens depend on its own
+    prompt, cache and uniforms only (up to float round-off of a forward over another number
+    of rows).
 
     Returns:
         ``(response_ids, response_mask)``, ``[B, R]`` on the model's device, where R is the
@@ -227,6 +266,7 @@ def generate(
         if return_logprobs:
             return empty, empty.clone(), empty.float()
         return empty, empty.clone()
+    start = _clock(device) if stats is not None else 0.0
 
     uniforms = None
     if not greedy:
@@ -250,32 +290,55 @@ def generate(
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     if static_cache:
-        kwargs["past_key_values"] = transformers.StaticCache(config=model.config,
-                                                             max_cache_len=total)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=total)
         kwargs["cache_position"] = torch.arange(prompt_len, device=device)
         # The mask covers the whole cache from the start; columns open as tokens arrive.
         attention_mask = torch.nn.functional.pad(prompt_mask, (0, max_new_tokens))
     else:
         cache = _in_place_cache(model, total)
-        if cache is not None:
-            kwargs["past_key_values"] = cache
+        if cache is None:
+            cache = _model_cache(model)
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    # Shared prefill: the distinct prompts only, then each row gets a copy of its prompt's
+    # cache and logits (the n samples of a prompt differ from their first draw on).
+    shared = None
+    if share_prompt_prefill and cache is not None and _rows_selectable(cache):
+        shared = _distinct_rows(prompt_ids, prompt_mask)
+    prefill = slice(None) if shared is None else shared[0]
     out = model(
-        input_ids=prompt_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
+        input_ids=prompt_ids[prefill],
+        attention_mask=attention_mask[prefill],
+        position_ids=position_ids[prefill],
         use_cache=True,
         **kwargs,
     )
+    logits, cache = out.logits[:, -1, :], out.past_key_values
+    if shared is not None:
+        logits = logits.index_select(0, shared[1])
+        _select_rows(cache, shared[1])
+    # Rows are dropped from caches built here (known layers) only, and not under a compiled
+    # decode step: it is built for one batch shape.
+    compact = compact_finished_rows and decode is None and "past_key_values" in kwargs \
+        and _rows_selectable(cache)
     decode = decode or model
     next_position = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of response token 0
+    if stats is not None:
+        prefill_end = _clock(device)
+        stats.prefill_s += prefill_end - start
 
+    # Outputs by step, [max_new_tokens, B]: step t writes the rows still decoding (`rows`:
+    # their place in the outputs); a row compacted away keeps pad / 0, what it would write.
+    rows = torch.arange(batch, device=device)
+    ids_by_step = torch.full((max_new_tokens, batch), int(pad_token_id), dtype=torch.long,
+                             device=device)
+    mask_by_step = torch.zeros(max_new_tokens, batch, dtype=torch.long, device=device)
+    logprobs_by_step = torch.zeros(max_new_tokens, batch, device=device) \
+        if return_logprobs else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     pad = torch.full((batch,), int(pad_token_id), dtype=torch.long, device=device)
-    tokens: list[Tensor] = []
-    masks: list[Tensor] = []
-    logprobs: list[Tensor] = []
+    num_steps = 0
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1, :]
         # logits / temperature once for the draw and the logprob (sample_tokens and
         # sampled_logprobs, the same ops)
         scaled = None if greedy and not return_logprobs else _scaled(logits, temperature)
@@ -283,18 +346,33 @@ def generate(
             _draw(scaled, uniforms[:, t], top_k, top_p)
         live = ~done
         token = torch.where(live, token, pad)
-        tokens.append(token)
-        masks.append(live.long())
+        ids_by_step[t].index_copy_(0, rows, token)
+        mask_by_step[t].index_copy_(0, rows, live.long())
         if return_logprobs:
-            logprobs.append(torch.where(live, _logprob_of(scaled, token), 0.0))
+            logprobs_by_step[t].index_copy_(
+                0, rows, torch.where(live, _logprob_of(scaled, token), 0.0))
         if eos.numel():
             done = done | (live & torch.isin(token, eos))
+        num_steps = t + 1
 
         if t + 1 >= max_new_tokens:
             break
-        local_done = bool(done.all())
+        num_done = int(done.sum())
+        local_done = num_done == len(done)
         if synced(local_done) if synced is not None else local_done:
             break
+        if compact and _should_compact(num_done, len(done)):
+            # The live rows, or one row to keep feeding while other ranks finish (synced).
+            keep = (~done).nonzero().squeeze(1) if num_done < len(done) else rows.new_zeros(1)
+            _select_rows(cache, keep)
+            rows, done, token, next_position = rows[keep], done[keep], token[keep], \
+                next_position[keep]
+            full_mask, attention_mask = full_mask[keep], attention_mask[keep]
+            uniforms = None if uniforms is None else uniforms[keep]
+            pad, num_done = pad[:len(keep)], len(keep) if local_done else 0
+        if stats is not None:
+            stats.row_steps += len(done)
+            stats.finished_row_steps += num_done
 
         if static_cache:
             attention_mask = attention_mask.clone()  # a compiled step may hold the old one
@@ -302,7 +380,7 @@ def generate(
             kwargs["cache_position"] = torch.tensor([prompt_len + t], device=device)
         else:
             attention_mask = full_mask[:, :prompt_len + t + 1]
-            kwargs["past_key_values"] = out.past_key_values
+        kwargs["past_key_values"] = cache
         out = decode(
             input_ids=token.unsqueeze(-1),
             attention_mask=attention_mask,
@@ -310,9 +388,84 @@ def generate(
             use_cache=True,
             **kwargs,
         )
+        logits = out.logits[:, -1, :]
 
-    out = torch.stack(tokens, dim=1), torch.stack(masks, dim=1)
-    return (*out, torch.stack(logprobs, dim=1)) if return_logprobs else out
+    if stats is not None:
+        stats.decode_s += _clock(device) - prefill_end
+    out = ids_by_step[:num_steps].T.contiguous(), mask_by_step[:num_steps].T.contiguous()
+    if return_logprobs:
+        return *out, logprobs_by_step[:num_steps].T.contiguous()
+    return out
+
+
+def _clock(device: torch.device) -> float:
+    """Wall-clock seconds once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _should_compact(num_done: int, num_rows: int) -> bool:
+    """Drop the finished rows once they are a quarter of the rows decoding.
+
+    A decode step costs each row at least the read of its KV cache (attention), on CPU and
+    GPU alike, plus its share of the compute. Compacting copies the live rows' cache once
+    (one read and one write). With a quarter of the rows gone each time, the rows copied over
+    a whole call add up to at most 3 batches (3/4 + 9/16 + ... of B): about the cache reads
+    of 3 decode steps, while every later step reads a quarter less. And no step runs with
+    more than a quarter of its rows finished. Waiting for half would copy at most one batch
+    but compute up to half wasted rows; compacting at every finished row would copy a batch
+    per few rows (up to B compactions, each a kernel per layer on a GPU)."""
+    return num_done > 0 and 4 * num_done >= num_rows and num_rows > 1
+
+
+def _distinct_rows(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(first, copy)`` when some rows repeat an earlier row's prompt (ids and mask):
+    ``first`` [U] the row of each distinct prompt, in order of first appearance, ``copy`` [B]
+    which of them each row is; None when all B prompts differ."""
+    key = torch.where(prompt_mask.bool(), prompt_ids, -1)  # ids are >= 0: -1 marks padding
+    distinct, copy = torch.unique(key, dim=0, return_inverse=True)
+    if len(distinct) == len(key):
+        return None
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((len(distinct),), len(key), device=key.device).scatter_reduce(
+        0, copy, rows, "amin")
+    order = first.argsort()  # the distinct prompts by first appearance: the rows' order
+    place = torch.empty_like(order)
+    place[order] = torch.arange(len(order), device=key.device)
+    return first[order], place[copy]
+
+
+# Cache layers whose whole per-row state is `keys` and `values` [B, heads, positions, dim]
+# (their lengths are shared by all rows), so rows are copied or dropped by indexing those.
+_ROW_LAYERS = (transformers.DynamicLayer, DynamicSlidingWindowLayer, transformers.StaticLayer,
+               transformers.StaticSlidingWindowLayer)
+
+
+def _rows_selectable(cache) -> bool:
+    return isinstance(cache, transformers.Cache) and bool(cache.layers) and all(
+        isinstance(layer, _InPlaceLayer) or type(layer) in _ROW_LAYERS for layer in cache.layers)
+
+
+def _select_rows(cache, index: Tensor) -> None:
+    """Keep rows ``index`` of every layer of ``cache`` (repeats allowed: copies of a row)."""
+    for layer in cache.layers:
+        if isinstance(layer, _InPlaceLayer):
+            layer.select_rows(index)
+        elif layer.is_initialized:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+            if isinstance(layer, transformers.StaticLayer):
+                layer.batch_size = len(index)
+                # as StaticLayer.lazy_initialization marks its buffers (CUDA graphs)
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+
+
+def _model_cache(model: torch.nn.Module):
+    """The DynamicCache the model would build itself (None for a model without a config)."""
+    config = getattr(model, "config", None)
+    return None if config is None else transformers.DynamicCache(config=config)
 
 
 def sampled_logprobs(logits: Tensor, token: Tensor, temperature: float) -> Tensor:
@@ -363,6 +516,22 @@ class _InPlaceLayer(transformers.DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep rows ``index`` (repeats allowed), copying only the filled positions: fewer
+        rows are written to the front of the buffers, more get new ones."""
+        if not self.is_initialized:
+            return
+        for name in ("_keys", "_values"):
+            buffer = getattr(self, name)
+            kept = buffer[:, :, :self.length].index_select(0, index)
+            if len(index) > buffer.shape[0]:
+                buffer = buffer.new_empty(len(index), *buffer.shape[1:])
+            buffer = buffer[:len(index)]
+            buffer[:, :, :self.length] = kept
+            setattr(self, name, buffer)
+        self.keys = self._keys[:, :, :self.length]
+        self.values = self._values[:, :, :self.length]
 
 
 def _in_place_cache(model: torch.nn.Module, capacity: int):

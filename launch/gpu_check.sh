@@ -7,7 +7,10 @@
 # ZeRO-2 and ZeRO-3. Where vLLM is importable (the vllm extra), the generation and PPO benches
 # run both generation backends side by side (`--backend hf,vllm`: samples/s, decode tokens/s,
 # weight-sync seconds; `vllm` in the report says which). The single-GPU PPO bench also times the
-# hf backend's generation and scoring forwards against plain HF calls (`vs_hf_s`).
+# hf backend's generation and scoring forwards against plain HF calls (`vs_hf_s`). A group
+# workload (GRPO, prompts of 512 tokens, 8 samples each, up to 256 new tokens, long-tailed
+# lengths) measures both backends and the hf loop with its shared prompt prefill and its
+# compaction of finished rows off and on (prefill / decode seconds, finished row-steps).
 #   launch/gpu_check.sh                   # report: gpu_check.json (GPU_CHECK_OUT to change)
 #   GPU_CHECK_DRY=1 launch/gpu_check.sh   # the same steps on CPU ranks with tiny models (CI)
 # A failing step is recorded in the report and the others still run; the exit status is 1
@@ -28,6 +31,7 @@ if [ "$DRY" = 1 ]; then
   # packing next to micro-batches by rows
   PPO2="$PPO --zero-stage 2,3 --eos-frac 0.2 --micro-batch-tokens 0,64"
   FAST="--static-cache"  # torch.compile on CPU would need minutes and a C++ compiler
+  GROUP="--preset micro --steps 1 --warmup 1 --n-samples 4 --batch 2 --prompt-len 16 --response-len 8 --eos-frac 0.2"
 else
   NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
   GEN="--layers 16 --hidden 2048 --vocab 32000 --dtype bf16 --prompts 8 --prompt-len 128 --new-tokens 128 --repeats 2"
@@ -35,6 +39,7 @@ else
   VS_HF="--vs-hf 2"
   PPO2="$PPO --batch 16 --steps 2 --zero-stage 2,3"
   FAST="--static-cache --compile"
+  GROUP="--preset opt-1.3b-350m --steps 2 --warmup 1 --n-samples 8 --batch 4 --prompt-len 512 --response-len 256 --eos-frac 0.01"
 fi
 
 # step NAME NPROC ARGS...: one bench run; its JSON line goes to $WORK/NAME.json, its
@@ -60,6 +65,8 @@ if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then BACKENDS=hf,vllm; fi
 step generation 1 generation $GEN --backend $BACKENDS
 step ppo 1 ppo $PPO --backend $BACKENDS $VS_HF
 step ppo_static_compile 1 ppo $PPO $FAST
+step ppo_group 1 ppo $GROUP --estimator grpo --reward function --backend $BACKENDS \
+  --share-prefill 0,1 --compact 0,1
 if [ "$NUM_GPUS" -ge 2 ]; then
   step ppo_2ranks 2 ppo $PPO2
 fi
@@ -107,6 +114,11 @@ def bench(name):
         "switch_over_generate": r["switch_over_generate"],
         "trained_over_frozen_scoring": r["trained_over_frozen_scoring"],
         "backend": r["backend"], "weight_sync_s": r["time_split_s"]["weight_sync"],
+        "share_prompt_prefill": r["share_prompt_prefill"],
+        "compact_finished_rows": r["compact_finished_rows"],
+        "generate_s": r["time_split_s"]["generate"],
+        "prefill_s": r["time_split_s"]["prefill"], "decode_s": r["time_split_s"]["decode"],
+        "finished_row_steps_share": r["finished_row_steps_share"],
         **({"vs_hf_s": r["vs_hf_s"]} if "vs_hf_s" in r else {}),
     } for variant, r in data["runs"].items()}
     return {**result, "world_size": data["world_size"], "runs": runs,
@@ -127,6 +139,7 @@ report = {
     "generation": bench("generation"),
     "ppo": bench("ppo"),
     "ppo_static_compile": bench("ppo_static_compile"),
+    "ppo_group": bench("ppo_group"),  # prompt 512 x 8 samples: shared prefill, compaction
     "ppo_2ranks": bench("ppo_2ranks"),  # null with fewer than 2 GPUs
 }
 report["vllm"] = "vllm" in backends  # generation and ppo measured both backends

@@ -311,6 +311,9 @@ class Actor(_Trainable):
         self.pad_token_id = tokenizer.pad_token_id
         self.seed = seed
         self._gen: GenerationModel | None = None
+        # hf backend: set to a GenerationStats to have generate calls add their prefill and
+        # decode seconds and row-steps to it (the bench's time split); None: not measured
+        self.generation_stats: generation.GenerationStats | None = None
 
     @property
     def switch_seconds(self) -> float:
@@ -352,7 +355,8 @@ class Actor(_Trainable):
         g, device = self.gen_cfg, self.engine.device
         # Prompts of similar length share a generate call and each call drops the left
         # padding all its rows share: less padded compute. Sampling is per prompt, so the
-        # order changes nothing but speed.
+        # order changes nothing but speed. The sort is stable: the n rows of a prompt stay
+        # adjacent, in one call as far as batch_size allows (they prefill the prompt once).
         order = torch.argsort(prompt_mask.sum(1), stable=True)
         if sample_index is None:
             sample_index = torch.zeros_like(prompt_index)
@@ -369,7 +373,9 @@ class Actor(_Trainable):
                 top_p=g.top_p, greedy=greedy, synced=self._gen.synced,
                 static_cache=g.static_cache, decode=self._gen.decode,
                 sample_index=sample_index[rows], return_logprobs=True,
-                position_offset=None if position_offset is None else position_offset[rows]))
+                position_offset=None if position_offset is None else position_offset[rows],
+                share_prompt_prefill=g.share_prompt_prefill,
+                compact_finished_rows=g.compact_finished_rows, stats=self.generation_stats))
         unsort = torch.argsort(order).to(device)
         response_ids, response_mask, sampler_logprobs = (
             x[unsort].cpu() for x in generation.pad_responses(pieces, self.pad_token_id))

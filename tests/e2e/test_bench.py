@@ -86,7 +86,13 @@ def test_bench_grpo_builds_only_the_actor():
     assert run["time_split_s"]["critic_train"] == 0.0
     # One optimizer step per rollout, no KL: the old logprobs come from the training forward
     assert run["on_policy_shortcut"] and run["time_split_s"]["actor_logprobs"] == 0.0
-    assert set(run["time_split_s"]) == set(bench.PHASES)  # every phase, named as always
+    # every phase, named as always, and the hf loop's two parts of generate
+    assert set(run["time_split_s"]) == set(bench.PHASES) | {"prefill", "decode"}
+    split = run["time_split_s"]
+    assert 0 < split["prefill"] and 0 < split["decode"]
+    assert split["prefill"] + split["decode"] <= split["generate"]
+    assert run["finished_row_steps_share"] == 0.0  # fixed lengths: no row ends early
+    assert run["share_prompt_prefill"] and run["compact_finished_rows"]  # the defaults
     assert run["trained_over_frozen_scoring"] is None  # no frozen engine to compare with
     assert run["samples_per_s"] > 0 and 0.95 <= run["time_split_sum_over_step"] <= 1.0
     assert len(result["peak_memory_gb_per_rank"]) == 2

@@ -31,25 +31,33 @@ def test_demo_pipeline_beats_sft_by_0_3(tmp_path):
 
 
 def test_grpo_demo_writes_the_summary(tmp_path):
-    """`bash launch/demo.sh grpo`, shortened to 2 GRPO steps: the whole path runs (data, SFT,
-    GRPO with the rule-based reward function and no reward model, critic or reference,
-    greedy evaluation). The full run's accuracies are in docs/performance.md."""
+    """`STALENESS=1 bash launch/demo.sh grpo`, shortened to 2 GRPO steps: the whole path runs
+    (data, SFT, GRPO with the rule-based reward function and no reward model, critic or
+    reference, greedy evaluation), lagged: both steps train on rollouts of the SFT policy
+    (rollout.staleness 1, TIS). The full run's accuracies are in docs/performance.md; the
+    on-policy GRPO path is the dist tests'."""
     out = tmp_path / "demo_grpo"
     proc = subprocess.run(["bash", "launch/demo.sh", "grpo"], cwd=REPO, capture_output=True,
                           text=True, env=cpu_env(OUTPUT_DIR=str(out), GRPO_STEPS="2",
-                                                 MASTER_PORT=str(free_port())),
+                                                 STALENESS="1", MASTER_PORT=str(free_port())),
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["estimator"] == "grpo" and summary["rl_steps"] == 2
     assert summary["backend"] == "hf"  # GEN_BACKEND=vllm: "vllm" (docs/performance.md)
+    assert summary["staleness"] == 1 and summary["placement"] == "colocated"
     for key in ("accuracy_sft", "accuracy_rl"):
         assert 0.0 <= summary[key] <= 1.0  # a share of the 200 held-out prompts
     assert 0.3 <= summary["accuracy_sft"] <= 0.7  # mediocre SFT (0.585 measured)
-    # even 2 steps of 32 prompts x 8 samples move greedy answers (0.585 -> 0.94 measured)
+    # even 2 steps of 32 prompts x 8 samples move greedy answers (0.545 -> 0.97 measured,
+    # lagged; 0.585 -> 0.94 on-policy)
     assert summary["accuracy_rl"] - summary["accuracy_sft"] >= 0.15
     assert 0 < summary["wall_s"] < 600
     assert "held-out greedy accuracy, RL policy" in proc.stdout
     metrics = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert 0.0 < metrics[0]["rewards/reward/mean"] < 1.0  # sampled answers: some right
     assert 0.0 <= metrics[0]["rewards/all_equal_groups"] <= 1.0
+    # step 1 trains on the initial actor's rollout (0 updates before it), step 2 on a rollout
+    # sampled before step 1's update
+    assert [m["rollout/staleness"] for m in metrics] == [0, 1]
+    assert all(m["rollout/is_weight_max"] <= 2.0 for m in metrics)  # the cap

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.e2e
 PPO_FIELDS = {"samples_per_s", "response_length_mean", "generated_tokens_per_s",
               "train_tokens_per_s", "train_mfu", "step_s", "time_split_sum_over_step",
               "switch_over_generate", "trained_over_frozen_scoring", "backend",
-              "weight_sync_s"}
+              "weight_sync_s", "share_prompt_prefill", "compact_finished_rows", "generate_s",
+              "prefill_s", "decode_s", "finished_row_steps_share"}
 
 
 def test_dry_gpu_check_writes_every_field(tmp_path):
@@ -46,8 +47,11 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
     assert report["vllm"] == vllm
     one_rank = {"zero2", "zero2_vllm"} if vllm else {"zero2"}
     two_ranks = {"zero2", "zero2_tokens64", "zero3", "zero3_tokens64"}
+    # the group workload: the hf loop with shared prefill and compaction off and on (and vllm)
+    group = {"zero2_share0_compact0", "zero2_share0", "zero2_compact0", "zero2"} | (
+        {"zero2_vllm"} if vllm else set())
     for name, world, variants in (("ppo", 1, one_rank), ("ppo_static_compile", 1, {"zero2"}),
-                                  ("ppo_2ranks", 2, two_ranks)):
+                                  ("ppo_2ranks", 2, two_ranks), ("ppo_group", 1, group)):
         ppo = report[name]
         assert ppo["ok"] and ppo["world_size"] == world and set(ppo["runs"]) == variants
         assert len(ppo["peak_memory_gb_per_rank"]) == world
@@ -64,9 +68,17 @@ def test_dry_gpu_check_writes_every_field(tmp_path):
             assert run["train_mfu"] is None  # CPU: no peak to compare with
             assert run["step_s"]["min"] <= run["step_s"]["median"] <= run["step_s"]["max"]
             assert 0.7 <= run["time_split_sum_over_step"] <= 1.0  # the phases cover the step
-        lengths = {run["response_length_mean"] for run in ppo["runs"].values()}
-        if name == "ppo_2ranks":  # --eos-frac 0.2: responses end early, the same in every
-            # variant (sampling is per prompt; packing and ZeRO stage change no token)
+            if run["backend"] == "hf":  # the generate calls' two parts, inside the phase
+                assert 0 < run["prefill_s"] and 0 < run["decode_s"]
+                assert run["prefill_s"] + run["decode_s"] <= run["generate_s"]
+                assert 0 <= run["finished_row_steps_share"] < 1
+            else:
+                assert run["prefill_s"] is run["share_prompt_prefill"] is None
+        lengths = {run["response_length_mean"] for run in ppo["runs"].values()
+                   if run["backend"] == "hf" or name != "ppo_group"}  # vLLM draws its own
+        if name in ("ppo_2ranks", "ppo_group"):  # --eos-frac 0.2: responses end early, the
+            # same in every variant (sampling is per prompt; packing, ZeRO stage, shared
+            # prefill and compaction change no token)
             assert len(lengths) == 1 and lengths.pop() < 8
         else:
             assert lengths == {8.0}  # fixed length: no EOS

@@ -427,3 +427,176 @@ def test_static_cache_gives_the_same_tokens(model, greedy):
     dynamic = generate(model, ids, mask, torch.arange(len(PROMPTS)), **common)
     static = generate(model, ids, mask, torch.arange(len(PROMPTS)), static_cache=True, **common)
     assert torch.equal(dynamic[0], static[0]) and torch.equal(dynamic[1], static[1])
+
+
+# ------------------------------------------------- shared prompt prefill, finished-row compaction
+
+
+def _tiny(arch: str):
+    """Tiny random causal LMs of several layouts: GQA (llama, qwen2), learned absolute
+    positions (gpt2, opt: OPT's offset of 2), sliding windows smaller than prompt + response
+    (mistral on every layer, qwen2 on its second layer only)."""
+    torch.manual_seed(7)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "mistral_window": lambda: transformers.MistralConfig(**common, sliding_window=5),
+        "qwen2_window": lambda: transformers.Qwen2Config(
+            **common, use_sliding_window=True, sliding_window=5, max_window_layers=1),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2,
+                                                n_head=4, n_positions=128),
+        "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64,
+                                              num_hidden_layers=2, num_attention_heads=4,
+                                              word_embed_proj_dim=32,
+                                              max_position_embeddings=128),
+    }[arch]()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+ARCHS = ["llama", "qwen2", "gpt2", "opt", "mistral_window", "qwen2_window"]
+EOS = 4
+
+
+class EosBias(torch.nn.Module):
+    """A causal LM whose EOS is likely (its logit raised by `bias`), so rows end at different
+    steps, each by its own draws: unlike ForceEos, nothing depends on where a row sits in
+    the batch. Keeps the inner model's config (generate builds its cache from it)."""
+
+    def __init__(self, inner, bias: float):
+        super().__init__()
+        self.inner, self.bias, self.config = inner, bias, inner.config
+        self.batch_sizes: list[int] = []  # rows of each forward
+
+    def forward(self, **kwargs):
+        self.batch_sizes.append(kwargs["input_ids"].shape[0])
+        out = self.inner(**kwargs)
+        out.logits = out.logits.clone()
+        out.logits[..., EOS] += self.bias
+        return out
+
+
+def _groups(prompts: list[list[int]], n: int):
+    """The trainer's layout: rows g*n .. g*n+n-1 are the n samples of prompt g."""
+    ids, mask = left_pad([p for p in prompts for _ in range(n)])
+    index = torch.arange(len(prompts)).repeat_interleave(n)
+    return ids, mask, index, torch.arange(n).repeat(len(prompts))
+
+
+def _run(model, ids, mask, index, sample_index, **kw):
+    kw = dict(step=3, seed=11, max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD,
+              return_logprobs=True, sample_index=sample_index) | kw
+    return generate(model, ids, mask, index, **kw)
+
+
+def _assert_same(a, b):
+    """Tokens and masks equal; sampler logprobs equal up to the round-off of a forward over
+    another number of rows (a few float32 ulps)."""
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[2], b[2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefill_gives_the_plain_loops_tokens(arch, static_cache):
+    """The n samples of each prompt prefill it once: 3 prompts of 3 lengths (left padding),
+    n = 3, one prompt forward of 3 rows; the tokens, masks and logprobs of the plain loop."""
+    model = EosBias(_tiny(arch), bias=1.0)
+    ids, mask, index, sample = _groups(PROMPTS[:3], 3)
+    kw = dict(static_cache=static_cache, compact_finished_rows=False)
+    plain = _run(model, ids, mask, index, sample, share_prompt_prefill=False, **kw)
+    model.batch_sizes.clear()
+    shared = _run(model, ids, mask, index, sample, **kw)
+    assert model.batch_sizes[0] == 3 and set(model.batch_sizes[1:]) == {9}
+    _assert_same(shared, plain)
+    assert len(set(map(tuple, shared[0].tolist()))) >= 7  # the samples of a prompt differ
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_shared_prefill_any_n_and_any_order(n):
+    """Repeated prompts wherever they sit in the batch (Actor.generate sorts rows by length
+    and cuts calls of generation.batch_size rows, so a group may be split or interleaved),
+    with top-k / top-p and a position offset (a later turn); n = 1 prefills every row."""
+    model = EosBias(_tiny("llama"), bias=1.0)
+    ids, mask, index, sample = _groups(PROMPTS, n)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))
+    ids, mask, index, sample = ids[order], mask[order], index[order], sample[order]
+    kw = dict(top_k=20, top_p=0.9, temperature=0.8, compact_finished_rows=False,
+              position_offset=torch.arange(len(ids)) % 3)
+    plain = _run(model, ids, mask, index, sample, share_prompt_prefill=False, **kw)
+    model.batch_sizes.clear()
+    _assert_same(_run(model, ids, mask, index, sample, **kw), plain)
+    assert model.batch_sizes[0] == len(PROMPTS)
+
+
+def test_distinct_rows_in_order_of_first_appearance():
+    from ds_rlhf.generation import _distinct_rows
+
+    ids, mask = left_pad([[5, 6], [7], [5, 6], [3, 7], [7], [5, 6]])
+    ids[1, 0] = 9  # under the padding: the same prompt as row 4
+    first, copy = _distinct_rows(ids, mask)
+    assert first.tolist() == [0, 1, 3] and copy.tolist() == [0, 1, 0, 2, 1, 0]
+    assert _distinct_rows(*left_pad(PROMPTS)) is None
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compaction_gives_the_plain_loops_tokens(arch, static_cache):
+    """Rows that ended leave the decode batch: with a likely EOS most of 12 rows end early and
+    the forwards shrink; tokens, masks and logprobs are the plain loop's, and the finished
+    rows' share of the decode row-steps falls below a quarter."""
+    from ds_rlhf.generation import GenerationStats
+
+    model = EosBias(_tiny(arch), bias=2.0)
+    ids, mask, index, sample = _groups(PROMPTS[:3], 4)
+    kw = dict(static_cache=static_cache, max_new_tokens=24)
+    before, after = GenerationStats(), GenerationStats()
+    plain = _run(model, ids, mask, index, sample, compact_finished_rows=False, stats=before,
+                 **kw)
+    model.batch_sizes.clear()
+    compact = _run(model, ids, mask, index, sample, stats=after, **kw)
+    _assert_same(compact, plain)
+    lengths = plain[1].sum(1)
+    assert lengths.min() < 6 and lengths.max() > 12  # some end early, some run long
+    sizes = model.batch_sizes[1:]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 12 // 2
+    assert len(sizes) == plain[0].shape[1] - 1  # one forward per step all the same
+    assert after.row_steps == sum(sizes) < before.row_steps
+    assert after.finished_share < 0.25 < before.finished_share
+    assert before.prefill_s > 0 and before.decode_s > 0
+
+
+def test_compaction_with_synced_runs_every_ranks_forwards():
+    """Under `synced` (a ZeRO-3 module) the local rows may all end while other ranks decode:
+    the batch shrinks to one row, and the forwards go on until every rank is done."""
+    model = EosBias(_tiny("llama"), bias=6.0)
+    ids, mask, index, sample = _groups(PROMPTS[:2], 3)
+    calls: list[bool] = []
+
+    def synced(local_done: bool) -> bool:  # the other ranks finish at step 12
+        calls.append(local_done)
+        return local_done and len(calls) >= 12
+
+    kw = dict(max_new_tokens=20, synced=synced)
+    plain = _run(model, ids, mask, index, sample, compact_finished_rows=False, **kw)
+    assert len(calls) == 12 and calls[-1] and plain[0].shape[1] == 12
+    calls.clear()
+    model.batch_sizes.clear()
+    compact = _run(model, ids, mask, index, sample, **kw)
+    _assert_same(compact, plain)
+    assert len(model.batch_sizes) == 12 and model.batch_sizes[-1] == 1
+
+
+def test_compiled_decode_keeps_its_shape():
+    """A `decode` callable (a compiled step: one shape) decodes every row to the end."""
+    model = EosBias(_tiny("llama"), bias=3.0)
+    ids, mask, index, sample = _groups(PROMPTS[:2], 3)
+    sizes = []
+
+    def decode(**kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return model(**kwargs)
+
+    out = _run(model, ids, mask, index, sample, static_cache=True, decode=decode)
+    assert set(sizes) == {6} and out[1].sum(1).min() < out[1].shape[1]
