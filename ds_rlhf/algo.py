@@ -232,8 +232,13 @@ def rollout_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Ten
     drawn by the sampler (e.g. vLLM), whose probabilities differ slightly from the trainer's at
     the same weights, so each token's policy-gradient term is reweighted by
       w_t = min(exp(old_logprobs_t - sampler_logprobs_t), cap)
-    on real tokens, 0 on padding. old_logprobs: the trainer's at sampling time;
-    sampler_logprobs: the sampler's for the same tokens and temperature; both [B, R]. Returns
+    on real tokens, 0 on padding. old_logprobs: the trainer's at sampling time (log pi_old,
+    log_softmax(logits / temperature) over the full vocabulary); sampler_logprobs: log mu, the
+    behaviour policy's, of the distribution that drew each token: temperature, then top-k /
+    top-p renormalised over the kept tokens (generation.behaviour_logprobs; both backends
+    store this), so w is the importance weight pi_old / mu of the real draw. With top-k /
+    top-p, mu puts all its mass on the kept tokens and w <= (their mass under pi_old) on
+    average: the filter's share of the gap, not a mismatch. Both [B, R]. Returns
     ``(weights, stats)``, weights [B, R] float32 without gradient. ``cap`` > 0.
 
     stats (python floats, over this piece):

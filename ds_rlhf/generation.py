@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 __all__ = ["GenerationStats", "generate", "pad_responses", "prompt_uniforms", "row_seed",
-           "sample_tokens", "sampled_logprobs"]
+           "sample_tokens", "behaviour_logprobs"]
 
 
 def row_seed(seed: int, prompt_index: int, step: int, sample_index: int = 0) -> int:
@@ -85,7 +85,7 @@ def sample_tokens(
     if greedy:
         return logits.argmax(dim=-1)
     _check_sampling(temperature, top_k, top_p)
-    return _draw(_scaled(logits, temperature), u, top_k, top_p)
+    return _draw(_scaled(logits, temperature), u, top_k, top_p)[0]
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -103,8 +103,11 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
     return logits if temperature == 1.0 else logits / float(temperature)
 
 
-def _draw(scaled: Tensor, u: Tensor, top_k: int, top_p: float) -> Tensor:
-    """sample_tokens' draw from the scaled logits (checked there)."""
+def _candidates(scaled: Tensor, top_k: int, top_p: float
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The tokens top-k / top-p keep, most likely first: (their scaled logits [B, C], their
+    ids [B, C] or None for the whole vocabulary in id order, the top-p mask [B, C] of the
+    candidates dropped or None)."""
     vocab = scaled.shape[-1]
     # Order the candidates most likely first. A full sort of the vocabulary is the costliest
     # op of a decode step on small models, so only top-p pays for it; top-k sorts k entries.
@@ -113,12 +116,30 @@ def _draw(scaled: Tensor, u: Tensor, top_k: int, top_p: float) -> Tensor:
     elif top_p < 1.0:
         cand_logits, cand_idx = torch.sort(scaled, dim=-1, descending=True, stable=True)
     else:  # no filter: inverse-CDF sampling works in any fixed order, token-id order is free
-        cand_logits, cand_idx = scaled, None
+        return scaled, None, None
+    if top_p == 1.0:
+        return cand_logits, cand_idx, None
     probs = torch.softmax(cand_logits, dim=-1)
-    if top_p < 1.0:
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
-        drop = before >= top_p
-        drop[:, 0] = False
+    drop = torch.cumsum(probs, dim=-1) - probs >= top_p  # the more likely tokens reach top_p
+    drop[:, 0] = False
+    return cand_logits, cand_idx, drop
+
+
+def _kept_logprobs(cand_logits: Tensor, drop: Tensor | None) -> Tensor:
+    """log-probabilities of the candidates under the renormalised distribution (-inf on the
+    dropped ones)."""
+    kept = cand_logits if drop is None else cand_logits.masked_fill(drop, float("-inf"))
+    return kept.log_softmax(dim=-1)
+
+
+def _draw(scaled: Tensor, u: Tensor, top_k: int, top_p: float,
+          with_logprob: bool = False) -> tuple[Tensor, Tensor | None]:
+    """sample_tokens' draw from the scaled logits (checked there), and with `with_logprob`
+    each drawn token's log-probability under the distribution it was drawn from
+    (behaviour_logprobs, here without a second search for the token)."""
+    cand_logits, cand_idx, drop = _candidates(scaled, top_k, top_p)
+    probs = torch.softmax(cand_logits, dim=-1)
+    if drop is not None:
         probs = probs.masked_fill(drop, 0.0)
 
     cdf = torch.cumsum(probs, dim=-1)
@@ -128,7 +149,36 @@ def _draw(scaled: Tensor, u: Tensor, top_k: int, top_p: float) -> Tensor:
     # u * total can round up to total; step back to the last token with non-zero mass.
     last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)
     pos = torch.minimum(pos, last)
-    return pos.squeeze(-1) if cand_idx is None else cand_idx.gather(-1, pos).squeeze(-1)
+    if cand_idx is None:
+        token = pos.squeeze(-1)
+        return token, _logprob_of(scaled, token) if with_logprob else None
+    token = cand_idx.gather(-1, pos).squeeze(-1)
+    if not with_logprob:
+        return token, None
+    return token, _kept_logprobs(cand_logits, drop).gather(-1, pos).squeeze(-1)
+
+
+def behaviour_logprobs(logits: Tensor, token: Tensor, temperature: float = 1.0,
+                       top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """``log mu(token)``, the log-probability of ``token [B]`` under the distribution that
+    sample_tokens draws from given ``logits [B, V]``: softmax(logits / temperature), top-k /
+    top-p applied, renormalised over the kept tokens (-inf for a token they drop), in float32.
+    Without top-k / top-p it is ``log_softmax(logits / temperature)[token]`` over the full
+    vocabulary, the same ops as the trainer's old_logprobs (algo.logprobs_from_logits).
+
+    The behaviour policy's logprob, what both generation backends store as a Rollout's
+    sampler_logprobs (vLLM's processed_logprobs are this quantity), so that
+    algo.rollout_is_weights' exp(old_logprobs - sampler_logprobs) is pi_old / mu, the
+    importance weight of the distribution that really drew the token.
+    """
+    scaled = _scaled(logits, temperature)
+    cand_logits, cand_idx, drop = _candidates(scaled, top_k, top_p)
+    if cand_idx is None:
+        return _logprob_of(scaled, token)
+    match = cand_idx == token.reshape(-1, 1)
+    pos = match.long().argmax(-1, keepdim=True)
+    logprob = _kept_logprobs(cand_logits, drop).gather(-1, pos).squeeze(-1)
+    return torch.where(match.any(-1), logprob, float("-inf"))
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -225,7 +275,7 @@ def generate(
             the uniform of response position offset + t, so a turn's draws do not repeat
             the first turn's.
         return_logprobs: also return the sampler's log-probability of each drawn token (see
-            :func:`sampled_logprobs`); the tokens drawn are the same either way.
+            :func:`behaviour_logprobs`); the tokens drawn are the same either way.
         share_prompt_prefill: rows with the same prompt (ids and mask: the n samples of a
             prompt) run the prompt forward once; each row decodes from a copy of its cache.
         compact_finished_rows: once a quarter of the rows decoding have ended, the cache
@@ -340,17 +390,20 @@ def generate(
     num_steps = 0
     for t in range(max_new_tokens):
         # logits / temperature once for the draw and the logprob (sample_tokens and
-        # sampled_logprobs, the same ops)
+        # behaviour_logprobs, the same ops)
         scaled = None if greedy and not return_logprobs else _scaled(logits, temperature)
-        token = logits.argmax(dim=-1) if greedy else \
-            _draw(scaled, uniforms[:, t], top_k, top_p)
+        if greedy:
+            token = logits.argmax(dim=-1)
+            logprob = _logprob_of(scaled, token) if return_logprobs else None
+        else:
+            token, logprob = _draw(scaled, uniforms[:, t], top_k, top_p, return_logprobs)
         live = ~done
         token = torch.where(live, token, pad)
         ids_by_step[t].index_copy_(0, rows, token)
         mask_by_step[t].index_copy_(0, rows, live.long())
         if return_logprobs:
             logprobs_by_step[t].index_copy_(
-                0, rows, torch.where(live, _logprob_of(scaled, token), 0.0))
+                0, rows, torch.where(live, logprob, 0.0))
         if eos.numel():
             done = done | (live & torch.isin(token, eos))
         num_steps = t + 1
@@ -466,17 +519,6 @@ def _model_cache(model: torch.nn.Module):
     """The DynamicCache the model would build itself (None for a model without a config)."""
     config = getattr(model, "config", None)
     return None if config is None else transformers.DynamicCache(config=config)
-
-
-def sampled_logprobs(logits: Tensor, token: Tensor, temperature: float) -> Tensor:
-    """``log_softmax(logits / temperature)[token]`` in float32 over the full vocabulary:
-    logits ``[B, V]``, token ``[B]`` -> ``[B]``.
-
-    The distribution the trainer's old_logprobs use (algo.logprobs_from_logits, the same ops),
-    not the top-k / top-p renormalised one that drew the token, so the two compare directly
-    (the sampler/trainer mismatch); in greedy mode too.
-    """
-    return _logprob_of(_scaled(logits, temperature), token)
 
 
 def _logprob_of(scaled: Tensor, token: Tensor) -> Tensor:

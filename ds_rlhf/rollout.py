@@ -43,10 +43,13 @@ class Rollout:
     sample_index: Tensor | None = None  # [B] long, which of its prompt's n samples (seed)
     action_mask: Tensor | None = None  # [B, R] long, multi-turn episodes: 1 on the tokens
     # the model wrote, 0 on tool / environment observations (context only); None: all
-    # [B, R] float32, 0 on padding: log-prob of each sampled token under the sampler's own
-    # logits (log_softmax(logits / temperature) over the full vocabulary, no top-k/top-p
-    # renormalisation), so it compares directly with old_logprobs (the sampler/trainer
-    # mismatch, corrected by ppo.rollout_correction). Filled by the generation backend.
+    # [B, R] float32, 0 on padding: log-prob of each sampled token under the distribution
+    # that drew it, the behaviour policy mu (the sampler's logits / temperature, then top-k /
+    # top-p renormalised over the kept tokens: generation.behaviour_logprobs; without them
+    # log_softmax(logits / temperature) over the full vocabulary, the ops of old_logprobs).
+    # The same quantity from both backends (vLLM's processed_logprobs), so that
+    # exp(old_logprobs - sampler_logprobs) is pi_old / mu (ppo.rollout_correction). Filled by
+    # the generation backend.
     sampler_logprobs: Tensor | None = None
     old_logprobs: Tensor | None = None  # [B, R] float32, actor at sampling time
     ref_logprobs: Tensor | None = None  # [B, R] float32, frozen reference model

@@ -346,7 +346,8 @@ class Actor(_Trainable):
         draws follow its (prompt_index, sample_index) (sample_index None: all 0) and, for a
         later turn of an episode, position_offset ([B], see generation.generate).
         max_new_tokens: this call's limit (default generation.max_new_tokens). The Rollout
-        carries the sampler's logprobs of the drawn tokens (sampler_logprobs)."""
+        carries the behaviour logprobs of the drawn tokens (sampler_logprobs: temperature,
+        top-k / top-p renormalised; generation.behaviour_logprobs), from either backend."""
         if self.vllm is not None:
             return self.vllm.generate(prompt_ids, prompt_mask, prompt_index, step, greedy,
                                       sample_index, position_offset, max_new_tokens)

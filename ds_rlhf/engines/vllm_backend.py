@@ -24,8 +24,10 @@ seed, `generation.row_seed(seed, prompt, step, sample)` (the hf backend's row se
 draws the same tokens whatever rank or batch it lands in, up to the floating-point effects of
 vLLM's batching. The draws themselves are vLLM's (Gumbel-max), not the hf backend's inverse
 CDF: the two backends draw different samples from the same distribution. The sampler's
-logprobs are vLLM's `processed_logprobs`: log-softmax of the logits after temperature (and
-top-k / top-p, which then renormalise; the hf backend's are over the full vocabulary).
+logprobs are vLLM's `processed_logprobs`: log-softmax of the logits after temperature and
+top-k / top-p (renormalised over the kept tokens), the behaviour policy's logprob that the hf
+backend stores too (`generation.behaviour_logprobs`; tests/dist/test_vllm.py compares the
+two and their TIS weights on the same tokens).
 """
 
 from __future__ import annotations

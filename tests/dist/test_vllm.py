@@ -106,6 +106,20 @@ def test_vllm_generates_with_the_engines_weights_after_every_step(results, name)
                 assert record["stale_logprob_abs_diff"] > 10 * MAX_LOGPROB_DIFF, record
 
 
+def test_behaviour_logprobs_and_tis_weights_of_both_backends_agree_under_top_k_top_p(results):
+    """Issue 27 item 9: with top_k 6 and top_p 0.9 both backends store the behaviour
+    policy's logprob (renormalised over the kept tokens), so on vLLM's tokens the hf
+    backend's definition gives vLLM's values and the same TIS weights."""
+    for rank in results["ranks"]:
+        f = rank["filters"]
+        assert f["behaviour_abs_diff"] < MAX_LOGPROB_DIFF, f
+        assert f["tis_abs_diff"] < 2 * MAX_LOGPROB_DIFF, f  # mean; w <= 2: |dw| <= 2 |d log w|
+        # the check can fail: the filter moves the full-vocabulary logprobs far more, and
+        # the weights are the kept mass (below 1), not 1
+        assert f["full_vocab_abs_diff"] > 10 * MAX_LOGPROB_DIFF, f
+        assert f["tis_mean"] < 1 - 10 * MAX_LOGPROB_DIFF, f
+
+
 def test_same_seed_same_rollouts(results):
     ranks = results["ranks"]
     # vLLM would add the model config's eos_token_id (llama's default 2) to every request's

@@ -103,6 +103,43 @@ def weight_checks(trainer, coord) -> dict:
     return out
 
 
+def filter_checks(trainer, coord, top_k: int = 6, top_p: float = 0.9) -> dict:
+    """Sampled rows with top-k and top-p: vLLM's sampler logprobs against the hf backend's
+    definition of the same quantity (generation.behaviour_logprobs, renormalised over the
+    kept tokens) on vLLM's tokens and the same weights, and the TIS weights of both against
+    the trainer's old logprobs; the full-vocabulary logprobs, which the filter changes, as
+    the control."""
+    from ds_rlhf import algo
+
+    actor, g = trainer.actor, trainer.cfg.generation
+    ids, mask, index, sample = _prompts(trainer, [coord.rank * 4 + i for i in range(4)])
+    saved = g.top_k, g.top_p
+    g.top_k, g.top_p = top_k, top_p
+    with actor.generation_mode():
+        rollout = actor.generate(ids, mask, index, step=3, sample_index=sample)
+    g.top_k, g.top_p = saved
+    behaviour = torch.zeros_like(rollout.sampler_logprobs)
+    with actor.hybrid.generation_mode() as gen, torch.no_grad():
+        for row in range(len(rollout)):  # the trainer's view: one unpadded forward per row
+            n = int(rollout.response_mask[row].sum())
+            response = rollout.response_ids[row, :n]
+            prompt = ids[row][mask[row].bool()]
+            seq = torch.cat([prompt, response])[None]
+            logits = gen.model(input_ids=seq).logits[0, len(prompt) - 1:-1]
+            behaviour[row, :n] = generation.behaviour_logprobs(
+                logits.float().cpu(), response, g.temperature, top_k, top_p)
+    old = actor.logprobs(rollout)  # the trainer's, full vocabulary
+    tis_vllm, _ = algo.rollout_is_weights(old, rollout.sampler_logprobs, rollout.response_mask)
+    tis_hf, _ = algo.rollout_is_weights(old, behaviour, rollout.response_mask)
+    real = rollout.response_mask.bool()
+    return {"behaviour_abs_diff": _masked_mean_abs(behaviour, rollout.sampler_logprobs,
+                                                   rollout.response_mask),
+            "tis_abs_diff": float((tis_vllm - tis_hf)[real].abs().mean()),
+            "tis_mean": float(tis_vllm[real].mean()),
+            "full_vocab_abs_diff": _masked_mean_abs(old, rollout.sampler_logprobs,
+                                                    rollout.response_mask)}
+
+
 def seed_checks(trainer, coord) -> dict:
     """Same seed twice: identical rows. Rank 0 also generates every rank's rows in one
     call, as one rank would: the share of rows that differ from the 2-rank rollout."""
@@ -140,6 +177,7 @@ def main() -> None:
         if name == "zero2":
             results["seeds"] = seed_checks(trainer, coord)
             results["eos"] = eos_checks(trainer, coord)
+            results["filters"] = filter_checks(trainer, coord)
         results[name] = weight_checks(trainer, coord)
         trainer.tracker.finish()
     for name in ("agent", "resume_full", "resume_first", "resume_second"):

@@ -8,11 +8,11 @@ import transformers
 
 from ds_rlhf.algo import logprobs_from_logits
 from ds_rlhf.generation import (
+    behaviour_logprobs,
     generate,
     pad_responses,
     prompt_uniforms,
     sample_tokens,
-    sampled_logprobs,
 )
 
 VOCAB = 50
@@ -248,10 +248,11 @@ def test_generate_rejects_right_padding_and_handles_zero_tokens(model):
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.7, top_k=20, top_p=0.9),
                                       dict(temperature=1.3, greedy=True)])
-def test_sampler_logprobs_keep_the_tokens_and_equal_the_trainers(model, sampling):
-    """return_logprobs draws the very same tokens, and the sampler's logprobs are what the
-    trainer computes from a full forward (log_softmax(logits / T) over the whole vocabulary,
-    no top-k/top-p renormalisation), up to round-off; 0 after the EOS."""
+def test_sampler_logprobs_keep_the_tokens_and_are_the_behaviour_policys(model, sampling):
+    """return_logprobs draws the very same tokens, and the sampler's logprobs are the
+    behaviour policy's from a full forward of the trainer's view (behaviour_logprobs: top-k /
+    top-p renormalised; greedy and unfiltered: the trainer's log_softmax(logits / T)), up to
+    round-off; 0 after the EOS."""
     ids, mask = left_pad(PROMPTS)
     kw = dict(step=2, seed=7, max_new_tokens=10, eos_token_id=list(range(1, 12)),
               pad_token_id=PAD, **sampling)
@@ -269,15 +270,38 @@ def test_sampler_logprobs_keep_the_tokens_and_equal_the_trainers(model, sampling
         with torch.no_grad():
             logits = model(input_ids=seq).logits[:, len(prompt) - 1:-1]
         trainer = logprobs_from_logits(logits, response[None], kw["temperature"])[0]
-        torch.testing.assert_close(logprobs[row, :lengths[row]], trainer, atol=1e-5, rtol=1e-5)
+        if "top_k" in sampling:
+            behaviour = behaviour_logprobs(logits[0], response, kw["temperature"],
+                                           kw["top_k"], kw["top_p"])
+            torch.testing.assert_close(logprobs[row, :lengths[row]], behaviour, atol=1e-5,
+                                       rtol=1e-5)
+            # the check can fail: the filter removed mass (the full softmax's logprobs are
+            # lower on some token)
+            assert (trainer < behaviour - 1e-3).any()
+        else:
+            torch.testing.assert_close(logprobs[row, :lengths[row]], trainer, atol=1e-5,
+                                       rtol=1e-5)
 
 
-def test_sampled_logprobs_by_hand():
+def test_behaviour_logprobs_by_hand():
     logits = torch.tensor([[0.0, 0.0, 2.0], [1.0, 1.0, 1.0]])
     # row 0, T = 2: logits / 2 = 0, 0, 1; log p(2) = 1 - log(1 + 1 + e) = -0.5514448
     # row 1: uniform, log p = -log 3 = -1.0986123 for any token
     expected = torch.tensor([-0.5514448, -1.0986123])
-    torch.testing.assert_close(sampled_logprobs(logits, torch.tensor([2, 0]), 2.0), expected)
+    torch.testing.assert_close(behaviour_logprobs(logits, torch.tensor([2, 0]), 2.0), expected)
+
+
+def test_behaviour_logprobs_renormalise_over_what_top_k_and_top_p_keep():
+    """PROBS = 0.25, 0.10, 0.50, 0.15: top_k=2 and top_p=0.7 keep tokens 2 and 0 (mass 0.75),
+    top_p=0.8 also token 3 (0.9); a dropped token has probability 0."""
+    logits = PROBS.log().expand(4, -1)
+    tokens = torch.tensor([2, 0, 1, 3])
+    kept_two = torch.tensor([0.5 / 0.75, 0.25 / 0.75, 0.0, 0.0]).log()
+    for kw in (dict(top_k=2), dict(top_p=0.7), dict(top_k=3, top_p=0.7)):
+        torch.testing.assert_close(behaviour_logprobs(logits, tokens, **kw), kept_two)
+    kept_three = torch.tensor([0.5 / 0.9, 0.25 / 0.9, 0.0, 0.15 / 0.9]).log()
+    torch.testing.assert_close(behaviour_logprobs(logits, tokens, top_p=0.8), kept_three)
+    torch.testing.assert_close(behaviour_logprobs(logits, tokens, top_k=4), PROBS[tokens].log())
 
 
 def test_pad_responses_right_pads_and_concatenates():
