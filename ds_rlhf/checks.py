@@ -10,11 +10,15 @@ naming the config field and the fix:
   the local Hugging Face cache or, online, exists on the hub. One quick request without
   retries decides, so a missing name fails in well under a second instead of after the
   ~25 s of retries from_pretrained spends; with HF_HUB_OFFLINE set no request is made.
+- a GGUF checkpoint (`<role>.model.gguf_file`): the gguf package is installed, `path` is set
+  and holds the file (a local directory, or a hub repo checked as above).
 - a tokenizer (`<role>.model.tokenizer`): a local directory with tokenizer files, or a hub name
   checked the same way.
 - a dataset (`data.datasets[i].path`): a local file that is readable and decodes (.json,
   .jsonl and .csv as UTF-8 text, .parquet by its magic bytes), a local directory, or a hub
-  dataset that exists (checked online only: `datasets` keeps its own cache).
+  dataset that exists (checked online only: `datasets` keeps its own cache); the package that
+  reads it is installed (`datasets`, or pyarrow for .parquet: the `hub` extra).
+- W&B (`tracking.wandb_project`): the wandb package is installed (the `wandb` extra).
 - with `checkpoint.resume: fresh`, none of them lies in what that moves aside (the previous
   run's files in output_dir, `checkpoint.RUN_FILES`) before the engines read it.
 
@@ -28,14 +32,16 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ds_rlhf.checkpoint import PREVIOUS, RUN_FILES
-from ds_rlhf.config import ConfigError, DataConfig, DataError, ModelConfig
+from ds_rlhf.config import ConfigError, DataConfig, DataError, ModelConfig, TrackingConfig
 from ds_rlhf.data.sources import FILE_SUFFIXES, where
+from ds_rlhf.extras import require
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "tokenizer.model", "spiece.model")
@@ -47,8 +53,11 @@ def check_inputs(cfg: Any) -> None:
     """Check every ModelConfig and DataConfig found in `cfg` (a run config dataclass)."""
     for name, value in _sections(cfg, ""):
         if isinstance(value, ModelConfig):
-            if value.path is not None:
+            if value.gguf_file is not None:
+                check_gguf(value, name)
+            elif value.path is not None:
                 check_model(value.path, f"{name}.path")
+            if value.path is not None:
                 check_not_moved(cfg, value.path, f"{name}.path")
             if value.tokenizer is not None:
                 check_tokenizer(value.tokenizer, f"{name}.tokenizer")
@@ -57,6 +66,8 @@ def check_inputs(cfg: Any) -> None:
             for i, spec in enumerate(value.datasets):
                 check_dataset(spec.path, where(spec, i))
                 check_not_moved(cfg, spec.path, where(spec, i))
+        elif isinstance(value, TrackingConfig) and value.wandb_project is not None:
+            require("wandb", f"{name}.wandb_project", ConfigError)
 
 
 def check_not_moved(cfg: Any, path: str, field: str) -> None:
@@ -169,6 +180,28 @@ def check_model(path: str, field: str) -> None:
                           "again")
 
 
+def check_gguf(model: ModelConfig, name: str) -> None:
+    """`name.gguf_file` names a GGUF file in `name.path`, and transformers can read it."""
+    field = f"{name}.gguf_file"
+    if model.path is None:
+        raise ConfigError(f"{field}: set {name}.path too, the directory (or hub repo) holding "
+                          f"{model.gguf_file!r}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"{field}: reading a GGUF checkpoint needs the gguf package, which is "
+                          "not installed: pip install -e \".[smol]\" (or pip install gguf)")
+    local = Path(model.path)
+    if local.is_dir():
+        if not (local / model.gguf_file).is_file():
+            found = sorted(p.name for p in local.glob("*.gguf"))
+            raise ConfigError(f"{field}: no file {model.gguf_file!r} in {model.path!r} (its "
+                              f".gguf files: {found}); fix the name or {name}.path")
+    elif _is_hub_name(model.path):
+        _check_hub(model.path, f"{name}.path", "model", (model.gguf_file,))
+    else:
+        raise ConfigError(f"{name}.path: directory {model.path!r} not found, and it is no hub "
+                          "model name either; fix the path")
+
+
 def check_tokenizer(path: str, field: str) -> None:
     """A local directory with tokenizer files, or a hub name."""
     local = Path(path)
@@ -188,8 +221,10 @@ def check_dataset(path: str, name: str) -> None:
     """A readable, decodable local file, a local directory, or a hub dataset. `name` is how
     errors name the dataset (data.sources.where)."""
     local = Path(path)
-    if local.is_dir():
-        return  # save_to_disk output or a directory of data files: datasets reads it
+    if local.is_dir():  # save_to_disk output or a directory of data files: datasets reads it
+        require("datasets", f"{name}: a save_to_disk folder or a directory of data files",
+                DataError)
+        return
     if local.is_file() or local.suffix in FILE_SUFFIXES or not _is_hub_name(path):
         if not local.is_file():
             raise DataError(f"{name}: file not found; fix the path")
@@ -197,12 +232,14 @@ def check_dataset(path: str, name: str) -> None:
             with local.open("rb") as f:
                 if local.suffix == ".parquet":
                     _check_parquet(f, name)
+                    require("pyarrow", f"{name}: a .parquet file", DataError)
                 elif local.suffix in FILE_SUFFIXES:
                     check_utf8(f, name)
         except OSError as e:
             raise DataError(f"{name}: cannot be read ({e.strerror or e}); check its "
                             "permissions") from None
         return
+    require("datasets", f"{name}: a hub dataset", DataError)
     _check_hub_dataset(path, name)
 
 

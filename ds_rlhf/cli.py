@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 -m ds_rlhf ppo --config run.yaml
     ds-rlhf plot RUN_DIR [--out plot.png]       # curves of RUN_DIR/metrics.jsonl as a PNG
     ds-rlhf bench ppo --preset tiny             # one JSON line: throughput, time split, memory
+    ds-rlhf generate --model OUT/actor "prompt" # answers from an export (--chat: a conversation)
 
 Any `--section.key VALUE` (or `--section.key=VALUE`) overrides the YAML; values are parsed as
 YAML (`null`, `true`, `0.1`, `[a, b]`). `--local_rank=N` from the deepspeed launcher is accepted.
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         from ds_rlhf import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["generate"]:  # answers from an export, one process
+        from ds_rlhf import chat
+
+        return chat.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ds-rlhf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=sorted(COMMANDS), help="which step to run")
@@ -110,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
     args, overrides = parser.parse_known_args(argv)
+    if not sys.stderr.isatty():
+        # A file (a Slurm job's output): the progress bars of transformers, the hub and
+        # datasets would fill it with carriage returns. Read when they are first imported.
+        for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")
     from ds_rlhf.coordinator import launched_with_peers
 
     peers = launched_with_peers()  # before anything fills in RANK and WORLD_SIZE

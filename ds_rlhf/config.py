@@ -48,6 +48,11 @@ class ModelConfig:
     path: str | None = None  # HF hub name or local directory loaded with from_pretrained
     init: dict[str, Any] | None = None  # HF config kwargs for random init when path is unset
     tokenizer: str | None = None  # tokenizer name or directory; defaults to `path`
+    gguf_file: str | None = None  # a GGUF checkpoint's file name inside `path` (a directory or
+    # hub repo), e.g. SmolLM2-135M-Instruct.Q4_1.gguf: de-quantized (float32) into a normal HF
+    # model of any role, and its tokenizer unless `tokenizer` is set; exports are plain HF
+    # checkpoints. Needs the gguf package (pip install -e ".[smol]"); models.convert_gguf
+    # writes a converted copy once, to use as `path` instead
 
 
 @dataclass

@@ -193,7 +193,12 @@ def stop_distributed() -> None:
         vllm_backend = sys.modules.get("ds_rlhf.engines.vllm_backend")
         if vllm_backend is not None:  # generation.backend vllm: its groups go first
             vllm_backend.shutdown()
-        dist.destroy_process_group()
+        from deepspeed.comm import comm as ds_comm
+
+        # Through DeepSpeed when it set up the world, so that it also forgets its cached
+        # groups: a second run in this process (tests, a notebook) would get destroyed ones.
+        (ds_comm.destroy_process_group if ds_comm.cdb is not None else
+         dist.destroy_process_group)()
 
 
 def exit_process(code: int) -> NoReturn:

@@ -194,6 +194,15 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
         return False
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache, in and out: `cache` where the model takes it
+    (newer transformers, where `past_key_values` is deprecated, to go in 5.40),
+    `past_key_values` before (the lowest transformers setup.cfg allows). A LoRA model's
+    forward takes **kwargs: its base model's signature decides."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if _accepts(base, "cache") else "past_key_values"
+
+
 def _eos_tensor(eos_token_id: int | Iterable[int] | None, device: torch.device) -> Tensor:
     if eos_token_id is None:
         ids: list[int] = []
@@ -348,8 +357,9 @@ def generate(
         cache = _in_place_cache(model, total)
         if cache is None:
             cache = _model_cache(model)
+    cache_kwarg = _cache_kwarg(model)
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[cache_kwarg] = cache
     # Shared prefill: the distinct prompts only, then each row gets a copy of its prompt's
     # cache and logits (the n samples of a prompt differ from their first draw on).
     shared = None
@@ -363,13 +373,13 @@ def generate(
         use_cache=True,
         **kwargs,
     )
-    logits, cache = out.logits[:, -1, :], out.past_key_values
+    logits, cache = out.logits[:, -1, :], getattr(out, cache_kwarg)
     if shared is not None:
         logits = logits.index_select(0, shared[1])
         _select_rows(cache, shared[1])
     # Rows are dropped from caches built here (known layers) only, and not under a compiled
     # decode step: it is built for one batch shape.
-    compact = compact_finished_rows and decode is None and "past_key_values" in kwargs \
+    compact = compact_finished_rows and decode is None and cache_kwarg in kwargs \
         and _rows_selectable(cache)
     decode = decode or model
     next_position = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of response token 0
@@ -433,7 +443,7 @@ def generate(
             kwargs["cache_position"] = torch.tensor([prompt_len + t], device=device)
         else:
             attention_mask = full_mask[:, :prompt_len + t + 1]
-        kwargs["past_key_values"] = cache
+        kwargs[cache_kwarg] = cache
         out = decode(
             input_ids=token.unsqueeze(-1),
             attention_mask=attention_mask,

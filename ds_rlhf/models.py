@@ -6,10 +6,21 @@
   Any reward checkpoint trained as a sequence classifier loads as is; a causal-LM checkpoint
   (the SFT model) loads its backbone and gets a fresh head.
 
+A role with `model.gguf_file` (a GGUF checkpoint inside `model.path`) is built from the
+GGUF's config and its de-quantized weights are loaded into it: transformers' own GGUF-loaded
+model is marked quantized and refuses save_pretrained, this one is a normal model whose
+exports are plain HF checkpoints. `convert_gguf` writes such a copy once.
+
 Dropout is switched off everywhere: PPO's ratio must be exactly 1 before the first update.
 """
 
 from __future__ import annotations
+
+import copy
+import functools
+import os
+import shutil
+from pathlib import Path
 
 import torch
 import transformers
@@ -39,9 +50,19 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())  # HF's messages span lines; ours are one line
 
 
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, gguf_file: str) -> transformers.PretrainedConfig:
+    # Reading a GGUF's metadata takes seconds, and a run asks for a role's config several times.
+    return transformers.AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+
+
 def hf_config(model_cfg: ModelConfig, role: str, **overrides) -> transformers.PretrainedConfig:
     """The HF config of a role, from its checkpoint or from `model.init`, dropout off."""
-    if model_cfg.path is not None:
+    if model_cfg.gguf_file is not None:
+        config = copy.deepcopy(_gguf_config(model_cfg.path, model_cfg.gguf_file))
+        for key, value in overrides.items():
+            setattr(config, key, value)
+    elif model_cfg.path is not None:
         try:
             config = transformers.AutoConfig.from_pretrained(model_cfg.path, **overrides)
         except (OSError, ValueError) as e:  # unreadable config.json, unknown model_type...
@@ -61,8 +82,10 @@ def load_tokenizer(model_cfg: ModelConfig, role: str):
     if source is None:
         raise ConfigError(f"{role}.model.tokenizer: a model built from `init` needs a tokenizer "
                           "path (a directory written by save_pretrained, or a hub name)")
+    gguf = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file and not \
+        model_cfg.tokenizer else {}
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **gguf)
     except (OSError, ValueError) as e:  # a model directory without tokenizer files...
         field = "tokenizer" if model_cfg.tokenizer else "path"
         raise ConfigError(f"{role}.model.{field}: cannot load a tokenizer from {source!r} "
@@ -92,12 +115,47 @@ def check_same_tokenizer(actor_tok, other_tok, role: str, actor: str = "actor") 
 def build_causal_lm(model_cfg: ModelConfig, role: str, dtype: str, seed: int) -> nn.Module:
     config = hf_config(model_cfg, role)
     torch.manual_seed(seed)  # same seed, same init: actor and reference start equal
-    if model_cfg.path is not None:
+    if model_cfg.path is not None and model_cfg.gguf_file is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_cfg.path, config=config, dtype=DTYPES[dtype])
     else:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        _load_gguf(model, model_cfg, role)
     return disable_dropout(model)
+
+
+def _load_gguf(model: nn.Module, model_cfg: ModelConfig, role: str) -> None:
+    """Load the de-quantized GGUF weights (a causal LM's) into `model`, a causal LM or a
+    sequence classifier whose fresh `score` head the GGUF lacks; no-op without gguf_file."""
+    if model_cfg.gguf_file is None:
+        return
+    gguf_lm = transformers.AutoModelForCausalLM.from_pretrained(
+        model_cfg.path, gguf_file=model_cfg.gguf_file)
+    missing, _ = model.load_state_dict(gguf_lm.state_dict(), strict=False)
+    missing = [k for k in missing if not k.startswith("score.")]
+    if missing:
+        raise ConfigError(f"{role}.model.gguf_file: {model_cfg.gguf_file!r} lacks {len(missing)} "
+                          f"weights of {type(model).__name__} (e.g. {missing[:3]}); use a GGUF "
+                          "of a decoder model family that transformers converts")
+
+
+def convert_gguf(path: str | Path, gguf_file: str, out_dir: str | Path) -> Path:
+    """Write the GGUF checkpoint `path/gguf_file` as a normal HF checkpoint (float32
+    safetensors, config and tokenizer) in `out_dir`, to use as a role's `model.path`.
+
+    Written into a temporary sibling and renamed, so a reader never sees half a checkpoint;
+    when another process got there first, its copy is kept.
+    """
+    out = Path(out_dir)
+    cfg = ModelConfig(path=str(path), gguf_file=gguf_file)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    build_causal_lm(cfg, "model", "fp32", seed=0).save_pretrained(tmp)
+    load_tokenizer(cfg, "model").save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # out exists: written meanwhile by another process
+        shutil.rmtree(tmp)
+    return out
 
 
 class ScalarHeadModel(nn.Module):
@@ -133,10 +191,11 @@ def build_scalar_model(model_cfg: ModelConfig, role: str, dtype: str, seed: int,
     config.pad_token_id = pad_token_id  # HF requires one; we never use it to find tokens
     torch.manual_seed(seed)
     cls = transformers.AutoModelForSequenceClassification
-    if model_cfg.path is not None:
+    if model_cfg.path is not None and model_cfg.gguf_file is None:
         model = cls.from_pretrained(model_cfg.path, config=config, dtype=DTYPES[dtype])
     else:
         model = cls.from_config(config, dtype=DTYPES[dtype])
+        _load_gguf(model, model_cfg, role)
     return ScalarHeadModel(disable_dropout(model))
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ds_rlhf.config import UserInputError
+from ds_rlhf.extras import require
 
 # (panel title, metric keys drawn in it), in order.
 PANELS: list[tuple[str, list[str]]] = [
@@ -92,10 +93,9 @@ def plot_metrics(path: str | Path, out: str | Path | None = None,
                              f"file has {', '.join(present) or 'no metrics'} (choose with --keys)")
     out = Path(out) if out is not None else file.with_suffix(".png")
 
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserInputError("plotting needs matplotlib: pip install matplotlib") from None
+    require("matplotlib", "ds-rlhf plot")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

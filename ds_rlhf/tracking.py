@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,8 +43,46 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-# The columns of the console line, in order; the file gets every metric.
-CONSOLE = {"score": "objective/scores", "kl": "objective/kl", "pg_loss": "loss/policy_avg",
+class Progress:
+    """The start of the console line: `step k/N | elapsed T | eta T`.
+
+    Elapsed counts from this object's start (a resumed run: from its own start). The ETA is
+    the mean duration of the last up to `window` steps times the steps left, where a step
+    lasts from one `update` (one log call) to the next, so evals and checkpoint saves on the
+    way count too; "eta ?" until a step has been measured (the first step of a process
+    includes its start-up, so it is not one). `now` comes from the caller's clock.
+    """
+
+    def __init__(self, total_steps: int, now: float, window: int = 10):
+        self.total_steps = total_steps
+        self.start = now
+        self.marks: deque[tuple[int, float]] = deque(maxlen=window + 1)  # (step, time)
+
+    def update(self, step: int, now: float) -> str:
+        self.marks.append((step, now))
+        (first_step, first_time), (last_step, last_time) = self.marks[0], self.marks[-1]
+        eta = "?"
+        if last_step > first_step:
+            per_step = (last_time - first_time) / (last_step - first_step)
+            eta = format_duration(per_step * max(self.total_steps - step, 0))
+        return (f"step {step}/{self.total_steps} | elapsed {format_duration(now - self.start)}"
+                f" | eta {eta}")
+
+
+def format_duration(seconds: float) -> str:
+    """Whole seconds as 42s, 5m07s or 1h02m03s."""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+# The columns of the console line after step k/N, elapsed and eta, in order; the file gets
+# every metric.
+CONSOLE = {"samples/s": "perf/samples_per_s",  # every trainer; then PPO:
+           "score": "objective/scores", "kl": "objective/kl", "pg_loss": "loss/policy_avg",
            "vf_loss": "loss/value_avg", "clipfrac": "policy/clipfrac_avg",
            "resp_len": "response_length/mean",  # PPO; then SFT and the reward model:
            "loss": "train/loss", "acc": "train/accuracy",  # then DPO:
@@ -73,8 +112,11 @@ class Tracker:
 
     def __init__(self, output_dir: str | Path, is_main: bool, log_every: int, total_steps: int,
                  start_step: int = 0, *, tracking: TrackingConfig | None = None,
-                 config: Any = None, run_id: str | None = None):
+                 config: Any = None, run_id: str | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.is_main = is_main
+        self.clock = clock
+        self.progress = Progress(total_steps, clock())
         self.log_every = log_every
         self.total_steps = total_steps
         self.output_dir = Path(output_dir)
@@ -97,6 +139,10 @@ class Tracker:
                 self._relog_to_wandb()
 
     def _init_wandb(self, tracking: TrackingConfig, config: Any) -> None:
+        from ds_rlhf.config import ConfigError
+        from ds_rlhf.extras import require
+
+        require("wandb", "tracking.wandb_project", ConfigError)  # checks.py says it earlier
         import wandb
 
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -129,9 +175,11 @@ class Tracker:
             f.write(json_line({"step": step, **metrics}))
         if self.wandb_run is not None:
             self.wandb_run.log(dict(metrics), step=step)
+        progress = self.progress.update(step, self.clock())
         cells = [f"{label} {metrics[k]:.4g}" for label, k in CONSOLE.items() if k in metrics]
+        # A whole line each time, never a carriage return: Slurm output files read cleanly.
         if cells and (step % self.log_every == 0 or step == self.total_steps):
-            print(f"step {step}/{self.total_steps} | " + " | ".join(cells), flush=True)
+            print(" | ".join([progress, *cells]), flush=True)
 
     def log_samples(self, rows: list[dict]) -> None:
         """Rows {step, prompt, response, score, ...} of one step: all go to samples.jsonl, and

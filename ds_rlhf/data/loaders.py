@@ -2,13 +2,17 @@
 
 Token layout, the same in every step so that SFT, the reward model and PPO see one thing:
   prompt ids   = tokenizer(prompt) with the tokenizer's special tokens (e.g. BOS); for
-                 `messages` the chat template writes them, so none are added
+                 rows the chat template renders (`messages`, conversational `preference`) it
+                 writes them, so none are added
   response ids = the tokens after the prompt ids in tokenizer(prompt + response), i.e. the
                  response tokenised in context (right for SentencePiece's leading-space
                  handling); if that tokenisation does not start with the prompt ids (a merge
                  across the boundary), tokenizer(response) alone
   row          = prompt ids + response ids + [EOS]
-This is exactly what PPO produces: generation continues the prompt ids and ends with EOS.
+This is exactly what PPO produces: generation continues the prompt ids and ends with EOS. A
+rendered response (a conversational preference side) ends with the template's end of turn,
+often EOS and a newline (SmolLM2: "<|im_end|>\n"): it is cut before its last EOS, so its row
+ends at that EOS as a generated one does and the reward is read there.
 Each loader first passes the tokenizer through `prepare_tokenizer` (pad = EOS if unset).
 
 Lengths: a prompt over data.max_prompt_len is an error naming the row (or, with
@@ -91,15 +95,21 @@ def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
 
 
 def _encode_responses(tokenizer: Any, prompts: list[str], prompt_ids: list[list[int]],
-                      responses: list[str], special: bool) -> list[list[int]]:
-    """Response ids as tokenised after their prompt (see the module doc)."""
-    full = _encode(tokenizer, [p + r for p, r in zip(prompts, responses, strict=True)], special)
+                      responses: list[str], chat: bool) -> list[list[int]]:
+    """Response ids as tokenised after their prompt; `chat`: rendered by the chat template,
+    cut before the last EOS (see the module doc)."""
+    full = _encode(tokenizer, [p + r for p, r in zip(prompts, responses, strict=True)],
+                   special=not chat)
     out = []
     for p_ids, f_ids, response in zip(prompt_ids, full, responses, strict=True):
         if f_ids[: len(p_ids)] == p_ids:
-            out.append(f_ids[len(p_ids):])
+            ids = f_ids[len(p_ids):]
         else:
-            out.append(_encode(tokenizer, [response], False)[0])
+            ids = _encode(tokenizer, [response], False)[0]
+        eos = tokenizer.eos_token_id
+        if chat and eos in ids:
+            ids = ids[: len(ids) - 1 - ids[::-1].index(eos)]
+        out.append(ids)
     return out
 
 
@@ -173,7 +183,7 @@ def load_prompts(cfg: DataConfig, tokenizer: Any, split: Split = "train",
     def rows_fn(index: int, table: Any, rows: list[int]) -> tuple[list, int]:
         spec = cfg.datasets[index]
         texts = formats.prompts(spec, index, table, rows, tokenizer, tools)
-        ids = _encode(tokenizer, texts, special=spec.format != "messages")
+        ids = _encode(tokenizer, texts, special=not formats.uses_chat_template(spec, table))
         keep = _check_prompt_lens(cfg, index, rows, [len(x) for x in ids])
         other = formats.other_columns(spec, table)
         names.update(dict.fromkeys(other))
@@ -255,10 +265,12 @@ def load_sft(cfg: DataConfig, tokenizer: Any, split: Split = "train",
             ids, masks, plens = _messages_sft(cfg, index, table, rows, tokenizer, eos)
             keep = _check_prompt_lens(cfg, index, rows, plens)
         else:
-            prompts, completions = formats.prompt_completions(spec, index, table, rows)
-            p_ids = _encode(tokenizer, prompts, special=True)
+            prompts, completions = formats.prompt_completions(spec, index, table, rows,
+                                                              tokenizer)
+            chat = formats.uses_chat_template(spec, table)
+            p_ids = _encode(tokenizer, prompts, special=not chat)
             keep = _check_prompt_lens(cfg, index, rows, [len(x) for x in p_ids])
-            c_ids = _encode_responses(tokenizer, prompts, p_ids, completions, special=True)
+            c_ids = _encode_responses(tokenizer, prompts, p_ids, completions, chat)
             ids = [p + c + [eos] for p, c in zip(p_ids, c_ids, strict=True)]
             masks = [[0] * len(p) + [1] * (len(c) + 1) for p, c in zip(p_ids, c_ids, strict=True)]
         out = []
@@ -294,7 +306,8 @@ def _check_pair_lens(cfg: DataConfig, index: int, rows: list[int], lengths: list
 
 def load_preferences(cfg: DataConfig, tokenizer: Any, split: Split = "train",
                      overlong_pairs: Literal["filter", "error"] = "filter") -> PreferenceSet:
-    """Chosen/rejected pairs (formats preference and hh) for the reward model and DPO.
+    """Chosen/rejected pairs (formats preference, text or message lists, and hh) for the
+    reward model and DPO.
 
     A pair with a side over data.max_len is dropped (`overlong_pairs="filter"`, the reward
     model), or (`"error"`, DPO) raises unless data.overlong_prompts is filter.
@@ -302,11 +315,13 @@ def load_preferences(cfg: DataConfig, tokenizer: Any, split: Split = "train",
 
     def rows_fn(index: int, table: Any, rows: list[int]) -> tuple[list, int]:
         spec, eos = cfg.datasets[index], tokenizer.eos_token_id
-        prompts, chosen, rejected = formats.preference_triples(spec, index, table, rows)
-        p_ids = _encode(tokenizer, prompts, special=True)
+        prompts, chosen, rejected = formats.preference_triples(spec, index, table, rows,
+                                                               tokenizer)
+        chat = formats.uses_chat_template(spec, table)
+        p_ids = _encode(tokenizer, prompts, special=not chat)
         keep = _check_prompt_lens(cfg, index, rows, [len(x) for x in p_ids])
-        c_ids = _encode_responses(tokenizer, prompts, p_ids, chosen, special=True)
-        r_ids = _encode_responses(tokenizer, prompts, p_ids, rejected, special=True)
+        c_ids = _encode_responses(tokenizer, prompts, p_ids, chosen, chat)
+        r_ids = _encode_responses(tokenizer, prompts, p_ids, rejected, chat)
         pairs = [(p + c + [eos], p + j + [eos], len(p))
                  for p, c, j in zip(p_ids, c_ids, r_ids, strict=True)]
         if overlong_pairs == "error":

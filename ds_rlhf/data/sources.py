@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ds_rlhf.config import DataConfig, DataError, DatasetSpec
+from ds_rlhf.extras import require
 
 T = TypeVar("T")
 
@@ -114,6 +115,7 @@ def _read_file(path: Path, split: str, name: str) -> Table:
             rows = list(reader)
             return Table(split, list(reader.fieldnames or []), len(rows),
                          lambda c: [row.get(c) for row in rows])
+    require("pyarrow", f"{name}: a .parquet file", DataError)
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -142,6 +144,7 @@ def read_split(spec: DatasetSpec, index: int, split: str) -> Table:
                              "and hold out eval rows with data.eval_fraction")
         table = _read_file(path, split, name)
     elif (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        require("datasets", f"{name}: a save_to_disk folder", DataError)
         import datasets
 
         saved = datasets.load_from_disk(str(path))
@@ -157,6 +160,7 @@ def read_split(spec: DatasetSpec, index: int, split: str) -> Table:
                                  "eval rows with data.eval_fraction")
             table = _from_hf(saved, split)
     else:
+        require("datasets", f"{name}: a hub dataset or a directory of data files", DataError)
         import datasets
 
         try:

@@ -85,8 +85,10 @@ def merged_parameters(module: nn.Module, tied_once: bool = False
 
 
 def merged_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """merged_parameters (each name), then every persistent buffer: a whole state dict."""
-    yield from merged_parameters(module)
+    """merged_parameters, then every persistent buffer: a whole state dict. Tied weights come
+    once (the input embedding's name): save_pretrained would store two copies of the
+    separately gathered tensors, and from_pretrained ties the LM head back from the config."""
+    yield from merged_parameters(module, tied_once=True)
     for prefix, sub in module.named_modules():
         for name, buf in sub.named_buffers(recurse=False):
             if buf is not None and name not in sub._non_persistent_buffers_set:

@@ -29,6 +29,17 @@ from ds_rlhf.models import sequence_inputs
 from ds_rlhf.rollout import Rollout, pack_by_tokens, split_to_count
 
 
+def _checkpoint_activations(hf_model) -> None:
+    """Recompute activations in the backward, never with the reentrant variant (it drops the
+    gradients of ZeRO-3 parameters). transformers renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable (the old name warns from 5.2x, goes in v6)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf_model, "activation_checkpointing_enable"):
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, world_size: int,
                 micro_batch_size: int | None = None, load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine; frozen roles (plain EngineConfig) get no optimizer.
@@ -46,8 +57,7 @@ def init_engine(model: nn.Module, engine_cfg: EngineConfig, grad_accum: int, wor
         if engine_cfg.lora_rank:
             add_lora(hf_model, engine_cfg.lora_rank, engine_cfg.lora_alpha)
         if engine_cfg.gradient_checkpointing:
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-                "use_reentrant": False})  # the reentrant variant drops grads of ZeRO-3 params
+            _checkpoint_activations(hf_model)
     # Not with LoRA: peft's adapter layers inside a ZeRO-3 leaf lose their weights before
     # the backward (a 0-size weight there; tests/dist/test_lora.py).
     if engine_cfg.zero_stage == 3 and not getattr(engine_cfg, "lora_rank", 0):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_rlhf import checkpoint, models
+from ds_rlhf import checkpoint, model_card, models
 from ds_rlhf.config import (
     ConfigError,
     DPORunConfig,
@@ -237,6 +237,8 @@ def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         metrics["timing/step"] = time.perf_counter() - start
+        # rows (SFT) or pairs (RM, DPO) of the global batch, as PPO counts its rows
+        metrics["perf/samples_per_s"] = t.batch_size / metrics["timing/step"]
         if evaluate and (step == total_steps or (t.eval_every and step % t.eval_every == 0)):
             final = run_eval()
             metrics.update(final)
@@ -252,11 +254,13 @@ def fit(cfg: RunConfig, session: Session, num_train: int, total_steps: int,
 
 def finish(cfg: RunConfig, coord: Coordinator, engine, hf_model: nn.Module, tokenizer,
            final: dict[str, float], step: int) -> None:
-    """HF export to OUTPUT_DIR/model and the last eval metrics to OUTPUT_DIR/eval.json."""
+    """HF export to OUTPUT_DIR/model (with its model card) and the last eval metrics to
+    OUTPUT_DIR/eval.json."""
     out = Path(cfg.output_dir)
     set_phase("export")
     export_hf(engine, hf_model, tokenizer, out / "model", coord.is_main)
     if coord.is_main:
+        model_card.write(out / "model", cfg, trained(cfg)[0])
         if final:
             metrics = {"step": step, **{k.removeprefix("eval/"): v for k, v in final.items()}}
             (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ds_rlhf import algo, checkpoint, models
+from ds_rlhf import algo, checkpoint, model_card, models
 from ds_rlhf.config import ConfigError, PPORunConfig, Sizes, derive_sizes, save_yaml
 from ds_rlhf.coordinator import (
     Coordinator,
@@ -635,8 +635,10 @@ def run(cfg: PPORunConfig) -> PPOTrainer:
     if finished:
         set_phase("export")
         out = Path(cfg.output_dir)
-        trainer.actor.export(out / "actor", trainer.tokenizer, trainer.coord.is_main)
-        if cfg.checkpoint.export_critic:  # config checks: only with a critic
-            trainer.critic.export(out / "critic", trainer.tokenizer, trainer.coord.is_main)
+        exported = ["actor", "critic"] if cfg.checkpoint.export_critic else ["actor"]
+        for role in exported:  # config checks: a critic export only with a critic
+            getattr(trainer, role).export(out / role, trainer.tokenizer, trainer.coord.is_main)
+            if trainer.coord.is_main:
+                model_card.write(out / role, cfg, role)
     trainer.tracker.finish()
     return trainer

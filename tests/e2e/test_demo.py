@@ -7,16 +7,21 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, cpu_env, free_port
+from tests.conftest import REPO, cpu_env, free_port, strict_warnings_env
+from tests.strict_warnings.strict_marker import MARKER
 
 pytestmark = pytest.mark.e2e
 
 
 def test_demo_pipeline_beats_sft_by_0_3(tmp_path):
+    """Also: no deprecated call from ds_rlhf (a FutureWarning or DeprecationWarning at our
+    line is an error, strict_warnings_env) in SFT, RM, PPO, DPO and the evaluation."""
     out = tmp_path / "demo"
     proc = subprocess.run(["bash", "launch/demo.sh"], cwd=REPO, capture_output=True, text=True,
-                          env=cpu_env(OUTPUT_DIR=str(out)), timeout=900)
+                          env=cpu_env(OUTPUT_DIR=str(out), **strict_warnings_env()),
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert MARKER not in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rm_eval_accuracy"] >= 0.85
     assert summary["gold_score_ppo"] - summary["gold_score_sft"] >= 0.3
@@ -34,14 +39,17 @@ def test_grpo_demo_writes_the_summary(tmp_path):
     """`STALENESS=1 bash launch/demo.sh grpo`, shortened to 2 GRPO steps: the whole path runs
     (data, SFT, GRPO with the rule-based reward function and no reward model, critic or
     reference, greedy evaluation), lagged: both steps train on rollouts of the SFT policy
-    (rollout.staleness 1, TIS). The full run's accuracies are in docs/performance.md; the
+    (rollout.staleness 1, TIS), with no deprecated call from ds_rlhf (strict_warnings_env). The
+    full run's accuracies are in docs/performance.md; the
     on-policy GRPO path is the dist tests'."""
     out = tmp_path / "demo_grpo"
     proc = subprocess.run(["bash", "launch/demo.sh", "grpo"], cwd=REPO, capture_output=True,
                           text=True, env=cpu_env(OUTPUT_DIR=str(out), GRPO_STEPS="2",
-                                                 STALENESS="1", MASTER_PORT=str(free_port())),
+                                                 STALENESS="1", MASTER_PORT=str(free_port()),
+                                                 **strict_warnings_env()),
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert MARKER not in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["estimator"] == "grpo" and summary["rl_steps"] == 2
     assert summary["backend"] == "hf"  # GEN_BACKEND=vllm: "vllm" (docs/performance.md)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cpu_env, ppo_config, write_yaml
+from tests.conftest import REPO, cpu_env, ppo_config, strict_warnings_env, write_yaml
+from tests.strict_warnings.strict_marker import MARKER
 
 pytestmark = pytest.mark.e2e
 
@@ -78,6 +79,23 @@ def test_print_config_round_trips(assets, tmp_path):
     assert load_config(printed) == load_config(tmp_path / "run.yaml", ["--ppo.kl_coef", "0.3"])
 
 
+def test_no_progress_bars_when_stderr_is_a_file(assets, tmp_path):
+    """transformers' "Loading weights" bars (a model.path run) write carriage returns into a
+    Slurm output file: off when stderr is not a terminal, unless the user asks for them."""
+    cfg = write_yaml(ppo_config(assets, tmp_path / "out"), tmp_path / "run.yaml")
+    code = ("import sys; from ds_rlhf.cli import main; main(['ppo', '--config', sys.argv[1], "
+            "'--print-config']); from transformers.utils import logging; "
+            "print('bars', logging.is_progress_bar_enabled())")
+    env = cpu_env()
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    for asked, expected in ((None, "bars False"), ("0", "bars True")):
+        if asked is not None:
+            env["HF_HUB_DISABLE_PROGRESS_BARS"] = asked
+        proc = subprocess.run([sys.executable, "-c", code, str(cfg)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.stdout.splitlines()[-1] == expected, proc.stderr[-2000:]
+
+
 def _tree(path: Path) -> dict[str, bytes]:
     """Every file a run left in `path` (relative name -> bytes), without the lock and the
     bundles of earlier runs."""
@@ -112,8 +130,10 @@ def memory_runs(assets, tmp_path_factory) -> list[tuple[str, list[dict], str, di
     for name, sections in variants.items():
         cfg = ppo_config(assets, out, checkpoint={"resume": "fresh", "export_critic": True},
                          **sections)
-        proc = _ppo(cfg, tmp)
+        # no deprecated call from ds_rlhf on any of these paths (issue 28 item 6)
+        proc = _ppo(cfg, tmp, **strict_warnings_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert MARKER not in proc.stderr
         runs.append((name, read_metrics(out / "metrics.jsonl"), proc.stdout, _tree(out)))
     return runs
 
@@ -143,11 +163,28 @@ def test_fresh_moves_the_previous_run_aside_whole(memory_runs):
                               r"(\S+) \(.*\); nothing was deleted\n", stdout)
         assert _tree(Path(bundle)) == before, name
         assert {"metrics.jsonl", "samples.jsonl", "config.yaml", "engines.json",
-                "actor/config.json", "critic/config.json", "checkpoints/latest"} <= set(before)
+                "actor/config.json", "critic/config.json", "checkpoints/latest",
+                "actor/README.md", "critic/README.md"} <= set(before)
         assert [m["step"] for m in metrics] == [1, 2]  # the new run's own record
         bundles.append(Path(bundle))
     out = bundles[0].parent
     assert sorted(p for p in out.iterdir() if p.name.startswith("previous-")) == bundles
+
+
+def test_console_line_and_model_cards_of_a_run(memory_runs):
+    """A line per step: step k/N, elapsed, eta (none before a measured step), samples/s and
+    the metrics; no carriage return. Each export has its model card, naming the command."""
+    _, _, stdout, files = memory_runs[0]
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and "\r" not in stdout
+    assert re.fullmatch(r"step 1/2 \| elapsed \d+s \| eta \? \| samples/s [\d.]+ \| score .*",
+                        lines[0]), lines[0]
+    assert re.fullmatch(r"step 2/2 \| elapsed \d+s \| eta 0s \| samples/s [\d.]+ \| .*",
+                        lines[1]), lines[1]
+    for role, tag in (("actor", "ppo"), ("critic", "value-model")):
+        card = files[f"{role}/README.md"].decode()
+        assert card.startswith("---\nlibrary_name: transformers\n") and f"- {tag}\n" in card
+        assert "\nds-rlhf ppo --config " in card and "| ppo.advantage_estimator | gae |" in card
 
 
 def test_tool_without_schema_fails_before_any_engine(assets, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from ds_rlhf.cli import main as cli_main
 from ds_rlhf.config import ConfigError, TrackingConfig, UserInputError, load_config
 from ds_rlhf.plot import plot_metrics
-from ds_rlhf.tracking import Tracker, read_metrics
+from ds_rlhf.tracking import Progress, Tracker, format_duration, read_metrics
 from tests.conftest import REPO, ppo_config, write_yaml
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,23 +29,78 @@ def _rows(step: int, n: int = 2) -> list[dict]:
              "response_ids": [i, 2], "score": 0.1 * i} for i in range(n)]
 
 
+class FakeClock:
+    """Seconds that move only when a test says so."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_metrics_lines_console_and_samples(tmp_path, capsys):
-    tracker = Tracker(tmp_path, is_main=True, log_every=2, total_steps=3)
-    for step in (1, 2, 3):
+    clock = FakeClock()
+    tracker = Tracker(tmp_path, is_main=True, log_every=2, total_steps=3, clock=clock)
+    for step, seconds in ((1, 2.0), (2, 3.0), (3, 5.0)):
+        clock.now += seconds
         tracker.log(step, _metrics(step))
     tracker.log_samples(_rows(2))
     tracker.finish()  # W&B off: nothing to close
 
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": s, **_metrics(s)}
                                                         for s in (1, 2, 3)]
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    assert "\r" not in out  # whole lines only: Slurm output files read cleanly
+    lines = out.splitlines()
     # every log_every steps and the last step; labelled cells in CONSOLE order
     assert [line.split(" | ")[0] for line in lines] == ["step 2/3", "step 3/3"]
-    assert lines[0] == ("step 2/3 | score 1 | kl 0.02 | pg_loss -0.1 | vf_loss 0.1 | "
-                        "resp_len 9 | sec 1.25")
+    # step 2: 2 + 3 = 5 s in; step 2 (the only one measured) took 3 s, 1 step left: eta 3 s
+    assert lines[0] == ("step 2/3 | elapsed 5s | eta 3s | samples/s 8 | score 1 | kl 0.02 | "
+                        "pg_loss -0.1 | vf_loss 0.1 | resp_len 9 | sec 1.25")
+    assert lines[1].startswith("step 3/3 | elapsed 10s | eta 0s | samples/s 8 | score 1.5")
     samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert samples == _rows(2)
     assert tracker.run_id is None and tracker.wandb_run is None
+
+
+def test_progress_eta_is_the_mean_of_the_last_ten_steps_times_steps_left():
+    progress = Progress(total_steps=100, now=50.0)
+    assert progress.update(1, 80.0) == "step 1/100 | elapsed 30s | eta ?"  # nothing measured
+    now = 80.0
+    for step in range(2, 12):  # steps 2-11 take 1 s, 2 s, ..., 10 s
+        now += step - 1
+        line = progress.update(step, now)
+    # 30 + (1 + ... + 10) = 85 s in; mean of the last 10 steps 5.5 s x 89 steps left = 489.5
+    assert line == "step 11/100 | elapsed 1m25s | eta 8m10s"
+    line = progress.update(12, now + 21.0)  # step 12 takes 21 s; step 2's 1 s leaves the window
+    # (2 + ... + 10 + 21) / 10 = 7.5 s x 88 steps left = 660 s
+    assert line == "step 12/100 | elapsed 1m46s | eta 11m00s"
+    # steps logged two at a time: the mean is per step
+    assert Progress(10, 0.0).update(2, 4.0).endswith("eta ?")
+    two = Progress(10, 0.0)
+    two.update(2, 4.0)
+    assert two.update(4, 10.0) == "step 4/10 | elapsed 10s | eta 18s"  # 3 s x 6
+
+
+def test_a_resumed_run_counts_from_its_own_start(tmp_path, capsys):
+    """Resumed at step 40 of 50: elapsed from this process's start, eta from its own steps."""
+    clock = FakeClock(500.0)
+    tracker = Tracker(tmp_path, is_main=True, log_every=1, total_steps=50, start_step=40,
+                      clock=clock)
+    for step, seconds in ((41, 7.0), (42, 2.0), (43, 4.0)):
+        clock.now += seconds
+        tracker.log(step, {"train/loss": 1.0, "timing/step": seconds})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | loss")[0] for line in lines] == [
+        "step 41/50 | elapsed 7s | eta ?",  # the first step includes loading the checkpoint
+        "step 42/50 | elapsed 9s | eta 16s",  # 2 s x 8
+        "step 43/50 | elapsed 13s | eta 21s"]  # (2 + 4) / 2 x 7
+
+
+def test_durations_read_as_seconds_minutes_and_hours():
+    assert [format_duration(s) for s in (0.4, 42, 59.6, 307, 3723, 90000)] == [
+        "0s", "42s", "1m00s", "5m07s", "1h02m03s", "25h00m00s"]
 
 
 def test_other_ranks_write_nothing(tmp_path, capsys):
@@ -188,5 +243,6 @@ def test_non_finite_values_are_written_as_null_and_plotted_around(tmp_path, caps
     assert rows[1]["loss/value_avg"] == 0.1  # the finite ones stay
     sample = json.loads((tmp_path / "samples.jsonl").read_text(), parse_constant=refuse)
     assert sample["score"] is None
-    assert "step 2/3 | score nan | kl inf" in capsys.readouterr().out  # the console says so
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step 2/3 ")]
+    assert "| score nan | kl inf |" in line  # the console says so
     assert plot_metrics(tmp_path).read_bytes().startswith(PNG_MAGIC)  # nulls are skipped
