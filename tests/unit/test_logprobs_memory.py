@@ -11,26 +11,28 @@ import torch
 from ds_rlhf.algo import logprobs_from_logits
 from tests.conftest import float32_tolerance
 
-# Runs in a fresh process: peak RSS (ru_maxrss) minus the RSS once the logits exist is the
-# memory the logprob pass itself needed. The base is the higher of that RSS and the peak so
-# far: the kernel may have dropped some of the libraries' file pages since they were read
-# (a CI run once saw the RSS below its earlier peak), which would count as the pass's.
+# Runs in a fresh process: the peak RSS (VmHWM) during the logprob pass minus the RSS once
+# the logits exist is the memory the pass itself needed. The peak is reset just before the
+# pass (/proc/self/clear_refs, "5"): an earlier one (the logits' creation, libraries' pages)
+# must not hide the pass's; two CI-like runs saw one 400 MB above the RSS.
 SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from ds_rlhf.algo import logprobs_from_logits
 torch.manual_seed(0)
 logits = torch.randn(8, 512, 32000)
 labels = torch.randint(0, 32000, (8, 512))
-def rss_kib():
-    return int(open("/proc/self/statm").read().split()[1]) * 4
-now, peak = rss_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-assert peak <= now + 64 * 1024, (now, peak)  # no earlier peak that could hide the pass's
-base = max(now, peak)
+def status_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status_kib("VmRSS")
 if sys.argv[1] == "naive":
     out = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
 else:
     out = logprobs_from_logits(logits, labels)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+print(status_kib("VmHWM") - base)
 """
 
 
