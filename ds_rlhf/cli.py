@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        if isinstance(cfg, PPORunConfig):  # the training ranks' world, before any check
+            from ds_rlhf.coordinator import setup_distributed_env, split_world
+
+            setup_distributed_env()
+            split_world(cfg.rollout.placement, cfg.rollout.generation_ranks)
         from ds_rlhf.checks import check_environment, check_inputs
 
         check_inputs(cfg)  # every model, tokenizer and dataset, before anything is written
@@ -161,11 +166,15 @@ def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
     from ds_rlhf.coordinator import (
         exit_process,
         is_collective_failure,
+        pool_index,
         start_distributed,
         stop_distributed,
         tell_peers,
+        tell_pool,
     )
 
+    if pool_index() is not None:
+        _pool_error(command, cfg, e)
     if not dist.is_initialized() and peers:
         timeout = (cfg.distributed if cfg is not None else DistributedConfig()).timeout_minutes
         try:
@@ -177,6 +186,7 @@ def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
     if getattr(e, "every_rank", False) or (isinstance(e, UserInputError) and not peers):
         code = _fail(command, "stopped" if isinstance(e, StopRunError) else "error", e,
                      _exit_code(e))
+        tell_pool(code)
         stop_distributed()
         return code
     if is_collective_failure(e):
@@ -189,6 +199,38 @@ def _after_error(command: str, cfg, e: Exception, peers: bool) -> int:
     if not isinstance(e, UserInputError):
         traceback.print_exc()
     if dist.is_initialized():
+        tell_peers(f"{where} failed: {message}")
+    exit_process(2 if isinstance(e, UserInputError) else 1)
+
+
+def _pool_error(command: str, cfg, e: Exception) -> None:
+    """A generation rank (rollout.placement separate) after `e`: it never joined the training
+    ranks' world. An error of the start-up checks that the training ranks had too is theirs to
+    print (rank 0 tells the pool, coordinator.tell_pool): this rank leaves silently with their
+    exit code. Any other is this rank's alone: printed with its rank and host, and told to the
+    training ranks through the rendezvous store (they stop with exit 4)."""
+    import time
+
+    from ds_rlhf import coordinator
+    from ds_rlhf.coordinator import STOPPED_KEY, exit_process, start_pool, tell_peers
+
+    timeout = (cfg.distributed if cfg is not None else DistributedConfig()).timeout_minutes
+    checking = coordinator._STORE[0] is None  # still in the checks the training ranks share
+    try:
+        store = start_pool(timeout)
+        if checking and isinstance(e, UserInputError):
+            for _ in range(60):  # the training ranks' own checks: as long as they may take
+                if store.check([STOPPED_KEY]):
+                    exit_process(int(store.get(STOPPED_KEY)))
+                time.sleep(1.0)
+    except Exception:  # noqa: BLE001 (no store: nothing to wait for or to tell)
+        store = None
+    where = f"generation rank {os.environ.get('RANK', '0')} (host {socket.gethostname()})"
+    message = str(e) if isinstance(e, UserInputError) else f"{type(e).__name__}: {e}"
+    print(f"ds-rlhf {command}: error: {where}: {message}", file=sys.stderr, flush=True)
+    if not isinstance(e, UserInputError):
+        traceback.print_exc()
+    if store is not None:
         tell_peers(f"{where} failed: {message}")
     exit_process(2 if isinstance(e, UserInputError) else 1)
 

@@ -208,6 +208,13 @@ class RolloutConfig:
     # on-policy step. k >= 1 generates k steps ahead (a FIFO, saved in checkpoints): the old
     # logprobs get their own forward with the current actor (decoupled PPO) and
     # ppo.rollout_correction: tis corrects for the lag (ds_rlhf/schedule.py)
+    placement: Literal["colocated", "separate"] = "colocated"  # colocated: every rank
+    # generates and trains; separate: the last rollout.generation_ranks ranks of the launch
+    # are a generation pool (hf backend) and the others train, weights streamed to the pool
+    # after every update. Both give the same rows and updates (ds_rlhf/pool.py)
+    generation_ranks: int = 0  # G, the size of the generation pool (separate placement only)
+    weight_bucket_mb: float = 64.0  # separate placement: the weights travel to the pool in
+    # buckets of about this many MB (under ZeRO-3 one bucket at a time is gathered)
     max_failed_fraction: float = 0.1  # rows of a step whose episode failed (the environment
     # raised) or whose reward call failed after its retries leave the update (env/
     # failed_episodes, reward/failed_rows); a step with a larger share of them stops the run
@@ -1000,6 +1007,23 @@ def _is_ref(ref: str) -> bool:
     return module != "" and name.isidentifier()
 
 
+def _check_placement(cfg: PPORunConfig) -> None:
+    """rollout.placement and its settings; the pool's size against the world: split_world."""
+    r = cfg.rollout
+    if r.placement == "colocated":
+        _require(r.generation_ranks == 0, "rollout.generation_ranks", "is the generation "
+                 "pool's size, for rollout.placement: separate; set that or remove it")
+        return
+    _require(r.generation_ranks >= 1, "rollout.generation_ranks", "must be at least 1 with "
+             "rollout.placement: separate (the last G ranks of the launch generate)")
+    _require(r.weight_bucket_mb > 0, "rollout.weight_bucket_mb", "must be > 0")
+    _require(cfg.generation.backend == "hf", "generation.backend", "must be hf with "
+             "rollout.placement: separate (the pool runs the hf sampler); use placement: "
+             "colocated for vllm")
+    _require(not r.multi_turn, "rollout.placement", "separate does not run multi-turn "
+             "episodes (rollout.tools / rollout.environment); use placement: colocated")
+
+
 def _check_rollout(cfg: PPORunConfig) -> None:
     """The episode settings; importing tools and environments is episodes.build_episodes'."""
     r = cfg.rollout
@@ -1022,6 +1046,7 @@ def _check_rollout(cfg: PPORunConfig) -> None:
              "must be in [0, 1] (the share of a step's rows that may fail)")
     _require(r.max_observation_tokens >= 1, "rollout.max_observation_tokens",
              "must be at least 1")
+    _check_placement(cfg)
     _require(math.isfinite(r.env_reward_weight), "rollout.env_reward_weight",
              "must be a finite number")
     if not r.multi_turn:

@@ -47,10 +47,47 @@ def setup_distributed_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
+LAUNCH_WORLD = "DS_RLHF_LAUNCH_WORLD_SIZE"  # the launch's world size, once split_world ran
+
+
+def split_world(placement: str, generation_ranks: int) -> int | None:
+    """rollout.placement separate: the last `generation_ranks` (G) ranks of the launch form the
+    generation pool, the first W - G train. The training ranks' world is then just them
+    (WORLD_SIZE), so that DeepSpeed, the coordinator and the checkpoints see the training world
+    as the whole world; the pool meets rank 0 through the rendezvous store (engines/transport.py).
+    Returns this process's index in the pool, or None on a training rank. Idempotent."""
+    from ds_rlhf.config import ConfigError
+
+    if placement != "separate":
+        if LAUNCH_WORLD in os.environ:
+            raise ConfigError("rollout.placement: every run of one launch needs the same "
+                              "placement and rollout.generation_ranks")
+        return None
+    world = int(os.environ.setdefault(LAUNCH_WORLD, os.environ["WORLD_SIZE"]))
+    if generation_ranks >= world:
+        raise ConfigError(f"rollout.generation_ranks: {generation_ranks} leaves no training "
+                          f"rank of the {world} ranks launched; launch more ranks or use "
+                          "fewer generation ranks")
+    trainers = world - generation_ranks
+    os.environ["WORLD_SIZE"] = str(trainers)
+    rank = int(os.environ["RANK"])
+    return rank - trainers if rank >= trainers else None
+
+
+def pool_index() -> int | None:
+    """This process's index in the generation pool (None: a training rank, or no pool)."""
+    if LAUNCH_WORLD not in os.environ:
+        return None
+    rank, trainers = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return rank - trainers if rank >= trainers else None
+
+
 T = TypeVar("T")
 UNTIMED_HOURS = 24  # how long on_main_untimed waits for rank 0
 FAILED_KEY = "ds_rlhf/failed"  # in the rendezvous store: an error that one rank had alone
 WATCH_EVERY_S = 1.0  # how often every rank looks for it
+STOPPED_KEY = "ds_rlhf/stopped"  # the training ranks stopped together: the exit code
+_STORE: list = [None]  # a generation rank's client of the store (start_pool)
 _TOLD = [False]  # this rank put its own error there (its watcher then leaves it alone)
 _PHASE = ["start"]  # what this rank is doing, named when a collective fails (see cli.py)
 _TIMEOUT: list[timedelta | None] = [None]  # distributed.timeout_minutes: start_distributed
@@ -111,7 +148,7 @@ def start_distributed(timeout_minutes: float, failed: BaseException | None = Non
     # without this, a rank stalled inside an engine's collective held the others for 30 minutes.
     dist.distributed_c10d._set_pg_timeout(timeout, groups._get_data_parallel_group())
     coord = Coordinator(torch.device(accelerator.current_device_name()))
-    threading.Thread(target=_watch_peers, args=(dist.distributed_c10d._get_default_store(),
+    threading.Thread(target=watch_peers, args=(dist.distributed_c10d._get_default_store(),
                                                 coord.rank), daemon=True).start()
     agree_on_start(coord, failed)
     return coord
@@ -125,26 +162,61 @@ def collective_timeout() -> timedelta:
     return _TIMEOUT[0]
 
 
+def start_pool(timeout_minutes: float):
+    """A generation rank (rollout.placement separate): it never joins the training ranks'
+    world; it reaches the rendezvous store as a client, to open the bridge to training rank 0
+    (engines/transport.py) and to watch for, and tell of, failures as every rank does."""
+    from ds_rlhf.engines.transport import rendezvous_store
+
+    if _STORE[0] is not None:
+        return _STORE[0]
+    set_phase("start (the generation pool connects)")
+    _TIMEOUT[0] = timeout = timedelta(minutes=timeout_minutes)
+    # the keys of the world's store (FAILED_KEY) live under torch's prefix of the default group
+    _STORE[0] = dist.PrefixStore("default_pg", rendezvous_store(timeout))
+    return _STORE[0]
+
+
+def _store():
+    return _STORE[0] if _STORE[0] is not None else dist.distributed_c10d._get_default_store()
+
+
 def tell_peers(message: str) -> None:
     """Before this rank exits on an error of its own (cli.py), put `message` in the
     rendezvous store, where every other rank's watcher finds it within WATCH_EVERY_S."""
     _TOLD[0] = True
     try:
-        dist.distributed_c10d._get_default_store().set(FAILED_KEY, message)
+        _store().set(FAILED_KEY, message)
     except Exception:  # noqa: BLE001 (no store left: the others notice the exit anyway)
         return
-    if dist.get_rank() == 0:  # it hosts the store (deepspeed launcher, srun): the others
-        time.sleep(2.5 * WATCH_EVERY_S)  # must have read the message before it goes
+    # rank 0 hosts the store (deepspeed launcher, srun): the others
+    if dist.is_initialized() and dist.get_rank() == 0:
+        time.sleep(2.5 * WATCH_EVERY_S)  # must read the message before it goes
 
 
-def _watch_peers(store, rank: int) -> None:
+def tell_pool(code: int) -> None:
+    """Training rank 0, stopping with every training rank (an error they all had): the
+    generation pool, which saw none of it, leaves too, silently, with the same exit code."""
+    if LAUNCH_WORLD in os.environ and dist.is_initialized() and dist.get_rank() == 0:
+        try:
+            _store().set(STOPPED_KEY, str(code))
+            time.sleep(2.5 * WATCH_EVERY_S)  # this rank hosts the store: let the pool read it
+        except Exception:  # noqa: BLE001 (no store: the pool's bridge fails on its own)
+            pass
+
+
+def watch_peers(store, rank: int) -> None:
     """Every rank, in a daemon thread: once another rank failed alone (`tell_peers`), end
     this one at once with exit code 4, rank 0 repeating the message. Gloo ranks would also
     see the failed rank's connections close, but a rank blocked in an NCCL collective does
-    not notice a peer that is gone until distributed.timeout_minutes."""
+    not notice a peer that is gone until distributed.timeout_minutes. `rank` -1: a generation
+    rank (pool.py), which also leaves when the training ranks stopped together (tell_pool)."""
     while True:
         time.sleep(WATCH_EVERY_S)
         try:
+            if rank < 0 and store.check([STOPPED_KEY]):  # a generation rank (pool.py)
+                sys.stdout.flush()
+                os._exit(int(store.get(STOPPED_KEY)))
             if _TOLD[0] or not store.check([FAILED_KEY]):
                 continue
             message = store.get(FAILED_KEY).decode(errors="replace")
@@ -349,6 +421,12 @@ class Coordinator:
             dist.scatter_object_list(out, parts if self.rank == src else None, src=src)
             received.append(out[0])
         return received
+
+    def scatter(self, parts: list | None):
+        """parts[d] (rank 0's list; None on the others) to rank d; returns this rank's."""
+        out = [None]
+        dist.scatter_object_list(out, parts if self.is_main else None, src=0)
+        return out[0]
 
     def gather_objects(self, items: list) -> list:
         """Every rank's list, concatenated in rank order (on every rank)."""

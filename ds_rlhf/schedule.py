@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -112,35 +113,77 @@ class Schedule:
 
     def __init__(self, staleness: int,
                  generate: Callable[[int], tuple[Rollout, Episodes | None]], coord,
-                 pad_token_id: int):
+                 pad_token_id: int, generation_mode: Callable[[], AbstractContextManager],
+                 pool=None, next_prompts: Callable[[], torch.Tensor] | None = None):
         self.staleness = staleness
         self.generate, self.coord, self.pad_token_id = generate, coord, pad_token_id
-        self.next_step = 1  # the next step whose rollout is to be generated
+        self.generation_mode = generation_mode  # the actor's, around generating here
+        # rollout.placement separate: the generation pool's client (pool.PoolClient) and the
+        # sampler's next global batch of prompts; None: this rank generates (colocated)
+        self.pool, self.next_prompts = pool, next_prompts
+        self.next_step = 1  # the next step whose rollout is to be generated (or asked for)
         self.fifo: deque[tuple[int, int, list[Row]]] = deque()  # (step, version, rows)
+        self.asked: deque[tuple[int, int]] = deque()  # (step, version): the pool's, not back
 
     def rollout_for(self, step: int) -> Generated:
         version = step - 1  # the updates done so far: the actor is W_{step-1}
+        if self.pool is not None:
+            return self._from_pool(step, version)
         if self.staleness == 0:
-            rollout, episodes = self.generate(step)
+            with self.generation_mode():
+                rollout, episodes = self.generate(step)
             self.next_step = step + 1
             return Generated(rollout, episodes, version,
                              0.0 if episodes is None else episodes.env_seconds)
         env_seconds = 0.0
-        while self.next_step <= step + self.staleness:
-            rollout, episodes = self.generate(self.next_step)
-            if episodes is not None:
-                env_seconds += episodes.env_seconds
-            self.fifo.append((self.next_step, version, to_rows(rollout, episodes)))
-            self.next_step += 1
+        with self.generation_mode():
+            while self.next_step <= step + self.staleness:
+                rollout, episodes = self.generate(self.next_step)
+                if episodes is not None:
+                    env_seconds += episodes.env_seconds
+                self.fifo.append((self.next_step, version, to_rows(rollout, episodes)))
+                self.next_step += 1
         made_for, made_by, rows = self.fifo.popleft()
         assert made_for == step, f"the FIFO holds step {made_for}'s rollout, not {step}'s"
         rollout, episodes = from_rows(rows, self.pad_token_id)
         return Generated(rollout, episodes, made_by, env_seconds)
 
+    def _ask_until(self, last: int, version: int) -> None:
+        """Ask the pool for the rollouts of steps up to `last`, sampled by W_version (now)."""
+        while self.next_step <= last:
+            self.pool.submit(self.next_step, version, self.next_prompts())
+            self.asked.append((self.next_step, version))
+            self.next_step += 1
+
+    def _collect(self) -> None:
+        """The oldest rollout asked for, back from the pool, into the FIFO."""
+        made_for, made_by = self.asked.popleft()
+        self.fifo.append((made_for, made_by, self.pool.collect(made_for)))
+
+    def _from_pool(self, step: int, version: int) -> Generated:
+        """rollout.placement separate: the same rows as colocated. Step t's rollout was asked
+        for k steps ago (with W_{t-1-k}); the pool generates step t + k's, asked for now with
+        W_{t-1}, while this step trains (with k = 0 the two take turns)."""
+        self._ask_until(step, version)  # k = 0, and the first step after a start
+        if not self.fifo:
+            self._collect()
+        made_for, made_by, rows = self.fifo.popleft()
+        assert made_for == step, f"the FIFO holds step {made_for}'s rollout, not {step}'s"
+        self._ask_until(step + self.staleness, version)
+        rollout, episodes = from_rows(rows, self.pad_token_id)
+        return Generated(rollout, episodes, made_by)
+
+    def close(self) -> None:
+        """The run is over: the pool leaves (after the final checkpoint took its rows)."""
+        if self.pool is not None:
+            self.pool.close()
+
     def state(self) -> dict:
         """The FIFO with every rank's rows (rank order) and the next step to generate; a
         collective. Saved in checkpoints (`rollouts.pt`), so nothing generated is lost or
-        trained on twice."""
+        trained on twice (the rollouts the pool is making come back first)."""
+        while self.asked:
+            self._collect()
         return {"staleness": self.staleness, "next_step": self.next_step,
                 "fifo": [(s, v, self.coord.gather_objects(rows)) for s, v, rows in self.fifo]}
 
@@ -149,9 +192,9 @@ class Schedule:
         an on-policy run): this rank takes its contiguous share of each buffered step's
         rows, as the coordinator shards a step's prompts (groups are never split)."""
         if state is None:
-            self.next_step, self.fifo = step + 1, deque()
+            self.next_step, self.fifo, self.asked = step + 1, deque(), deque()
             return
-        self.next_step = state["next_step"]
+        self.next_step, self.asked = state["next_step"], deque()
         world, rank = self.coord.world_size, self.coord.rank
         self.fifo = deque()
         for s, v, rows in state["fifo"]:

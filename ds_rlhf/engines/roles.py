@@ -363,37 +363,10 @@ class Actor(_Trainable):
                                       sample_index, position_offset, max_new_tokens)
         if self._gen is None:
             raise RuntimeError("Actor.generate must run inside `with actor.generation_mode():`")
-        g, device = self.gen_cfg, self.engine.device
-        # Prompts of similar length share a generate call and each call drops the left
-        # padding all its rows share: less padded compute. Sampling is per prompt, so the
-        # order changes nothing but speed. The sort is stable: the n rows of a prompt stay
-        # adjacent, in one call as far as batch_size allows (they prefill the prompt once).
-        order = torch.argsort(prompt_mask.sum(1), stable=True)
-        if sample_index is None:
-            sample_index = torch.zeros_like(prompt_index)
-        max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
-        pieces = []
-        for start in range(0, len(prompt_ids), g.batch_size):
-            rows = order[start:start + g.batch_size]
-            first = int(prompt_mask[rows].any(0).long().argmax())
-            pieces.append(generation.generate(
-                self._gen.model, prompt_ids[rows, first:].to(device),
-                prompt_mask[rows, first:].to(device), prompt_index[rows], step=step,
-                seed=self.seed, max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, temperature=g.temperature, top_k=g.top_k,
-                top_p=g.top_p, greedy=greedy, synced=self._gen.synced,
-                static_cache=g.static_cache, decode=self._gen.decode,
-                sample_index=sample_index[rows], return_logprobs=True,
-                position_offset=None if position_offset is None else position_offset[rows],
-                share_prompt_prefill=g.share_prompt_prefill,
-                compact_finished_rows=g.compact_finished_rows, stats=self.generation_stats))
-        unsort = torch.argsort(order).to(device)
-        response_ids, response_mask, sampler_logprobs = (
-            x[unsort].cpu() for x in generation.pad_responses(pieces, self.pad_token_id))
-        return Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
-                       response_ids=response_ids, response_mask=response_mask,
-                       prompt_index=prompt_index.cpu(), sample_index=sample_index.cpu(),
-                       sampler_logprobs=sampler_logprobs)
+        return sample_responses(self._gen, self.gen_cfg, self.engine.device, prompt_ids,
+                                prompt_mask, prompt_index, step, self.seed, self.eos_token_id,
+                                self.pad_token_id, greedy, sample_index, position_offset,
+                                max_new_tokens, self.generation_stats)
 
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         return _forward_all(self.engine, rollout, self.batcher,
@@ -431,6 +404,46 @@ class Actor(_Trainable):
                 loss, stats["ref_kl"] = loss + self.kl_loss_coef * kl, kl_stats["kl"]
             return loss, stats, logprobs
         return self._run(minibatch, scale, loss_fn)
+
+
+@torch.no_grad()
+def sample_responses(gen: GenerationModel, g: GenerationConfig, device: torch.device,
+                     prompt_ids, prompt_mask, prompt_index, step: int, seed: int,
+                     eos_token_id: int, pad_token_id: int, greedy: bool = False,
+                     sample_index=None, position_offset=None, max_new_tokens: int | None = None,
+                     stats: generation.GenerationStats | None = None) -> Rollout:
+    """The hf backend's sampling of `Actor.generate` with the model `gen`: the actor's copy in
+    generation mode, or a generation rank's own (ds_rlhf/pool.py)."""
+    # Prompts of similar length share a generate call and each call drops the left
+    # padding all its rows share: less padded compute. Sampling is per prompt, so the
+    # order changes nothing but speed. The sort is stable: the n rows of a prompt stay
+    # adjacent, in one call as far as batch_size allows (they prefill the prompt once).
+    order = torch.argsort(prompt_mask.sum(1), stable=True)
+    if sample_index is None:
+        sample_index = torch.zeros_like(prompt_index)
+    max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
+    pieces = []
+    for start in range(0, len(prompt_ids), g.batch_size):
+        rows = order[start:start + g.batch_size]
+        first = int(prompt_mask[rows].any(0).long().argmax())
+        pieces.append(generation.generate(
+            gen.model, prompt_ids[rows, first:].to(device),
+            prompt_mask[rows, first:].to(device), prompt_index[rows], step=step,
+            seed=seed, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, temperature=g.temperature, top_k=g.top_k,
+            top_p=g.top_p, greedy=greedy, synced=gen.synced,
+            static_cache=g.static_cache, decode=gen.decode,
+            sample_index=sample_index[rows], return_logprobs=True,
+            position_offset=None if position_offset is None else position_offset[rows],
+            share_prompt_prefill=g.share_prompt_prefill,
+            compact_finished_rows=g.compact_finished_rows, stats=stats))
+    unsort = torch.argsort(order).to(device)
+    response_ids, response_mask, sampler_logprobs = (
+        x[unsort].cpu() for x in generation.pad_responses(pieces, pad_token_id))
+    return Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
+                   response_ids=response_ids, response_mask=response_mask,
+                   prompt_index=prompt_index.cpu(), sample_index=sample_index.cpu(),
+                   sampler_logprobs=sampler_logprobs)
 
 
 class Critic(_Trainable):

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from ds_rlhf import algo, checkpoint, model_card, models
+from ds_rlhf import algo, checkpoint, model_card, models, pool
 from ds_rlhf.config import ConfigError, PPORunConfig, Sizes, derive_sizes, save_yaml
 from ds_rlhf.coordinator import (
     Coordinator,
     PromptSampler,
     set_phase,
     setup_distributed_env,
+    split_world,
     start_distributed,
 )
 from ds_rlhf.data import PromptSet, collate_left, load_prompts, split_state
@@ -138,7 +139,7 @@ class PPOTrainer:
         #    steps ago by the actor after step - 1 - k (ds_rlhf/schedule.py). Then score it
         #    with the models the run has, the old logprobs with the actor as it is now (the
         #    proximal policy of decoupled PPO; the sampler's are the behaviour policy's).
-        with timer("generate"), self.actor.generation_mode():
+        with timer("generate"):
             generated = self.schedule.rollout_for(step)
         rollout, episodes = generated.rollout, generated.episodes
         # The on-policy shortcut: the update's own forward gives the old logprobs (0 s here).
@@ -206,6 +207,12 @@ class PPOTrainer:
         timer.seconds["switch"] = self.actor.switch_seconds
         timer.seconds["generate"] -= timer.seconds["switch"]
         timer.seconds["weight_sync"] = self.actor.weight_sync_seconds  # vllm: part of switch
+        transfer = self.schedule.pool.transfer if self.schedule.pool is not None else None
+        if transfer is not None:  # rollout.placement separate: the weights sent this step
+            timer.seconds["weight_transfer"] = transfer.seconds  # part of "generate"
+            metrics["weights/transfer_bytes"] = transfer.bytes
+            metrics["weights/transfer_gb_per_s"] = transfer.gb_per_s
+            self.schedule.pool.transfer = None
         t = timer.seconds
         t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]
         t["train"] = t["actor_train"] + t["critic_train"]
@@ -541,10 +548,11 @@ def _check_vllm(cfg: PPORunConfig) -> None:
     check_available(config)
 
 
-def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
+def build_ppo(cfg: PPORunConfig) -> PPOTrainer | None:
     """Check everything cheap first (sizes, tokenizers, prompts), then build the engines."""
     setup_distributed_env()
-    world_size = int(os.environ["WORLD_SIZE"])
+    pool_index = split_world(cfg.rollout.placement, cfg.rollout.generation_ranks)
+    world_size = int(os.environ["WORLD_SIZE"])  # the training ranks'
     sizes = derive_sizes(cfg, world_size)
     _check_lengths(cfg)
     _check_vllm(cfg)
@@ -555,6 +563,9 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     prompts = load_prompts(cfg.data, tokenizer, split="train",
                            tools=episodes.schemas if episodes is not None else None)
     build_rewards(cfg, None)  # imports the reward functions, reads server tokens: fail early
+    if pool_index is not None:  # a generation rank: the same checks, then the pool's loop
+        pool.serve(cfg, pool_index, tokenizer)
+        return None
     sampler = PromptSampler(len(prompts.input_ids), cfg.ppo.rollout_batch_size, cfg.data.seed)
     preempted = checkpoint.preemption_flag()  # a signal now waits for a step boundary
 
@@ -612,7 +623,10 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
                         run_id=state.get("wandb_run_id") if state else None),
         preempted=preempted, episodes=episodes,
     )
-    trainer.schedule = Schedule(cfg.rollout.staleness, trainer.generate, coord, pad)
+    client = pool.PoolClient(cfg, coord, actor, prompts.input_ids) \
+        if cfg.rollout.placement == "separate" else None
+    trainer.schedule = Schedule(cfg.rollout.staleness, trainer.generate, coord, pad,
+                                actor.generation_mode, client, sampler.next_batch)
     if coord.is_main:  # what was built, for the user and for tools (bench, tests)
         print(f"engines: {', '.join(trainer.engine_names)} (ppo.advantage_estimator "
               f"{p.advantage_estimator})", flush=True)
@@ -625,13 +639,17 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer:
     return trainer
 
 
-def run(cfg: PPORunConfig) -> PPOTrainer:
+def run(cfg: PPORunConfig) -> PPOTrainer | None:
+    """The run; None on a generation rank (rollout.placement separate), once it is over."""
     trainer = build_ppo(cfg)
+    if trainer is None:
+        return None
     try:
         finished = trainer.train()
     finally:  # the tool worker processes end with the run, however it ends
         if trainer.episodes is not None:
             trainer.episodes.close()
+    trainer.schedule.close()  # the generation pool, if any, leaves with the last checkpoint
     if finished:
         set_phase("export")
         out = Path(cfg.output_dir)
