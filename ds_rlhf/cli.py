@@ -239,8 +239,14 @@ def _exit_after_collective_failure(command: str, cfg, e: RuntimeError) -> None:
     """Another rank stalled (past distributed.timeout_minutes) or died: say where this rank was
     waiting and leave at once (exit 4), without the collectives of a normal exit, which would
     wait for the missing rank again."""
-    from ds_rlhf.coordinator import current_phase
+    from ds_rlhf.coordinator import current_phase, told_failure
 
+    told = told_failure()
+    if told is not None:  # the rank that died said why first (as the watcher would repeat it)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ds-rlhf: stopping every rank: {told}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(4)
     timeout = (cfg.distributed if cfg is not None else DistributedConfig()).timeout_minutes
     first = next((line for line in str(e).splitlines() if line.strip()), repr(e))
     print(f"ds-rlhf {command}: error: rank {os.environ.get('RANK', '0')} gave up waiting for "

@@ -87,7 +87,7 @@ UNTIMED_HOURS = 24  # how long on_main_untimed waits for rank 0
 FAILED_KEY = "ds_rlhf/failed"  # in the rendezvous store: an error that one rank had alone
 WATCH_EVERY_S = 1.0  # how often every rank looks for it
 STOPPED_KEY = "ds_rlhf/stopped"  # the training ranks stopped together: the exit code
-_STORE: list = [None]  # a generation rank's client of the store (start_pool)
+_STORE: list = [None]  # a client of the rendezvous store, with a generation pool (_store)
 _TOLD = [False]  # this rank put its own error there (its watcher then leaves it alone)
 _PHASE = ["start"]  # what this rank is doing, named when a collective fails (see cli.py)
 _TIMEOUT: list[timedelta | None] = [None]  # distributed.timeout_minutes: start_distributed
@@ -148,8 +148,7 @@ def start_distributed(timeout_minutes: float, failed: BaseException | None = Non
     # without this, a rank stalled inside an engine's collective held the others for 30 minutes.
     dist.distributed_c10d._set_pg_timeout(timeout, groups._get_data_parallel_group())
     coord = Coordinator(torch.device(accelerator.current_device_name()))
-    threading.Thread(target=watch_peers, args=(dist.distributed_c10d._get_default_store(),
-                                                coord.rank), daemon=True).start()
+    threading.Thread(target=watch_peers, args=(_store(), coord.rank), daemon=True).start()
     agree_on_start(coord, failed)
     return coord
 
@@ -172,12 +171,17 @@ def start_pool(timeout_minutes: float):
         return _STORE[0]
     set_phase("start (the generation pool connects)")
     _TIMEOUT[0] = timeout = timedelta(minutes=timeout_minutes)
-    # the keys of the world's store (FAILED_KEY) live under torch's prefix of the default group
-    _STORE[0] = dist.PrefixStore("default_pg", rendezvous_store(timeout))
+    _STORE[0] = rendezvous_store(timeout)
     return _STORE[0]
 
 
 def _store():
+    """Where ranks leave word of failures: the default group's store, or with a generation
+    pool (which has no default group) a plain client of the rendezvous store, on every rank."""
+    if _STORE[0] is None and LAUNCH_WORLD in os.environ:
+        from ds_rlhf.engines.transport import rendezvous_store
+
+        _STORE[0] = rendezvous_store(collective_timeout())
     return _STORE[0] if _STORE[0] is not None else dist.distributed_c10d._get_default_store()
 
 
@@ -192,6 +196,16 @@ def tell_peers(message: str) -> None:
     # rank 0 hosts the store (deepspeed launcher, srun): the others
     if dist.is_initialized() and dist.get_rank() == 0:
         time.sleep(2.5 * WATCH_EVERY_S)  # must read the message before it goes
+
+
+def told_failure() -> str | None:
+    """The message of a rank that failed alone and said so (tell_peers), if one did."""
+    try:
+        store = _store()
+        return store.get(FAILED_KEY).decode(errors="replace") \
+            if store.check([FAILED_KEY]) else None
+    except Exception:  # noqa: BLE001 (no store left)
+        return None
 
 
 def tell_pool(code: int) -> None:

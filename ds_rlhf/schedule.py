@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +113,8 @@ class Schedule:
 
     def __init__(self, staleness: int,
                  generate: Callable[[int], tuple[Rollout, Episodes | None]], coord,
-                 pad_token_id: int, generation_mode: Callable[[], AbstractContextManager],
+                 pad_token_id: int,
+                 generation_mode: Callable[[], AbstractContextManager] = nullcontext,
                  pool=None, next_prompts: Callable[[], torch.Tensor] | None = None):
         self.staleness = staleness
         self.generate, self.coord, self.pad_token_id = generate, coord, pad_token_id

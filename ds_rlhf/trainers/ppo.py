@@ -212,6 +212,8 @@ class PPOTrainer:
             timer.seconds["weight_transfer"] = transfer.seconds  # part of "generate"
             metrics["weights/transfer_bytes"] = transfer.bytes
             metrics["weights/transfer_gb_per_s"] = transfer.gb_per_s
+            metrics["weights/version"] = transfer.version  # the actor after that step
+            metrics["weights/checksum"] = transfer.checksum % 2**52  # exact in a float
             self.schedule.pool.transfer = None
         t = timer.seconds
         t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]

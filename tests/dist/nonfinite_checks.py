@@ -29,7 +29,6 @@ from ds_rlhf.engines.roles import RewardModel
 from ds_rlhf.errors import NonFiniteError
 from ds_rlhf.trainers.ppo import build_ppo
 
-
 policy_loss = algo.policy_loss
 
 

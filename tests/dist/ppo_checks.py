@@ -78,9 +78,10 @@ def hybrid_copy(trainer) -> dict:
     params = list(module.named_parameters())
     world = trainer.coord.world_size
     dests = [torch.zeros(p.ds_tensor.numel() * world, dtype=p.dtype) for _, p in params]
-    _gather_into([(p, d) for (_, p), d in zip(params, dests)], trainer.actor.engine.device)
+    _gather_into([(p, d) for (_, p), d in zip(params, dests, strict=True)],
+                 trainer.actor.engine.device)
     gathered = all(torch.equal(d[:p.ds_numel].view(p.ds_shape), expected[name])
-                   for (name, p), d in zip(params, dests))
+                   for (name, p), d in zip(params, dests, strict=True))
     with trainer.actor.hybrid.generation_mode() as gen:
         copy = gen.model
         equal = sorted(expected) == sorted(n for n, _ in copy.named_parameters()) and all(

@@ -27,7 +27,15 @@ from transformers import AutoModelForCausalLM
 from ds_rlhf.checkpoint import find_resume
 from ds_rlhf.demo.task import all_prompts
 from ds_rlhf.tracking import read_metrics
-from tests.conftest import REPO, cpu_env, free_port, ppo_config, run_deepspeed, tiny_init, write_yaml
+from tests.conftest import (
+    REPO,
+    cpu_env,
+    free_port,
+    ppo_config,
+    run_deepspeed,
+    tiny_init,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.dist
 STEPS = 3
@@ -362,3 +370,24 @@ def test_an_error_of_one_rank_alone_is_printed_by_it(assets, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in text, text[-3000:]
     # rank 0 sees rank 1's connections close (exit 4), unless the launcher stops it first
     assert re.search(r"exits with return code = [24]\b", text), text[-3000:]
+
+
+def test_a_generation_rank_that_raises_ends_the_run(assets, tmp_path):
+    """rollout.placement separate, 1 training + 1 generation rank: the generation rank raises
+    when it samples step 2's rollout. It prints its error (rank and host) and the training
+    rank stops within seconds (exit 4), rank 0 repeating the message once; the launcher's
+    exit is non-zero, and the checkpoint of step 1 is there to resume from."""
+    cfg = ppo_config(assets, tmp_path / "run", rollout={"placement": "separate",
+                                                        "generation_ranks": 1},
+                     ppo={"steps": 4, "rollout_batch_size": 4},
+                     checkpoint={"save_every": 1})
+    start = time.time()
+    proc = run_deepspeed(2, ["tests/dist/faulty_pool.py", "ppo", "--config",
+                             str(write_yaml(cfg, tmp_path / "c.yaml"))], module=False,
+                         timeout=300, FAIL_AT_STEP="2")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and time.time() - start < 200, text[-3000:]
+    error = "RuntimeError: the generation rank's accelerator fell off the bus"
+    assert re.search(rf"ds-rlhf ppo: error: generation rank 1 \(host [^)]+\): {error}", text)
+    assert text.count("ds-rlhf: stopping every rank: generation rank 1") == 1, text[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()

@@ -43,6 +43,16 @@ def test_reward_tokenizer_differs_from_actor(assets, tmp_path):
     _fails_with(_ppo(cfg, tmp_path), "reward.model", "tokenizer differs from the actor's")
 
 
+def test_a_generation_pool_as_large_as_the_launch_is_one_line(assets, tmp_path):
+    """rollout.placement separate on one process: no rank would train (exit 2, one line)."""
+    cfg = ppo_config(assets, tmp_path / "out", rollout={"placement": "separate",
+                                                        "generation_ranks": 1})
+    proc = _ppo(cfg, tmp_path)
+    _fails_with(proc, "rollout.generation_ranks: 1 leaves no training rank of the 1 ranks "
+                "launched; launch more ranks or use fewer generation ranks")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_prompt_longer_than_limit(assets, tmp_path):
     prompts = tmp_path / "long.jsonl"
     words = " ".join(["good"] * 40)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -144,6 +146,48 @@ def test_critic_free_estimators_need_no_critic_and_groups(base_yaml):
 def test_critic_free_config_errors(base_yaml, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(base_yaml, override)
+
+
+SEPARATE = ["--rollout.placement", "separate", "--rollout.generation_ranks", "1"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--rollout.generation_ranks", "1"], "rollout.generation_ranks: is the generation pool's "
+     "size, for rollout.placement: separate; set that or remove it"),
+    (["--rollout.placement", "separate"], "rollout.generation_ranks: must be at least 1"),
+    ([*SEPARATE, "--generation.backend", "vllm"], "generation.backend: must be hf with "
+     "rollout.placement: separate"),
+    ([*SEPARATE, "--rollout.weight_bucket_mb", "0"], "rollout.weight_bucket_mb: must be > 0"),
+    ([*SEPARATE, "--rollout.environment", "env.py:Echo"], "rollout.placement: separate does "
+     "not run multi-turn episodes"),
+])
+def test_placement_config_errors(base_yaml, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(base_yaml, override)
+
+
+@pytest.mark.parametrize("world, pool, rank, index", [(3, 1, 2, 0), (3, 1, 1, None),
+                                                      (4, 2, 2, 0), (4, 2, 3, 1)])
+def test_the_last_generation_ranks_of_the_launch_are_the_pool(monkeypatch, world, pool, rank,
+                                                               index):
+    """split_world: the training ranks' world is the first W - G ranks (WORLD_SIZE), the
+    last G ranks are the pool; a pool as large as the launch is refused."""
+    from ds_rlhf.coordinator import LAUNCH_WORLD, pool_index, split_world
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.delenv(LAUNCH_WORLD, raising=False)
+    assert split_world("separate", pool) == index == pool_index()
+    assert os.environ["WORLD_SIZE"] == str(world - pool)
+    assert split_world("separate", pool) == index  # idempotent: the runs of one launch
+    with pytest.raises(ConfigError, match="every run of one launch needs the same placement"):
+        split_world("colocated", 0)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.delenv(LAUNCH_WORLD)
+    with pytest.raises(ConfigError, match=f"rollout.generation_ranks: {world} leaves no "
+                       f"training rank of the {world} ranks launched"):
+        split_world("separate", world)
+    monkeypatch.delenv(LAUNCH_WORLD, raising=False)
 
 
 @pytest.mark.parametrize("world_size, override, field", [

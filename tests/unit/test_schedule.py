@@ -77,6 +77,50 @@ def test_the_rollout_of_step_t_is_sampled_by_the_actor_after_step_t_minus_1_minu
     assert actor.calls == list(range(1, 7 + k))
 
 
+class Pool:
+    """Stands in for pool.PoolClient: the generation pool holds the last weights sent;
+    `submit` records (step, version) and makes the rows at once (as Actor does with the
+    version it was asked for), `collect` hands them back; `log` is the call order."""
+
+    def __init__(self, actor: Actor):
+        self.actor, self.log, self.made = actor, [], {}
+
+    def submit(self, step: int, version: int, prompt_index: torch.Tensor) -> None:
+        assert version == self.actor.version  # the actor now: what the weights are
+        self.log.append(("submit", step, version))
+        self.made[step] = to_rows(*self.actor.generate(step))
+
+    def collect(self, step: int) -> list:
+        self.log.append(("collect", step))
+        return self.made.pop(step)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_the_pool_is_asked_k_steps_ahead_with_the_actor_of_now(k):
+    """rollout.placement separate: the same rows and versions as colocated; step t's rows
+    come back before step t + k is asked for (with W_{t-1}): the pool makes step t + k's
+    while step t trains. A checkpoint first takes back what the pool is making."""
+    colocated, actor = Actor(), Actor()
+    pool = Pool(actor)
+    separate = Schedule(k, None, Ranks(), PAD, pool=pool, next_prompts=lambda: torch.arange(4))
+    for a, b in zip(_train(Schedule(k, colocated.generate, Ranks(), PAD), colocated,
+                           range(1, 5)),
+                    _train(separate, actor, range(1, 5)), strict=True):
+        assert a.version == b.version
+        assert torch.equal(a.rollout.response_ids, b.rollout.response_ids)
+    # step 1 asks for its own rows, takes them, then asks for steps 2..1+k, all with W_0;
+    # then step t collects t and asks for t + k
+    expected = [("submit", 1, 0), ("collect", 1)] + [("submit", s, 0) for s in range(2, 2 + k)]
+    for t in range(2, 5):
+        expected += [("collect", t)] + ([] if k == 0 else [("submit", t + k, t - 1)])
+        if k == 0:
+            expected[-1:] = [("submit", t, t - 1), ("collect", t)]
+    assert pool.log == expected
+    state = separate.state()  # the pool's steps 5..4+k come back into the checkpoint
+    assert [(s, v) for s, v, _ in state["fifo"]] == [(s, s - 1 - k) for s in range(5, 5 + k)]
+    assert pool.log[len(expected):] == [("collect", s) for s in range(5, 5 + k)]
+
+
 def test_a_rollout_through_the_fifo_is_the_generated_one():
     actor = Actor(episodes=True)
     rollout, episodes = actor.generate(3)
