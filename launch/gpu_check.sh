@@ -65,7 +65,10 @@ if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then BACKENDS=hf,vllm; fi
 step generation 1 generation $GEN --backend $BACKENDS
 step ppo 1 ppo $PPO --backend $BACKENDS $VS_HF
 step ppo_static_compile 1 ppo $PPO $FAST
-step ppo_group 1 ppo $GROUP --estimator grpo --reward function --backend $BACKENDS \
+# dry: vLLM's start-up (a minute on CPU) is paid by the steps above; the group's hf switches
+GROUP_BACKENDS=$BACKENDS
+if [ "$DRY" = 1 ]; then GROUP_BACKENDS=hf; fi
+step ppo_group 1 ppo $GROUP --estimator grpo --reward function --backend $GROUP_BACKENDS \
   --share-prefill 0,1 --compact 0,1
 if [ "$NUM_GPUS" -ge 2 ]; then
   step ppo_2ranks 2 ppo $PPO2

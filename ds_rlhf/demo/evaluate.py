@@ -246,10 +246,12 @@ def main_tools(out: Path, start_time: float | None) -> dict:
 
 def _generated_by(run_dir: Path) -> dict:
     """What generated the run's rollouts: the backend (hf or vllm), rollout.staleness (the
-    lag in actor updates) and the placement (the training ranks generate: colocated)."""
+    lag in actor updates) and the placement (colocated: the training ranks generate;
+    separate: a pool of rollout.generation_ranks ranks)."""
     return {"backend": _config_value(run_dir, "generation", "backend"),
             "staleness": _config_value(run_dir, "rollout", "staleness"),
-            "placement": "colocated"}
+            "placement": _config_value(run_dir, "rollout", "placement"),
+            "generation_ranks": _config_value(run_dir, "rollout", "generation_ranks")}
 
 
 def _config_value(run_dir: Path, section: str, key: str):

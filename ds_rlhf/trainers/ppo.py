@@ -207,14 +207,8 @@ class PPOTrainer:
         timer.seconds["switch"] = self.actor.switch_seconds
         timer.seconds["generate"] -= timer.seconds["switch"]
         timer.seconds["weight_sync"] = self.actor.weight_sync_seconds  # vllm: part of switch
-        transfer = self.schedule.pool.transfer if self.schedule.pool is not None else None
-        if transfer is not None:  # rollout.placement separate: the weights sent this step
-            timer.seconds["weight_transfer"] = transfer.seconds  # part of "generate"
-            metrics["weights/transfer_bytes"] = transfer.bytes
-            metrics["weights/transfer_gb_per_s"] = transfer.gb_per_s
-            metrics["weights/version"] = transfer.version  # the actor after that step
-            metrics["weights/checksum"] = transfer.checksum % 2**52  # exact in a float
-            self.schedule.pool.transfer = None
+        if self.schedule.pool is not None:
+            metrics.update(self.pool_metrics(timer.seconds))
         t = timer.seconds
         t["score"] = t["actor_logprobs"] + t["ref_logprobs"] + t["values"] + t["reward"]
         t["train"] = t["actor_train"] + t["critic_train"]
@@ -222,6 +216,25 @@ class PPOTrainer:
         metrics["perf/samples_per_s"] = num_rows / timer.seconds["step"]
         metrics["perf/tokens_per_s"] = metrics["response_length/mean"] * \
             metrics["perf/samples_per_s"]
+        return metrics
+
+    def pool_metrics(self, seconds: dict[str, float]) -> dict[str, float]:
+        """rollout.placement separate: this step's weight transfer (into `seconds`, like
+        the waits: parts of "generate"), and the pool's seconds for the rows trained on
+        (generating them; before that, idle and loading weights: rank 0's numbers)."""
+        client, metrics = self.schedule.pool, {}
+        seconds["wait_rollout"] = client.wait_seconds
+        transfer = client.transfer
+        if transfer is not None:  # the weights sent this step
+            seconds["weight_transfer"] = transfer.seconds
+            metrics["weights/transfer_bytes"] = transfer.bytes
+            metrics["weights/transfer_gb_per_s"] = transfer.gb_per_s
+            metrics["weights/version"] = transfer.version  # the actor after that step
+            metrics["weights/checksum"] = transfer.checksum % 2**52  # exact in a float
+        if client.pool_seconds is not None:
+            for name, value in client.pool_seconds.items():
+                metrics[f"timing/pool_{name}"] = value
+        client.transfer, client.pool_seconds, client.wait_seconds = None, None, 0.0
         return metrics
 
     def generate(self, step: int) -> tuple[Rollout, Episodes | None]:

@@ -2,7 +2,7 @@
 
     untimed   with a 3 s distributed timeout, rank 0 works for 8 s inside
               Coordinator.on_main_untimed while rank 1 waits for it, and both go on
-    engine, vllm_tp  with a 3 s distributed timeout, rank 1 stalls (sleeps 60 s) while rank 0
+    engine, vllm_tp  with a 3 s distributed timeout, rank 1 stalls (sleeps 25 s) while rank 0
               waits in a collective of a process group the run made besides the world's: the
               gradient reduction of a ZeRO-2 engine (DeepSpeed's clone of the world group), or
               an all-reduce in the vLLM backend's tensor-parallel group. Rank 0 must give up
@@ -57,7 +57,7 @@ elif mode in ("engine", "vllm_tp"):
             torch.distributed.all_reduce(torch.ones(4), group=group)
     coord.barrier()
     if coord.rank == 1:
-        time.sleep(60)
+        time.sleep(25)
     start = time.time()
     try:
         collective()

