@@ -10,7 +10,9 @@
 # hf backend's generation and scoring forwards against plain HF calls (`vs_hf_s`). A group
 # workload (GRPO, prompts of 512 tokens, 8 samples each, up to 256 new tokens, long-tailed
 # lengths) measures both backends and the hf loop with its shared prompt prefill and its
-# compaction of finished rows off and on (prefill / decode seconds, finished row-steps).
+# compaction of finished rows off and on (prefill / decode seconds, finished row-steps). With 2
+# GPUs, asynchronous RL: 1 training + 1 generation GPU (rollout.placement separate), lag 0 and 1
+# (step seconds, each pool's busy share, weight-transfer seconds and GB/s, overlap).
 #   launch/gpu_check.sh                   # report: gpu_check.json (GPU_CHECK_OUT to change)
 #   GPU_CHECK_DRY=1 launch/gpu_check.sh   # the same steps on CPU ranks with tiny models (CI)
 # A failing step is recorded in the report and the others still run; the exit status is 1
@@ -32,6 +34,7 @@ if [ "$DRY" = 1 ]; then
   PPO2="$PPO --zero-stage 2,3 --eos-frac 0.2 --micro-batch-tokens 0,64"
   FAST="--static-cache"  # torch.compile on CPU would need minutes and a C++ compiler
   GROUP="--preset micro --steps 1 --warmup 1 --n-samples 4 --batch 2 --prompt-len 16 --response-len 8 --eos-frac 0.2"
+  ASYNC="--preset micro --steps 1 --warmup 1 --n-samples 4 --batch 2 --prompt-len 8 --response-len 8"
 else
   NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
   GEN="--layers 16 --hidden 2048 --vocab 32000 --dtype bf16 --prompts 8 --prompt-len 128 --new-tokens 128 --repeats 2"
@@ -40,6 +43,7 @@ else
   PPO2="$PPO --batch 16 --steps 2 --zero-stage 2,3"
   FAST="--static-cache --compile"
   GROUP="--preset opt-1.3b-350m --steps 2 --warmup 1 --n-samples 8 --batch 4 --prompt-len 512 --response-len 256 --eos-frac 0.01"
+  ASYNC="--preset opt-1.3b-350m --steps 3 --warmup 1 --n-samples 8 --batch 4 --prompt-len 128 --response-len 256"
 fi
 
 # step NAME NPROC ARGS...: one bench run; its JSON line goes to $WORK/NAME.json, its
@@ -63,15 +67,19 @@ echo "$? $(( $(date +%s) - start ))" > "$WORK/gpu_tests.status"
 BACKENDS=hf
 if "$PYTHON" -c "import vllm" > /dev/null 2>&1; then BACKENDS=hf,vllm; fi
 step generation 1 generation $GEN --backend $BACKENDS
-step ppo 1 ppo $PPO --backend $BACKENDS $VS_HF
+# dry: vLLM starts once (a minute on CPU), in the generation step; PPO runs on vLLM in the
+# dist tests (tests/dist/test_vllm.py). On a GPU machine every step measures both backends.
+PPO_BACKENDS=$BACKENDS
+if [ "$DRY" = 1 ]; then PPO_BACKENDS=hf; fi
+step ppo 1 ppo $PPO --backend $PPO_BACKENDS $VS_HF
 step ppo_static_compile 1 ppo $PPO $FAST
-# dry: vLLM's start-up (a minute on CPU) is paid by the steps above; the group's hf switches
-GROUP_BACKENDS=$BACKENDS
-if [ "$DRY" = 1 ]; then GROUP_BACKENDS=hf; fi
-step ppo_group 1 ppo $GROUP --estimator grpo --reward function --backend $GROUP_BACKENDS \
+step ppo_group 1 ppo $GROUP --estimator grpo --reward function --backend $PPO_BACKENDS \
   --share-prefill 0,1 --compact 0,1
 if [ "$NUM_GPUS" -ge 2 ]; then
   step ppo_2ranks 2 ppo $PPO2
+  # asynchronous RL: 1 training + 1 generation rank, on-policy (turns) and lag 1 (overlap)
+  step ppo_async 2 ppo $ASYNC --estimator grpo --reward function --placement separate \
+    --staleness 0,1
 fi
 
 "$PYTHON" - "$WORK" "$OUT" "$DRY" "$NUM_GPUS" "$BACKENDS" <<'EOF'
@@ -123,6 +131,7 @@ def bench(name):
         "prefill_s": r["time_split_s"]["prefill"], "decode_s": r["time_split_s"]["decode"],
         "finished_row_steps_share": r["finished_row_steps_share"],
         **({"vs_hf_s": r["vs_hf_s"]} if "vs_hf_s" in r else {}),
+        **({"separate": r["separate"]} if "separate" in r else {}),
     } for variant, r in data["runs"].items()}
     return {**result, "world_size": data["world_size"], "runs": runs,
             "peak_memory_gb_per_rank": data["peak_memory_gb_per_rank"]}
@@ -144,6 +153,7 @@ report = {
     "ppo_static_compile": bench("ppo_static_compile"),
     "ppo_group": bench("ppo_group"),  # prompt 512 x 8 samples: shared prefill, compaction
     "ppo_2ranks": bench("ppo_2ranks"),  # null with fewer than 2 GPUs
+    "ppo_async": bench("ppo_async"),  # rollout.placement separate, 1 + 1 GPUs (or null)
 }
 report["vllm"] = "vllm" in backends  # generation and ppo measured both backends
 report["ok"] = all(v["ok"] for v in report.values() if isinstance(v, dict))
