@@ -101,7 +101,11 @@ def main_grpo(out: Path, start_time: float | None, max_new_tokens: int) -> dict:
     print(f"\nheld-out greedy accuracy, SFT policy : {summary['accuracy_sft']:.3f}\n"
           f"held-out greedy accuracy, RL policy  : {summary['accuracy_rl']:.3f} "
           f"(gain {summary['accuracy_gain']:+.3f}, {summary['estimator']}, "
-          f"{summary['rl_steps']} steps, generation backend {summary['backend']})\n"
+          f"{summary['rl_steps']} steps, generation backend {summary['backend']}, "
+          f"staleness {summary['staleness']}, {summary['placement']}"
+          + (f" with {summary['generation_ranks']} generation "
+             f"rank{'s' if summary['generation_ranks'] != 1 else ''}"
+             if summary["placement"] == "separate" else "") + ")\n"
           f"SFT says: {summary['example_sft']}\nRL says:  {summary['example_rl']}\n"
           + (f"wall time: {summary['wall_s']:.0f} s\n" if "wall_s" in summary else "")
           + f"summary: {out / 'summary.json'}")
