@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 BRIDGE_PREFIX = "ds_rlhf/bridge"
+CONNECT_TIMEOUT = timedelta(minutes=30)  # the pool and training rank 0 meeting (see Bridge)
 _BRIDGES = [0]  # bridges this process opened: the key of the next one (runs of one launch)
 
 
@@ -43,11 +44,16 @@ class Bridge:
     """Training rank 0 (bridge rank 0) and the G generation ranks: objects and tensors."""
 
     def __init__(self, rank: int, size: int, timeout: timedelta):
+        """`timeout` (distributed.timeout_minutes) bounds every operation; meeting, the pool
+        waits for the training ranks to build their engines, which may take longer: up to
+        CONNECT_TIMEOUT (or `timeout`, if longer)."""
         _BRIDGES[0] += 1  # every process of the launch opens its bridges in the same order
         self.rank, self.size = rank, size
-        self.store = rendezvous_store(timeout)
+        connect = max(timeout, CONNECT_TIMEOUT)
+        self.store = rendezvous_store(connect)
         self.pg = dist.ProcessGroupGloo(
-            dist.PrefixStore(f"{BRIDGE_PREFIX}/{_BRIDGES[0]}", self.store), rank, size, timeout)
+            dist.PrefixStore(f"{BRIDGE_PREFIX}/{_BRIDGES[0]}", self.store), rank, size, connect)
+        self.pg.set_timeout(timeout)
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """From bridge rank 0 to all (in place, a CPU tensor)."""

@@ -1,11 +1,13 @@
 """`ds-rlhf` whose generation ranks (rollout.placement separate) raise when asked for the
-rollout of step FAIL_AT_STEP: run by tests/dist/test_run_safety.py under the launcher.
+rollout of step FAIL_AT_STEP, or with FAULT=stall hang there: run by
+tests/dist/test_run_safety.py under the launcher.
 
     python tests/dist/faulty_pool.py ppo --config run.yaml
 """
 
 import os
 import sys
+import time
 
 from ds_rlhf import cli, pool
 
@@ -14,6 +16,8 @@ real = pool.sample_responses
 
 def failing(gen, g, device, prompt_ids, prompt_mask, prompt_index, step, *args, **kwargs):
     if step == int(os.environ["FAIL_AT_STEP"]):
+        if os.environ.get("FAULT") == "stall":  # hangs (a deadlocked kernel, a lost node)
+            time.sleep(120)
         raise RuntimeError("the generation rank's accelerator fell off the bus")
     return real(gen, g, device, prompt_ids, prompt_mask, prompt_index, step, *args, **kwargs)
 

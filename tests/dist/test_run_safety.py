@@ -391,3 +391,21 @@ def test_a_generation_rank_that_raises_ends_the_run(assets, tmp_path):
     assert re.search(rf"ds-rlhf ppo: error: generation rank 1 \(host [^)]+\): {error}", text)
     assert text.count("ds-rlhf: stopping every rank: generation rank 1") == 1, text[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
+
+
+def test_a_stalled_generation_rank_ends_the_run_within_the_timeout(assets, tmp_path):
+    """The generation rank hangs when it samples step 2's rollout: the training rank, waiting
+    for those rows, gives up after distributed.timeout_minutes (6 s here), names the phase
+    and exits 4; the checkpoint of step 1 is there to resume from."""
+    cfg = ppo_config(assets, tmp_path / "run", rollout={"placement": "separate",
+                                                        "generation_ranks": 1},
+                     ppo={"steps": 4, "rollout_batch_size": 4},
+                     checkpoint={"save_every": 1}, distributed={"timeout_minutes": 0.1})
+    proc = run_deepspeed(2, ["tests/dist/faulty_pool.py", "ppo", "--config",
+                             str(write_yaml(cfg, tmp_path / "c.yaml"))], module=False,
+                         timeout=300, FAIL_AT_STEP="2", FAULT="stall")
+    text = proc.stdout + proc.stderr
+    gave_up = re.findall(r"rank 0 gave up waiting for the other ranks in phase '([^']+)'", text)
+    assert gave_up == ["step 2 generate"], text[-3000:]
+    assert "exits with return code = 4" in text and "accelerator fell off" not in text
+    assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
