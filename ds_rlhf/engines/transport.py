@@ -53,13 +53,13 @@ class Bridge:
         self.store = rendezvous_store(connect)
         self.pg = dist.ProcessGroupGloo(
             dist.PrefixStore(f"{BRIDGE_PREFIX}/{_BRIDGES[0]}", self.store), rank, size, connect)
-        self.pg.set_timeout(timeout)
+        self.timeout = timeout  # each operation's wait
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """From bridge rank 0 to all (in place, a CPU tensor)."""
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.pg.broadcast([tensor], opts).wait()
+        self.pg.broadcast([tensor], opts).wait(self.timeout)
         return tensor
 
     def broadcast_object(self, obj=None):
@@ -71,14 +71,15 @@ class Bridge:
 
     def send_object(self, obj, dst: int) -> None:
         data = pickle.dumps(obj)
-        self.pg.send([torch.tensor([len(data)], dtype=torch.long)], dst, 0).wait()
-        self.pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], dst, 0).wait()
+        for tensor in (torch.tensor([len(data)], dtype=torch.long),
+                       torch.frombuffer(bytearray(data), dtype=torch.uint8)):
+            self.pg.send([tensor], dst, 0).wait(self.timeout)
 
     def recv_object(self, src: int):
         size = torch.empty(1, dtype=torch.long)
-        self.pg.recv([size], src, 0).wait()
+        self.pg.recv([size], src, 0).wait(self.timeout)
         buffer = torch.empty(int(size), dtype=torch.uint8)
-        self.pg.recv([buffer], src, 0).wait()
+        self.pg.recv([buffer], src, 0).wait(self.timeout)
         return pickle.loads(buffer.numpy().tobytes())
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from ds_rlhf.checkpoint import find_resume
 from ds_rlhf.tracking import read_metrics
-from tests.conftest import REPO, cpu_env, free_port, ppo_config, run_deepspeed, write_yaml
+from tests.conftest import REPO, cpu_env, launcher_cmd, ppo_config, run_deepspeed, write_yaml
 
 pytestmark = pytest.mark.dist
 STEPS = 12
@@ -23,9 +23,7 @@ KEYS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "loss/polic
 
 
 def _launch(cfg_path, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-           "--master_port", str(free_port()), "--module", "ds_rlhf", "ppo", "--config",
-           str(cfg_path), *extra]
+    cmd = launcher_cmd(2, ["ds_rlhf", "ppo", "--config", str(cfg_path), *extra])
     return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
