@@ -101,10 +101,9 @@ class PoolClient:
                 seconds.append(pool_seconds)
             # the slowest generation rank's: the pool's time for these rows
             self.pool_seconds = {k: max(s[k] for s in seconds) for k in seconds[0]}
-            num = len(rows) // self.n
-            parts = [rows[share(num, self.coord.world_size, r).start * self.n:
-                          share(num, self.coord.world_size, r).stop * self.n]
-                     for r in range(self.coord.world_size)]
+            num, world = len(rows) // self.n, self.coord.world_size
+            shares = [share(num, world, r) for r in range(world)]  # equal: derive_sizes
+            parts = [rows[p.start * self.n:p.stop * self.n] for p in shares]
         mine = self.coord.scatter(parts)
         self.wait_seconds += time.perf_counter() - start
         return mine

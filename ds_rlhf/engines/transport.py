@@ -86,8 +86,9 @@ class Bridge:
 def checksum(data: torch.Tensor) -> int:
     """The sum of `data`'s bytes read as int32 words (zero padded): exact, order-free."""
     flat = data.reshape(-1).view(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros(-len(flat) % 4)])
-    return int(flat.view(torch.int32).long().sum())
+    if len(flat) % 4:  # a copy only then: buckets are usually whole words
+        flat = torch.cat([flat, flat.new_zeros(-len(flat) % 4)])
+    return int(flat.view(torch.int32).sum(dtype=torch.int64))  # no int64 copy of the bucket
 
 
 @dataclass
