@@ -196,7 +196,7 @@ def _vllm_generator(engine, args):
     check_available(engine.module.config)
     cfg = GenerationConfig(backend="vllm", max_new_tokens=args.new_tokens,
                            batch_size=args.prompts)
-    return VllmGenerator(engine, cfg, SimpleNamespace(eos_token_id=None, pad_token_id=0),
+    return VllmGenerator(engine.module, cfg, SimpleNamespace(eos_token_id=None, pad_token_id=0),
                          seed=0, max_model_len=args.prompt_len + args.new_tokens)
 
 

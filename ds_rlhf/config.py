@@ -135,7 +135,8 @@ class VllmConfig:
     """The vLLM engine of generation.backend: vllm (see ds_rlhf/engines/vllm_backend.py)."""
 
     tensor_parallel_size: int = 1  # ranks per vLLM instance (consecutive ranks; GPUs); must
-    # divide the world size. 1: every rank holds a whole vLLM replica
+    # divide the world size (rollout.placement separate: the generation ranks). 1: every
+    # rank holds a whole vLLM replica
     gpu_memory_utilization: float = 0.3  # share of the GPU's memory vLLM may take (weights and
     # KV cache) while generating; the ZeRO engines hold the rest
     max_model_len: int | None = None  # longest prompt + response vLLM serves; null:
@@ -1017,9 +1018,11 @@ def _check_placement(cfg: PPORunConfig) -> None:
     _require(r.generation_ranks >= 1, "rollout.generation_ranks", "must be at least 1 with "
              "rollout.placement: separate (the last G ranks of the launch generate)")
     _require(r.weight_bucket_mb > 0, "rollout.weight_bucket_mb", "must be > 0")
-    _require(cfg.generation.backend == "hf", "generation.backend", "must be hf with "
-             "rollout.placement: separate (the pool runs the hf sampler); use placement: "
-             "colocated for vllm")
+    tp = cfg.generation.vllm.tensor_parallel_size
+    _require(cfg.generation.backend != "vllm" or r.generation_ranks % tp == 0,
+             "generation.vllm.tensor_parallel_size", f"{tp} does not divide "
+             f"rollout.generation_ranks ({r.generation_ranks}): the pool's vLLM instances are "
+             "groups of consecutive generation ranks; use a divisor")
     _require(not r.multi_turn, "rollout.placement", "separate does not run multi-turn "
              "episodes (rollout.tools / rollout.environment); use placement: colocated")
 
@@ -1091,8 +1094,9 @@ def exact_div(a: int, b: int, what: str, fix: str) -> int:
 
 def derive_sizes(cfg: PPORunConfig, world_size: int) -> Sizes:
     """Batch arithmetic: rollout -> ranks -> minibatches -> micro-batches, each exact."""
-    tp = cfg.generation.vllm.tensor_parallel_size
-    if cfg.generation.backend == "vllm" and world_size % tp:
+    tp = cfg.generation.vllm.tensor_parallel_size  # separate: the pool's (_check_placement)
+    if cfg.generation.backend == "vllm" and cfg.rollout.placement == "colocated" and \
+            world_size % tp:
         raise ConfigError(f"generation.vllm.tensor_parallel_size: {tp} does not divide the "
                           f"{world_size} ranks; use a divisor of {world_size}")
     p = cfg.ppo

@@ -283,8 +283,11 @@ def stop_distributed() -> None:
 
         # Through DeepSpeed when it set up the world, so that it also forgets its cached
         # groups: a second run in this process (tests, a notebook) would get destroyed ones.
-        (ds_comm.destroy_process_group if ds_comm.cdb is not None else
-         dist.destroy_process_group)()
+        # (A generation pool's own group, vLLM's world there, may be gone with vLLM's.)
+        if ds_comm.cdb is not None:
+            ds_comm.destroy_process_group()
+        elif dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def exit_process(code: int) -> NoReturn:

@@ -8,16 +8,21 @@ the rollouts, the first W - G train (ARCHITECTURE.md, "The schedule").
 
 Which weights sample a step's rows and with which seeds is the schedule's (ds_rlhf/
 schedule.py), the same as colocated: the rows do not depend on the placement or on G. The
-pool holds a plain copy of the actor (no optimizer, no ZeRO) and runs the hf sampler of
-`Actor.generate`; the weight transport is engines/transport.py. `PoolClient` is the training
-ranks' end, `serve` a generation rank's.
+pool holds a plain copy of the actor (no optimizer, no ZeRO) that receives the weights, and
+samples with the run's generation.backend: hf, the sampler of `Actor.generate`; vllm, a vLLM
+engine loaded from that copy after every complete transfer, the G generation ranks its process
+group (tensor parallel over consecutive ranks, generation.vllm.tensor_parallel_size). The
+weight transport is engines/transport.py. `PoolClient` is the training ranks' end, `serve` a
+generation rank's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from datetime import timedelta
 
 import torch
 
@@ -124,6 +129,8 @@ def serve(cfg: PPORunConfig, index: int, tokenizer) -> None:
     model = models.build_causal_lm(cfg.actor.model, "actor", cfg.actor.dtype, cfg.seed)
     model = model.to(device).eval()
     size = cfg.rollout.generation_ranks
+    vllm = _vllm_engine(cfg, index, model, tokenizer) if cfg.generation.backend == "vllm" \
+        else None
     bridge = Bridge(index + 1, size + 1, collective_timeout())
     version = None
     pad = tokenizer.pad_token_id
@@ -138,8 +145,11 @@ def serve(cfg: PPORunConfig, index: int, tokenizer) -> None:
             return
         if message["kind"] == "weights":
             set_phase(f"pool: receiving weights {message['version']}")
+            start = time.perf_counter()
             transfer = receive_weights(bridge, model, message)
-            version, receive_s = transfer.version, receive_s + transfer.seconds
+            if vllm is not None:  # complete and checked: now vLLM's
+                vllm.load_weights()
+            version, receive_s = transfer.version, receive_s + time.perf_counter() - start
             continue
         step = message["step"]
         if message["version"] != version:
@@ -152,12 +162,55 @@ def serve(cfg: PPORunConfig, index: int, tokenizer) -> None:
         rows = slice(mine.start * n, mine.stop * n)
         prompt_ids, prompt_mask = collate_left(message["prompt_ids"][rows], pad)
         start = time.perf_counter()
-        rollout = sample_responses(gen, cfg.generation, device, prompt_ids, prompt_mask,
-                                   message["prompt_index"][rows], step, cfg.seed,
-                                   message["eos_token_id"], pad,
-                                   sample_index=message["sample_index"][rows])
+        if vllm is not None:
+            vllm.eos_token_id = message["eos_token_id"]
+            rollout = vllm.generate(prompt_ids, prompt_mask, message["prompt_index"][rows],
+                                    step, sample_index=message["sample_index"][rows])
+        else:
+            rollout = sample_responses(gen, cfg.generation, device, prompt_ids, prompt_mask,
+                                       message["prompt_index"][rows], step, cfg.seed,
+                                       message["eos_token_id"], pad,
+                                       sample_index=message["sample_index"][rows])
         seconds = {"generate": time.perf_counter() - start, "idle": idle_s,
                    "receive_weights": receive_s}
         bridge.send_object((step, to_rows(rollout, None), seconds), 0)
         idle_s = receive_s = 0.0
 
+
+
+def _vllm_engine(cfg: PPORunConfig, index: int, model, tokenizer):
+    """generation.backend vllm: the pool's vLLM engine, built from the actor's copy `model`,
+    its process group the G generation ranks (a default group of their own, from the
+    launch's rendezvous store: this process never joins the training ranks' world). Its
+    weights are the copy's from the first transfer on."""
+    import torch.distributed as dist
+
+    from ds_rlhf.engines.transport import POOL_WORLD_PREFIX, rendezvous_store
+    from ds_rlhf.engines.vllm_backend import VllmGenerator
+    from ds_rlhf.trainers.ppo import vllm_max_model_len
+
+    set_phase("pool: building the vLLM engine")
+    if not dist.is_initialized():  # once per process (bench: several runs share it)
+        timeout = timedelta(minutes=cfg.distributed.timeout_minutes)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", rank=index,
+            world_size=cfg.rollout.generation_ranks, timeout=timeout,
+            store=dist.PrefixStore(POOL_WORLD_PREFIX, rendezvous_store(timeout)))
+    with _environ(RANK=str(index)):  # vLLM's external launcher reads its rank from RANK
+        return VllmGenerator(model, cfg.generation, tokenizer, cfg.seed,
+                             vllm_max_model_len(cfg), colocated=False)
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """os.environ with `values`, restored after (RANK stays the launch's outside)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

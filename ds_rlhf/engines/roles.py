@@ -310,7 +310,7 @@ class Actor(_Trainable):
         self.vllm = None
         if gen_cfg.backend == "vllm":
             from ds_rlhf.engines.vllm_backend import VllmGenerator
-            self.vllm = VllmGenerator(engine, gen_cfg, tokenizer, seed, max_model_len)
+            self.vllm = VllmGenerator(engine.module, gen_cfg, tokenizer, seed, max_model_len)
         self.hybrid = HybridEngine(engine, gen_cfg.gather_weights, synced=coord.all,
                                    reuse_copy=gen_cfg.reuse_copy, compile=gen_cfg.compile)
         self.gen_cfg = gen_cfg

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 BRIDGE_PREFIX = "ds_rlhf/bridge"
+POOL_WORLD_PREFIX = "ds_rlhf/pool_world"  # the generation ranks' own group (vLLM in the pool)
 CONNECT_TIMEOUT = timedelta(minutes=30)  # the pool and training rank 0 meeting (see Bridge)
 _BRIDGES = [0]  # bridges this process opened: the key of the next one (runs of one launch)
 

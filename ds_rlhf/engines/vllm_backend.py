@@ -1,8 +1,12 @@
 """The `vllm` generation backend: a vLLM engine colocated with the ZeRO engines.
 
-    gen = VllmGenerator(actor_engine, gen_cfg, tokenizer, seed, max_model_len)
+    gen = VllmGenerator(actor_engine.module, gen_cfg, tokenizer, seed, max_model_len)
     with gen.generation_mode():      # weight sync (the HybridEngine switch)
         rollout = gen.generate(prompt_ids, prompt_mask, prompt_index, step, ...)
+
+In a generation pool (rollout.placement separate, ds_rlhf/pool.py) the engine owns its
+device (`colocated=False`): it never sleeps, the pool's ranks are its process group, and
+the pool calls `load_weights()` once a transfer of new weights is complete.
 
 One vLLM `LLM` per training process, built with `distributed_executor_backend=
 "external_launcher"`: vLLM joins the process group DeepSpeed already started instead of
@@ -121,19 +125,21 @@ def _on_cpu() -> bool:
 class VllmGenerator:
     """One colocated vLLM engine for the actor; see the module docstring."""
 
-    def __init__(self, engine, gen_cfg: GenerationConfig, tokenizer, seed: int,
-                 max_model_len: int):
-        self.engine = engine  # the actor's DeepSpeedEngine
+    def __init__(self, module, gen_cfg: GenerationConfig, tokenizer, seed: int,
+                 max_model_len: int, colocated: bool = True):
+        self.module = module  # the actor's HF module (a DeepSpeedEngine's .module), the source
+        # of every weight sync
         self.gen_cfg = gen_cfg
         self.seed = seed
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
-        self.sleep = not _on_cpu()  # sleep mode exists on GPUs only
+        self.colocated = colocated
+        self.sleep = colocated and not _on_cpu()  # sleep mode exists on GPUs only
         self.weight_sync_seconds = 0.0  # the last sync
         self.switch_seconds = 0.0  # entering + leaving generation mode, last time
         self.llm = self._build(max_model_len)
         self.tp_group = self._tp_group(gen_cfg.vllm.tensor_parallel_size)
-        self._in_generation = False
+        self._in_generation = not colocated  # a pool's engine always generates
 
     def _build(self, max_model_len: int):
         """The process's vLLM engine: the one already built when it serves the same model
@@ -141,7 +147,7 @@ class VllmGenerator:
         (the old one shut down first: vLLM keeps one set of process groups per process)."""
         global _SHARED
         v = self.gen_cfg.vllm
-        module = self.engine.module
+        module = self.module
         dtype = next(module.parameters()).dtype
         key = (module.config.to_json_string(use_diff=False), str(dtype), max_model_len,
                v.tensor_parallel_size, v.gpu_memory_utilization, v.enable_prefix_caching,
@@ -204,7 +210,7 @@ class VllmGenerator:
         from ds_rlhf.engines.export import merged_parameters
 
         start = time.perf_counter()
-        weights = merged_parameters(self.engine.module, tied_once=True)
+        weights = merged_parameters(self.module, tied_once=True)
         if _on_cpu():
             self.llm.collective_rpc("reload_weights", kwargs={
                 "weights_iterator": weights, "is_checkpoint_format": True})

@@ -548,6 +548,12 @@ def _max_sequence_len(cfg: PPORunConfig) -> int:
                                       else cfg.generation.max_new_tokens)
 
 
+def vllm_max_model_len(cfg: PPORunConfig) -> int:
+    """The longest sequence the vLLM engine serves: generation.vllm.max_model_len, or the
+    longest a rollout can hold."""
+    return cfg.generation.vllm.max_model_len or _max_sequence_len(cfg)
+
+
 def _check_vllm(cfg: PPORunConfig) -> None:
     """generation.backend vllm: vLLM installed and supporting the actor (else exit 2)."""
     if cfg.generation.backend != "vllm":
@@ -605,7 +611,7 @@ def build_ppo(cfg: PPORunConfig) -> PPOTrainer | None:
         micro_batch_size=sizes.minibatch_per_rank // sizes.actor_grad_accum,
         load_universal=universal)
     actor = Actor(actor_engine, sizes.actor_grad_accum, coord, gen, p, batcher["actor"],
-                  tokenizer, cfg.seed, gen.vllm.max_model_len or _max_sequence_len(cfg))
+                  tokenizer, cfg.seed, vllm_max_model_len(cfg))
     critic = ref = reward = None  # only the engines this run needs
     if p.uses_critic:
         critic_engine = init_engine(

@@ -6,6 +6,7 @@ tests/dist/test_run_safety.py under the launcher.
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -17,6 +18,9 @@ real = pool.sample_responses
 def failing(gen, g, device, prompt_ids, prompt_mask, prompt_index, step, *args, **kwargs):
     if step == int(os.environ["FAIL_AT_STEP"]):
         if os.environ.get("FAULT") == "stall":  # hangs (a deadlocked kernel, a lost node)
+            # and dies at the launcher's SIGTERM once the training ranks gave up (not 30 s
+            # later at its SIGKILL, as a rank that ignores SIGTERM would)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(120)
         raise RuntimeError("the generation rank's accelerator fell off the bus")
     return real(gen, g, device, prompt_ids, prompt_mask, prompt_index, step, *args, **kwargs)

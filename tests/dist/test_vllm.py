@@ -78,12 +78,20 @@ def results(assets, tmp_path_factory):
                                 checkpoint=checkpoint),
         "resume_second": _config(assets, tmp, "resume_cut", 3, ppo={"steps": 2},
                                  checkpoint=checkpoint),
+        # rollout.staleness 1 for 3 steps (step 3 sampled by W_1), colocated on 2 ranks, and
+        # below in the separate placement: 1 training + 1 generation rank
+        "lag1": _config(assets, tmp, "lag1", 2, ppo={"steps": 3, "rollout_correction": "tis"},
+                        rollout={"staleness": 1}),
     }
     (tmp / "configs.json").write_text(json.dumps({k: str(v) for k, v in configs.items()}))
     proc = run_deepspeed(2, ["tests/dist/vllm_checks.py", str(tmp / "configs.json"),
                              str(tmp / "result.json")], module=False, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ranks = json.loads((tmp / "result.json").read_text())
+    separate = _config(assets, tmp, "lag1_sep11", 2, ppo={"steps": 3, "rollout_correction": "tis"},
+                       rollout={"staleness": 1, "placement": "separate", "generation_ranks": 1})
+    proc_sep = run_deepspeed(2, ["ds_rlhf", "ppo", "--config", str(separate)], timeout=600)
+    assert proc_sep.returncode == 0, proc_sep.stdout[-4000:] + proc_sep.stderr[-4000:]
     return {"ranks": ranks, "tmp": tmp, "stdout": proc.stdout}
 
 
@@ -189,3 +197,36 @@ def test_stopped_and_resumed_run_draws_the_uninterrupted_rollouts(results):
     full_m = read_metrics(tmp / "resume_full" / "metrics.jsonl")
     cut_m = read_metrics(tmp / "resume_cut" / "metrics.jsonl")
     assert [m["objective/scores"] for m in cut_m] == [m["objective/scores"] for m in full_m]
+
+
+def test_the_generation_pool_samples_the_colocated_rows_with_vllm(results):
+    """rollout.placement separate with the vllm backend, 1 training + 1 generation rank,
+    staleness 1: the pool's vLLM engine, loaded from every transfer, draws the colocated
+    2-rank run's tokens (vLLM's batch shapes differ: the generation rank samples all 16 rows
+    of a step in one call, each colocated rank 8; measured: none of 48 differ), and where
+    every row is equal the metrics agree to round-off."""
+    tmp = results["tmp"]
+
+    def samples(run):
+        rows = [json.loads(x) for x in (tmp / run / "samples.jsonl").read_text().splitlines()]
+        return {(r["step"], r["prompt_index"], r["sample_index"]): r["response_ids"]
+                for r in rows}
+
+    colocated, separate = samples("lag1"), samples("lag1_sep11")
+    assert colocated.keys() == separate.keys() and len(colocated) == 3 * 16
+    differing = sum(colocated[k] != separate[k] for k in colocated)
+    print(f"rows differing between colocated and the pool: {differing} of {len(colocated)}")
+    assert differing <= 2
+    m_col, m_sep = (read_metrics(tmp / run / "metrics.jsonl") for run in ("lag1", "lag1_sep11"))
+    assert [m["weights/version"] for m in m_sep] == [0, 1, 2]  # W_1 sampled step 3
+    assert all(m["weights/transfer_bytes"] > 0 for m in m_sep)
+    assert [m["rollout/staleness"] for m in m_sep] == [0, 1, 1]
+    for step, (a, b) in enumerate(zip(m_col, m_sep, strict=True), 1):
+        if any(colocated[k] != separate[k] for k in colocated if k[0] == step):
+            break  # a differing row changes this update and every later one
+        for key, value in a.items():
+            if not key.startswith(("timing/", "perf/", "weights/")):
+                # vLLM's sampler logprobs of the same tokens carry its batch shape's
+                # round-off (about 1e-7 each): relative 1e-5 on the metrics made from them
+                tolerance = 0.02 if "clipfrac" in key else 1e-6
+                assert b[key] == pytest.approx(value, rel=1e-5, abs=tolerance), (step, key)

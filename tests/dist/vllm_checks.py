@@ -180,7 +180,7 @@ def main() -> None:
             results["filters"] = filter_checks(trainer, coord)
         results[name] = weight_checks(trainer, coord)
         trainer.tracker.finish()
-    for name in ("agent", "resume_full", "resume_first", "resume_second"):
+    for name in ("agent", "resume_full", "resume_first", "resume_second", "lag1"):
         _run(configs[name])
     gathered = coord.gather_objects([results])
     if coord.is_main:

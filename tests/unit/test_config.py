@@ -155,8 +155,8 @@ SEPARATE = ["--rollout.placement", "separate", "--rollout.generation_ranks", "1"
     (["--rollout.generation_ranks", "1"], "rollout.generation_ranks: is the generation pool's "
      "size, for rollout.placement: separate; set that or remove it"),
     (["--rollout.placement", "separate"], "rollout.generation_ranks: must be at least 1"),
-    ([*SEPARATE, "--generation.backend", "vllm"], "generation.backend: must be hf with "
-     "rollout.placement: separate"),
+    ([*SEPARATE, "--generation.backend", "vllm", "--generation.vllm.tensor_parallel_size", "2"],
+     r"generation.vllm.tensor_parallel_size: 2 does not divide rollout.generation_ranks \(1\)"),
     ([*SEPARATE, "--rollout.weight_bucket_mb", "0"], "rollout.weight_bucket_mb: must be > 0"),
     ([*SEPARATE, "--rollout.environment", "env.py:Echo"], "rollout.placement: separate does "
      "not run multi-turn episodes"),
