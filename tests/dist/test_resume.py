@@ -114,8 +114,9 @@ def test_a_lagged_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run
     """rollout.staleness 1, the whole job killed (SIGKILL, no chance to save) once step 2 is
     saved: the same command resumes from step 2 with the rollout of step 3 from its FIFO
     and ends with the metrics of the uninterrupted run, bit for bit. Separate: 1 training +
-    1 generation rank; the pool was making step 3's rollout (or receiving W_2) when killed,
-    and the checkpoint had taken back what it made before."""
+    1 generation rank, killed while the weights W_2 are in transit (step 3 sends them; the
+    generation rank holds off taking them for 3 s, tests/dist/faulty_pool.py, and the kill
+    comes in that window); the checkpoint had taken back what the pool made before."""
     steps = 4
     pool = {"placement": placement, "generation_ranks": 1} if placement == "separate" else {}
     (tmp_path / "reward_fn.py").write_text(  # a rule with spread inside groups, no model
@@ -136,16 +137,28 @@ def test_a_lagged_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run
     full = run_deepspeed(2, ["ds_rlhf", "ppo", "--config", str(config("full"))])
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     killed = config("killed")
-    launcher = _launch(killed)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
+    in_transit = tmp_path / "in_transit"
+    module = placement == "colocated"  # ds_rlhf, or its faulty pool
+    command = ["ds_rlhf" if module else "tests/dist/faulty_pool.py", "ppo", "--config",
+               str(killed)]
+    fault = {} if module else {"FAULT": "slow_weights", "SLOW_VERSION": "2",
+                               "IN_TRANSIT": str(in_transit)}
+    launcher = subprocess.Popen(launcher_cmd(2, command, module=module), cwd=REPO,
+                                env=cpu_env(**fault), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while not (latest.exists() and latest.read_text().strip() == "step_2"):
+    while not (latest.exists() and latest.read_text().strip() == "step_2" and
+               (module or in_transit.exists())):
         assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()
         time.sleep(0.02)
     for p in [*psutil.Process(launcher.pid).children(recursive=True), launcher]:
         p.kill()
     launcher.wait(timeout=60)
-    resumed = run_deepspeed(2, ["ds_rlhf", "ppo", "--config", str(killed)])  # the same command
+    if not module:  # killed in the transfer of step 3, before step 3 could be saved
+        assert latest.read_text().strip() == "step_2"
+        in_transit.unlink()
+    resumed = run_deepspeed(2, command, module=module, **fault)  # the same command
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("full", "killed"))

@@ -5,7 +5,9 @@ Checked: greedy vLLM tokens against the hf backend's on the same weights, vLLM's
 logprobs against the trainer's, both after every optimizer step at ZeRO-2 and ZeRO-3, with
 and without LoRA (so the weights vLLM generates with are the engine's); the same seed draws
 the same rollouts (twice, on any ZeRO stage, and on 1 rank against 2); multi-turn episodes;
-a run stopped after a checkpoint and resumed draws the uninterrupted run's rollouts.
+a run stopped after a checkpoint and resumed draws the uninterrupted run's rollouts; and a
+second launch, the lagged run in the separate placement (1 training + 1 generation rank, the
+pool's own vLLM engine) against the colocated one.
 Skipped, with the reason, only where vLLM is not importable.
 """
 
