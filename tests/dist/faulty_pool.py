@@ -3,6 +3,7 @@ tests/dist/test_run_safety.py and tests/dist/test_resume.py under the launcher.
 
     FAULT=raise (default), FAIL_AT_STEP=s   raise when asked for the rollout of step s
     FAULT=stall, FAIL_AT_STEP=s             hang there
+    FAULT=die, FAIL_AT_STEP=s               die there (SIGKILL: no word to anyone)
     FAULT=slow_weights, SLOW_VERSION=v, IN_TRANSIT=path
         on receiving the weights W_v, touch `path`, then wait 3 s before taking the
         buckets: training rank 0 is blocked sending them meanwhile (weights in transit)
@@ -24,6 +25,8 @@ FAULT = os.environ.get("FAULT", "raise")
 
 def failing(gen, g, device, prompt_ids, prompt_mask, prompt_index, step, *args, **kwargs):
     if step == int(os.environ["FAIL_AT_STEP"]):
+        if FAULT == "die":  # the OOM killer, a lost node
+            os.kill(os.getpid(), signal.SIGKILL)
         if FAULT == "stall":  # hangs (a deadlocked kernel, a lost node)
             # and dies at the launcher's SIGTERM once the training ranks gave up (not 30 s
             # later at its SIGKILL, as a rank that ignores SIGTERM would)

@@ -409,3 +409,21 @@ def test_a_stalled_generation_rank_ends_the_run_within_the_timeout(assets, tmp_p
     assert gave_up == ["step 2 generate"], text[-3000:]
     assert "exits with return code = 4" in text and "accelerator fell off" not in text
     assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
+
+
+def test_a_generation_rank_that_dies_ends_the_run(assets, tmp_path):
+    """The generation rank is killed (SIGKILL: no word to anyone) when it samples step 2's
+    rollout: the training rank, waiting for those rows, sees its connection close and stops
+    at once (exit 4), naming the phase; the checkpoint of step 1 is there to resume from."""
+    cfg = ppo_config(assets, tmp_path / "run", rollout={"placement": "separate",
+                                                        "generation_ranks": 1},
+                     ppo={"steps": 4, "rollout_batch_size": 4}, checkpoint={"save_every": 1})
+    proc = run_deepspeed(2, ["tests/dist/faulty_pool.py", "ppo", "--config",
+                             str(write_yaml(cfg, tmp_path / "c.yaml"))], module=False,
+                         timeout=300, FAIL_AT_STEP="2", FAULT="die")
+    text = proc.stdout + proc.stderr
+    gave_up = re.findall(r"rank 0 gave up waiting for the other ranks in phase '([^']+)': "
+                         r"another rank stalled for longer than [^ ]+ or died", text)
+    assert gave_up == ["step 2 generate"], text[-3000:]
+    assert "exits with return code = " in text and proc.returncode != 0
+    assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
